@@ -1,0 +1,1 @@
+"""cnnlab: train, evaluate, explain and serve convolutional image classifiers."""

@@ -1,0 +1,87 @@
+"""Comparison: train several models, each with its own recipe, on one dataset, and tabulate them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnlab.config import DataConfig, RunConfig
+from cnnlab.data import load_dataset
+from cnnlab.evaluate import evaluate, write_evaluation
+from cnnlab.models import parameter_count
+from cnnlab.recipes import resolve_run_config
+from cnnlab.train import fit
+from cnnlab.train.progress import Reporter
+
+TABLE_FILES = ("comparison.md", "comparison.json")
+
+
+@dataclass
+class ComparisonRow:
+    model: str
+    recipe: str | None
+    epochs: int
+    test_accuracy: float
+    macro_f1: float
+    parameters: int
+    train_seconds: float  # training only, excluding the per-epoch evaluations
+    seconds_per_epoch: float
+    run_dir: str
+
+
+def compare(
+    models: list[str],
+    data: DataConfig,
+    out: Path,
+    train_overrides: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+) -> list[ComparisonRow]:
+    """Train each model into out/<model>/ and write out/comparison.md and out/comparison.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(data)
+    rows = []
+    for name in models:
+        config: RunConfig = resolve_run_config(
+            {"data": asdict(data), "train": {"model": name, **(train_overrides or {})}, "out": str(out / name)}
+        )
+        if reporter is not None:
+            reporter.message(f"training {name} (recipe {config.train.recipe})")
+        result = fit(config, dataset, reporter)
+        evaluation = evaluate(result.model, dataset.test)
+        write_evaluation(evaluation, result.run_dir)
+        seconds = sum(epoch["seconds"] for epoch in result.history)
+        rows.append(
+            ComparisonRow(
+                model=name,
+                recipe=config.train.recipe,
+                epochs=len(result.history),
+                test_accuracy=evaluation.accuracy,
+                macro_f1=evaluation.macro_f1,
+                parameters=parameter_count(result.model.module),
+                train_seconds=seconds,
+                seconds_per_epoch=seconds / max(1, len(result.history)),
+                run_dir=str(result.run_dir),
+            )
+        )
+    (out / TABLE_FILES[0]).write_text(comparison_markdown(rows, dataset.name))
+    (out / TABLE_FILES[1]).write_text(
+        json.dumps({"dataset": dataset.name, "results": [asdict(r) for r in rows]}, indent=2)
+    )
+    return rows
+
+
+def comparison_markdown(rows: list[ComparisonRow], dataset_name: str) -> str:
+    lines = [
+        f"# Comparison on {dataset_name}",
+        "",
+        "| model | recipe | epochs | test accuracy | macro F1 | parameters | training s | s / epoch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.model} | {r.recipe or '-'} | {r.epochs} | {r.test_accuracy:.2%} | {r.macro_f1:.4f} | {r.parameters:,} "
+        f"| {r.train_seconds:.1f} | {r.seconds_per_epoch:.2f} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"

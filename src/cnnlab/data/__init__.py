@@ -1,0 +1,68 @@
+"""Data: every source becomes one `Dataset` of uint8 (N, H, W, C) images with int64 labels.
+
+from cnnlab.data import DataConfig, load_dataset
+dataset = load_dataset(DataConfig(dataset="digits"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cnnlab.config import DataConfig
+from cnnlab.data import cifar
+from cnnlab.data.cache import cache_root
+from cnnlab.data.dataset import Dataset, Split, match_channels, resize_images
+from cnnlab.data.digits import load_digits_dataset
+from cnnlab.data.folder import load_image_folder
+from cnnlab.errors import CnnlabError
+
+NAMED_DATASETS = ("digits", *cifar.SOURCES)
+
+__all__ = ["NAMED_DATASETS", "DataConfig", "Dataset", "Split", "load_dataset", "match_channels", "resize_images"]
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """Load the dataset that `config` names, with its validation split carved when asked for."""
+    if bool(config.dataset) == bool(config.data):
+        raise CnnlabError("give exactly one of --dataset NAME or --data PATH")
+    if config.image_size is not None and config.image_size < 1:
+        raise CnnlabError(f"--image-size must be a positive number of pixels, got {config.image_size}")
+    root = cache_root(config.cache_dir)
+    if config.dataset:
+        if config.dataset == "digits":
+            dataset = load_digits_dataset(config.image_size, config.test_fraction, config.split_seed)
+        elif config.dataset in cifar.SOURCES:
+            dataset = _sized(cifar.load_cifar(cifar.SOURCES[config.dataset], root), config.image_size)
+        else:
+            raise CnnlabError(
+                f"unknown dataset {config.dataset!r}; known: {', '.join(NAMED_DATASETS)} (or --data PATH)"
+            )
+    else:
+        path = Path(config.data).expanduser()
+        if not path.exists():
+            raise CnnlabError(f"{path}: no such file or folder")
+        source = cifar.identify(path)
+        if source is not None:
+            dataset = _sized(cifar.load_cifar(source, root, local=path), config.image_size)
+        else:
+            dataset = load_image_folder(
+                path,
+                image_size=config.image_size,
+                test_fraction=config.test_fraction,
+                split_seed=config.split_seed,
+                cache_root=root,
+                strict=config.strict,
+            )
+    return dataset.with_validation(config.val_fraction, config.split_seed)
+
+
+def _sized(dataset: Dataset, image_size: int | None) -> Dataset:
+    if image_size is None:
+        return dataset
+    size = (image_size, image_size)
+    return Dataset(
+        name=dataset.name,
+        classes=dataset.classes,
+        train=Split(resize_images(dataset.train.images, size), dataset.train.labels),
+        test=Split(resize_images(dataset.test.images, size), dataset.test.labels),
+    )

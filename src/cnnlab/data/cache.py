@@ -1,0 +1,44 @@
+"""The on-disk cache: downloads, and decoded arrays keyed by their source and decode settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Bump when decoding changes, so that arrays decoded by older code are not reused.
+DECODER_VERSION = 1
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """--cache-dir, else $CNNLAB_CACHE, else ~/.cache/cnnlab."""
+    chosen = cache_dir or os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab"
+    return Path(chosen).expanduser()
+
+
+def array_cache_path(root: Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps({**key, "decoder": DECODER_VERSION}, sort_keys=True).encode()).hexdigest()
+    return root / "decoded" / f"{digest[:32]}.npz"
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when absent or unreadable (a damaged cache entry is rebuilt)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically, so that a crash mid-write never leaves a half file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+        np.savez(handle, **arrays)
+    os.replace(handle.name, path)

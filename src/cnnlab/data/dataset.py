@@ -1,0 +1,97 @@
+"""The one value type for a loaded dataset, and the operations on whole arrays of images."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from cnnlab.errors import CnnlabError
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64, indices into Dataset.classes
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be (N, H, W, C) uint8, got {self.images.shape} {self.images.dtype}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels must be ({len(self.images)},), got {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> Split:
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    classes: tuple[str, ...]  # index -> name, sorted for folders, official order for CIFAR
+    train: Split
+    test: Split
+    val: Split | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        height, width, channels = self.train.images.shape[1:]
+        return height, width, channels
+
+    def with_validation(self, fraction: float, seed: int) -> Dataset:
+        """Carve a stratified validation split out of train."""
+        if fraction <= 0:
+            return self
+        train, val = split_stratified(self.train, fraction, seed, "validation")
+        return replace(self, train=train, val=val)
+
+
+def split_stratified(split: Split, fraction: float, seed: int, purpose: str) -> tuple[Split, Split]:
+    """Hold out `fraction` of a split, keeping class proportions; returns (kept, held_out)."""
+    if not 0 < fraction < 1:
+        raise CnnlabError(f"the {purpose} fraction must be between 0 and 1, got {fraction}")
+    smallest = min(Counter(split.labels.tolist()).values())
+    if smallest < 2:
+        raise CnnlabError(f"cannot carve a stratified {purpose} split: a class has only {smallest} image")
+    try:
+        kept, held = train_test_split(
+            np.arange(len(split)), test_size=fraction, random_state=seed, stratify=split.labels
+        )
+    except ValueError as error:
+        raise CnnlabError(f"cannot carve a {purpose} split of {fraction} from {len(split)} images: {error}") from None
+    return split.take(np.sort(kept)), split.take(np.sort(held))
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (N, H, W, C) uint8 images to `size` = (H, W), bilinear with antialiasing when shrinking."""
+    if images.shape[1:3] == size:
+        return images
+    resized = []
+    for start in range(0, len(images), 4096):  # bounds the float copy's memory
+        batch = torch.from_numpy(images[start : start + 4096]).permute(0, 3, 1, 2).float()  # (B, C, H, W)
+        batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+        resized.append(batch.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(resized)
+
+
+# ITU-R 601-2 luma, the weights Pillow uses for RGB -> L.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Convert (N, H, W, C) uint8 images between grayscale and RGB, as Pillow's convert would."""
+    have = images.shape[-1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    if have == 3 and channels == 1:
+        return np.rint(images.astype(np.float32) @ _LUMA)[..., None].astype(np.uint8)
+    raise CnnlabError(f"cannot convert {have}-channel images to {channels} channels")

@@ -1,0 +1,248 @@
+"""Image-folder datasets: a folder, or a .tar.gz/.tar/.zip of one, laid out by class.
+
+Layouts: `train/<class>/*` with `test/<class>/*`, or only `<class>/*` (a test split is then carved,
+seeded and stratified). A single wrapping folder is looked through. Decoding runs on every core in
+two passes: headers first (to choose one image size and the channel count), then pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+import zipfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from cnnlab.data import images as image_io
+from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
+from cnnlab.data.dataset import Dataset, Split, split_stratified
+from cnnlab.errors import CnnlabError
+
+log = logging.getLogger("cnnlab")
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+_SPLITS = ("train", "test")
+_CHUNK = 1000  # images per worker task: large enough to amortise inter-process transfer
+
+
+@dataclass(slots=True)
+class Entry:
+    parts: tuple[str, ...]  # path inside the dataset root, split into folders and file name
+    source: image_io.Source  # a file path, or the member's bytes when read from an archive
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.parts)
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def load_image_folder(
+    path: Path, *, image_size: int | None, test_fraction: float, split_seed: int, cache_root: Path, strict: bool
+) -> Dataset:
+    if not path.exists():
+        raise CnnlabError(f"{path}: no such file or folder")
+    cache_key = {"source": str(path.resolve()), "image_size": image_size, "strict": strict}
+    if is_archive(path):
+        stat = path.stat()
+        cache_key |= {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        entries = None
+    elif path.is_dir():
+        entries, cache_key["listing"] = _scan_folder(path)
+    else:
+        raise CnnlabError(f"{path}: expected an image folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive of one")
+
+    cache_file = array_cache_path(cache_root, cache_key)
+    arrays = load_arrays(cache_file)
+    if arrays is None:
+        if entries is None:
+            entries = _archive_entries(path)
+        arrays = _decode_dataset(path, entries, image_size, strict)
+        save_arrays(cache_file, arrays)
+
+    classes = tuple(str(name) for name in arrays["classes"])
+    everything = Split(arrays["images"], arrays["labels"].astype(np.int64))
+    is_test = arrays["is_test"]
+    if is_test.any():
+        train, test = everything.take(np.flatnonzero(~is_test)), everything.take(np.flatnonzero(is_test))
+    else:
+        train, test = split_stratified(everything, test_fraction, split_seed, "test")
+    return Dataset(name=path.name, classes=classes, train=train, test=test)
+
+
+def _scan_folder(root: Path) -> tuple[list[Entry], str]:
+    """Every non-hidden file below root, sorted, and a signature that changes when any file is
+    added, removed, resized or touched. Kept lean: it runs on every cached load."""
+    entries: list[Entry] = []
+    stamps: list[str] = []
+
+    def visit(folder: str, parts: tuple[str, ...]) -> None:
+        with os.scandir(folder) as listing:
+            children = sorted((child for child in listing if not _hidden(child.name)), key=lambda c: c.name)
+        for child in children:
+            if child.is_dir():
+                visit(child.path, (*parts, child.name))
+            elif child.is_file():
+                stat = child.stat()
+                entries.append(Entry((*parts, child.name), child.path))
+                stamps.append(f"{child.path}\0{stat.st_size}\0{stat.st_mtime_ns}")
+
+    visit(str(root), ())
+    return entries, hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+
+
+def _archive_entries(path: Path) -> list[Entry]:
+    entries = []
+    try:
+        if path.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    if not info.is_dir() and (parts := _member_parts(path, info.filename)):
+                        entries.append(Entry(parts, archive.read(info)))
+        else:
+            with tarfile.open(path) as archive:
+                for member in archive:
+                    if member.isfile() and (parts := _member_parts(path, member.name)):
+                        entries.append(Entry(parts, archive.extractfile(member).read()))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
+        raise CnnlabError(f"{path}: damaged or truncated archive ({error})") from None
+    return sorted(entries, key=lambda entry: entry.parts)
+
+
+def _member_parts(archive: Path, name: str) -> tuple[str, ...] | None:
+    """A member's path parts; None for hidden files; an error for paths that would escape the root."""
+    member = PurePosixPath(name.replace("\\", "/"))
+    if member.is_absolute() or ".." in member.parts:
+        raise CnnlabError(f"{archive}: refused, member {name!r} points outside the archive's folder")
+    parts = tuple(part for part in member.parts if part not in ("", "."))
+    if not parts or any(_hidden(part) or part == "__MACOSX" for part in parts):
+        return None
+    return parts
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _decode_dataset(path: Path, entries: list[Entry], image_size: int | None, strict: bool) -> dict[str, np.ndarray]:
+    labelled = _assign_labels(path, entries)
+    entries = [entry for entry, _, _ in labelled]
+
+    # One pass over the pixels, with the size and channel count guessed from a sample of headers;
+    # a second pass only when the whole dataset disagrees with the guess.
+    size, channels = _guess_format(entries, image_size)
+    decoded = _decode_all(entries, size, channels)
+    kept = [i for i, result in enumerate(decoded) if not isinstance(result, str)]
+    if kept:
+        native = Counter(decoded[i][1] for i in kept).most_common(1)[0][0]
+        actual = ((image_size, image_size) if image_size else native, 1 if all(decoded[i][2] for i in kept) else 3)
+        if actual != (size, channels):
+            size, channels = actual
+            decoded = _decode_all(entries, size, channels)
+    failures = [(e.name, result) for e, result in zip(entries, decoded, strict=True) if isinstance(result, str)]
+    _report_failures(path, failures, len(entries), strict)
+    if not kept:
+        raise CnnlabError(f"{path}: none of its {len(entries)} files is a readable image")
+
+    classes = sorted({class_name for _, class_name, _ in labelled})
+    index = {name: i for i, name in enumerate(classes)}
+    return {
+        "images": np.stack([decoded[i][0] for i in kept]),
+        "labels": np.array([index[labelled[i][1]] for i in kept], dtype=np.int64),
+        "is_test": np.array([labelled[i][2] == "test" for i in kept], dtype=bool),
+        "classes": np.array(classes),
+    }
+
+
+def _guess_format(entries: list[Entry], image_size: int | None) -> tuple[tuple[int, int], int]:
+    """(size, channels) from the headers of up to 500 files spread over the dataset."""
+    sample = entries[:: max(1, len(entries) // 500)]
+    probes = [p for p in _probe_chunk(sample) if not isinstance(p, str)] or [(True, (32, 32))]
+    size = (image_size, image_size) if image_size else Counter(s for _, s in probes).most_common(1)[0][0]
+    return size, 1 if all(gray for gray, _ in probes) else 3
+
+
+def _decode_all(entries: list[Entry], size: tuple[int, int], channels: int) -> list[tuple | str]:
+    return _parallel(_decode_chunk, [(chunk, size, channels) for chunk in _chunks(entries)])
+
+
+def _assign_labels(path: Path, entries: list[Entry]) -> list[tuple[Entry, str, str | None]]:
+    """(entry, class name, split or None) for each file that the layout places."""
+    if not entries:
+        raise CnnlabError(f"{path}: empty, no files found")
+    depth = 0  # look through wrapping folders such as an archive's single top folder
+    while len({e.parts[depth] for e in entries}) == 1 and all(len(e.parts) > depth + 2 for e in entries):
+        depth += 1
+    tops = {e.parts[depth].lower() for e in entries if len(e.parts) > depth + 1}
+    expected = "expected train/<class>/* and test/<class>/*, or <class>/* with at least two classes"
+    if set(_SPLITS) <= tops:
+        placed = [
+            (e, e.parts[depth + 1], e.parts[depth].lower())
+            for e in entries
+            if len(e.parts) > depth + 2 and e.parts[depth].lower() in _SPLITS
+        ]
+    else:
+        placed = [(e, e.parts[depth], None) for e in entries if len(e.parts) > depth + 1]
+    if not placed:
+        raise CnnlabError(f"{path}: no class folders found; {expected}")
+    classes = {class_name for _, class_name, _ in placed}
+    if len(classes) < 2:
+        raise CnnlabError(f"{path}: only one class ({classes.pop()}); {expected}")
+    if len(placed) < len(entries):
+        log.warning("%s: ignored %d file(s) outside the class folders", path, len(entries) - len(placed))
+    return placed
+
+
+def _report_failures(path: Path, failures: list[tuple[str, str]], total: int, strict: bool) -> None:
+    if not failures:
+        return
+    examples = "; ".join(reason for _, reason in failures[:3])
+    if strict:
+        raise CnnlabError(f"{path}: {len(failures)} of {total} files are not readable images (--strict): {examples}")
+    log.warning("%s: skipped %d of %d files that are not readable images: %s", path, len(failures), total, examples)
+
+
+def _chunks(entries: list[Entry]) -> list[list[Entry]]:
+    return [entries[start : start + _CHUNK] for start in range(0, len(entries), _CHUNK)]
+
+
+def _parallel(function, argument_lists: list[tuple]) -> list:
+    """Run `function` over chunks on every core and concatenate the per-chunk result lists."""
+    workers = min(len(os.sched_getaffinity(0)), len(argument_lists))
+    if workers <= 1:
+        results = [function(*arguments) for arguments in argument_lists]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(function, *zip(*argument_lists, strict=True)))
+    return [item for chunk in results for item in chunk]
+
+
+def _probe_chunk(entries: list[Entry]) -> list[tuple[bool, tuple[int, int]] | str]:
+    results: list[tuple[bool, tuple[int, int]] | str] = []
+    for entry in entries:
+        try:
+            results.append(image_io.probe(entry.source, entry.name))
+        except image_io.ImageError as error:
+            results.append(str(error))
+    return results
+
+
+def _decode_chunk(entries: list[Entry], size: tuple[int, int], channels: int) -> list[tuple | str]:
+    """Per entry: (pixels, native (H, W), is grayscale), or the reason it is not a readable image."""
+    results: list[tuple | str] = []
+    for entry in entries:
+        try:
+            image = image_io.read(entry.source, entry.name)
+            native = (image.height, image.width)
+            results.append((image_io.to_array(image, size, channels), native, image_io.is_grayscale(image)))
+        except image_io.ImageError as error:
+            results.append(str(error))
+    return results

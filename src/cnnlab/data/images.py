@@ -1,0 +1,104 @@
+"""Decoding one image file into a uint8 array, the same way for training folders and for prediction.
+
+Every Pillow raster mode is brought to L (grayscale) or RGB: alpha is dropped, palettes and CMYK are
+converted, 16-bit and 32-bit integer images are scaled (not clipped) to 8 bits, EXIF orientation is
+applied, and a multi-frame file (GIF, TIFF, APNG) contributes its first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cnnlab.errors import CnnlabError
+
+Source = str | Path | bytes  # a file path, or the file's bytes
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# EXIF orientations 5-8 rotate by 90 degrees, swapping width and height.
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageError(CnnlabError):
+    """A file that is not a readable image."""
+
+
+def _open(source: Source, name: str) -> Image.Image:
+    """Open lazily (header only), treating a decompression bomb as an error before any decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise ImageError(f"{name}: refused, too many pixels ({error})") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: not a recognised image format") from None
+        except OSError as error:
+            raise ImageError(f"{name}: cannot read ({error.strerror or error})") from None
+
+
+def probe(source: Source, name: str) -> tuple[bool, tuple[int, int]]:
+    """(is grayscale, (height, width) after EXIF orientation) from the header alone."""
+    with _open(source, name) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION)
+        except Exception:
+            orientation = None
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        return image.mode in GRAYSCALE_MODES, (height, width)
+
+
+def read(source: Source, name: str) -> Image.Image:
+    """Decode the pixels (first frame) and apply the EXIF orientation."""
+    with _open(source, name) as image:
+        try:
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            return image
+        except (OSError, ValueError, SyntaxError, EOFError) as error:
+            raise ImageError(f"{name}: corrupt or truncated image ({error})") from None
+
+
+def is_grayscale(image: Image.Image) -> bool:
+    return image.mode in GRAYSCALE_MODES
+
+
+def to_array(image: Image.Image, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+    """(H, W, channels) uint8 in L or RGB, resized to `size` = (H, W) unless it is None."""
+    image = _to_mode(image, "L" if channels == 1 else "RGB")
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def decode(source: Source, name: str, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+    """Decode a file to (H, W, channels) uint8, resized to `size` = (H, W) unless it is None."""
+    return to_array(read(source, name), size, channels)
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode in _WIDE_MODES:
+        image = _to_8bit(image)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the direct P -> RGB conversion warns about byte transparency
+    if image.mode == mode:
+        return image
+    return image.convert(mode)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float grayscale to 0..255; Pillow's convert would clip instead."""
+    values = np.asarray(image)
+    # Integer images from PNG/TIFF hold 16-bit samples, even in Pillow's 32-bit "I" mode.
+    wide = image.mode != "F"
+    scaled = np.clip(values.astype(np.float64), 0, 65535) / 257.0 if wide else np.clip(values, 0.0, 255.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")

@@ -1,0 +1,8 @@
+"""The one exception type that reaches the user as a single line instead of a traceback."""
+
+
+class CnnlabError(Exception):
+    """A problem with the user's input or environment: a bad path, file, argument or setting.
+
+    The message names the thing at fault and says what was expected; the CLI prints it alone.
+    """

@@ -1,0 +1,109 @@
+"""Evaluation: accuracy, loss, scikit-learn's per-class report and the confusion matrix of a model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix
+
+from cnnlab.config import DataConfig, build
+from cnnlab.data import Dataset, Split, load_dataset, match_channels, resize_images
+from cnnlab.errors import CnnlabError
+from cnnlab.models import TrainedModel, load_model
+from cnnlab.models.files import model_folder
+from cnnlab.models.inference import loss_and_accuracy, predict_logits
+
+REPORT_FILE = "report.json"
+CONFUSION_FILE = "confusion_matrix.csv"
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float
+    classes: list[str]
+    report: dict[str, Any]  # scikit-learn's classification_report(output_dict=True)
+    confusion: np.ndarray  # (K, K) counts, rows true class, columns predicted class
+    labels: np.ndarray  # (N,) true class per image
+    probabilities: np.ndarray  # (N, K) softmax per image
+
+    @property
+    def macro_f1(self) -> float:
+        return self.report["macro avg"]["f1-score"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "images": len(self.labels),
+            "per_class": {name: self.report[name] for name in self.classes},
+            "macro avg": self.report["macro avg"],
+            "weighted avg": self.report["weighted avg"],
+            "confusion_matrix": {"classes": self.classes, "counts": self.confusion.tolist()},
+        }
+
+
+def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cpu") -> Evaluation:
+    """Evaluate on a split whose images already have the model's size and channel count."""
+    logits = predict_logits(model.module, split.images, model.info.norm, torch.device(device))
+    loss, accuracy = loss_and_accuracy(logits, split.labels)
+    predicted = logits.argmax(1).numpy()
+    indices = list(range(len(model.info.classes)))
+    report = classification_report(
+        split.labels, predicted, labels=indices, target_names=model.info.classes, output_dict=True, zero_division=0
+    )
+    return Evaluation(
+        accuracy=accuracy,
+        loss=loss,
+        classes=list(model.info.classes),
+        report=report,
+        confusion=confusion_matrix(split.labels, predicted, labels=indices),
+        labels=split.labels,
+        probabilities=torch.softmax(logits, 1).numpy(),
+    )
+
+
+def evaluate_saved(path: Path, data: DataConfig | None = None) -> tuple[Evaluation, Path]:
+    """Evaluate a run folder or model file on the test split of `data`, or of the data it was trained on.
+
+    Writes report.json and confusion_matrix.csv beside the model; returns the evaluation and that folder.
+    """
+    model = load_model(path)
+    folder = model_folder(path)
+    evaluation = evaluate(model, test_split_for(model, data))
+    write_evaluation(evaluation, folder)
+    return evaluation, folder
+
+
+def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
+    """The test split of `data` (default: the run's own data), brought to the model's input format."""
+    if data is None:
+        recorded = model.info.config.get("data")
+        if not recorded:
+            raise CnnlabError("this model records no dataset; pass --dataset or --data")
+        data = build(DataConfig, recorded, "model.json data")
+    height, width = model.info.image_size
+    if height == width and (data.dataset or data.image_size is None):
+        data = replace(data, image_size=height)
+    dataset: Dataset = load_dataset(replace(data, val_fraction=0.0))
+    if list(dataset.classes) != list(model.info.classes):
+        raise CnnlabError(
+            f"the data's classes {list(dataset.classes)} differ from the model's {list(model.info.classes)}"
+        )
+    images = match_channels(resize_images(dataset.test.images, (height, width)), model.info.channels)
+    return Split(images, dataset.test.labels)
+
+
+def write_evaluation(evaluation: Evaluation, folder: Path) -> None:
+    (folder / REPORT_FILE).write_text(json.dumps(evaluation.to_dict(), indent=2))
+    with open(folder / CONFUSION_FILE, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *evaluation.classes])
+        for name, row in zip(evaluation.classes, evaluation.confusion.tolist(), strict=True):
+            writer.writerow([name, *row])

@@ -1,0 +1,123 @@
+"""A trained model on disk: `model.safetensors` (weights only) beside `model.json` (everything else).
+
+The two files alone rebuild the model: architecture, class names, input shape and normalisation are
+in the JSON, and weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cnnlab.data.transforms import Normalization
+from cnnlab.errors import CnnlabError
+from cnnlab.models.registry import create_model
+
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelInfo:
+    architecture: str
+    classes: list[str]
+    input_shape: list[int]  # [C, H, W]
+    normalization: dict[str, list[float]]  # {"mean": [...], "std": [...]} after scaling to [0, 1]
+    metrics: dict[str, Any] = field(default_factory=dict)  # the final epoch's metrics
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
+    cnnlab_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def norm(self) -> Normalization:
+        return Normalization(tuple(self.normalization["mean"]), tuple(self.normalization["std"]))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.input_shape[1], self.input_shape[2]
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+
+@dataclass
+class TrainedModel:
+    module: nn.Module
+    info: ModelInfo
+
+
+def package_version() -> str:
+    try:
+        return version("cnnlab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def save_model(model: nn.Module, info: ModelInfo, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    _write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(weights, str(path)))
+    text = json.dumps(asdict(info), indent=2)
+    _write_atomically(folder / INFO_FILE, lambda path: path.write_text(text))
+
+
+def _write_atomically(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    write(partial)
+    os.replace(partial, path)
+
+
+def model_folder(path: Path) -> Path:
+    """The folder holding model.json, given a run folder, model.json or model.safetensors."""
+    if not path.exists():
+        raise CnnlabError(f"{path}: no such run folder or model file")
+    folder = path if path.is_dir() else path.parent
+    if not (folder / INFO_FILE).is_file():
+        raise CnnlabError(f"{path}: no {INFO_FILE} there; expected a finished run folder or its model files")
+    return folder
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> TrainedModel:
+    """Rebuild a model from a run folder or its model files; any mismatch is a one-line error."""
+    folder = model_folder(path)
+    info = read_info(folder / INFO_FILE)
+    module = create_model(info.architecture, tuple(info.input_shape), len(info.classes))
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CnnlabError(f"{weights_path}: missing; the model folder is incomplete")
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CnnlabError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if expected != found:
+        differing = sorted(set(expected.items()) ^ set(found.items()))
+        raise CnnlabError(
+            f"{weights_path}: weights do not fit {info.architecture} with {len(info.classes)} classes "
+            f"at input {info.input_shape}; first difference: {differing[0][0]}"
+        )
+    module.load_state_dict(weights)
+    return TrainedModel(module.to(device).eval(), info)
+
+
+def read_info(path: Path) -> ModelInfo:
+    try:
+        values = json.loads(path.read_text())
+        info = ModelInfo(**values)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+        raise CnnlabError(f"{path}: not a cnnlab model description ({error})") from None
+    if info.format_version != FORMAT_VERSION:
+        raise CnnlabError(f"{path}: model format {info.format_version}, this cnnlab reads {FORMAT_VERSION}")
+    return info

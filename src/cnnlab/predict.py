@@ -1,0 +1,68 @@
+"""Prediction on image files, with exactly the preprocessing the model was trained with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab.data import images as image_io
+from cnnlab.models import TrainedModel
+from cnnlab.models.inference import predict_logits
+
+_BATCH = 256  # images decoded and predicted together
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class name, probability), most probable first; empty when error is set
+    error: str | None = None
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; folders replaced by the non-hidden files below them, sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def predict_files(model: TrainedModel, paths: list[Path], top_k: int = 3) -> list[Prediction]:
+    """One Prediction per file, in order; files that are not readable images carry an error instead."""
+    top_k = max(1, min(top_k, len(model.info.classes)))
+    results: list[Prediction] = []
+    for start in range(0, len(paths), _BATCH):
+        chunk = paths[start : start + _BATCH]
+        decoded: dict[int, np.ndarray] = {}
+        failed: dict[int, str] = {}
+        for i, path in enumerate(chunk):
+            try:
+                if not path.is_file():
+                    raise image_io.ImageError(f"{path}: no such file")
+                decoded[i] = image_io.decode(path, str(path), model.info.image_size, model.info.channels)
+            except image_io.ImageError as error:
+                failed[i] = str(error)
+        probabilities = predict_images(model, np.stack(list(decoded.values()))) if decoded else None
+        rows = dict(zip(decoded, probabilities if probabilities is not None else [], strict=True))
+        for i, path in enumerate(chunk):
+            if i in failed:
+                results.append(Prediction(str(path), [], failed[i]))
+                continue
+            best = np.argsort(-rows[i])[:top_k]
+            results.append(Prediction(str(path), [(model.info.classes[c], float(rows[i][c])) for c in best]))
+    return results
+
+
+def predict_images(model: TrainedModel, images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 at the model's input format -> (N, classes) probabilities."""
+    device = next(model.module.parameters()).device
+    logits = predict_logits(model.module, images, model.info.norm, device)
+    return torch.softmax(logits, 1).numpy()

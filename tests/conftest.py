@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny datasets written by the tests themselves, and a model trained on one."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.config import RunConfig
+from cnnlab.recipes import resolve_run_config
+from cnnlab.train import fit
+from cnnlab.train.progress import LineReporter
+
+SHARED_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache folder; nothing is written to the user's ~/.cache."""
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def pattern_image(label: int, size: int = 12, seed: int = 0) -> np.ndarray:
+    """An RGB image whose class is visible: a bright bar in one of four positions, on noise."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    third = size // 3
+    rows = slice(0, size) if label % 2 == 0 else slice(third, 2 * third)
+    cols = slice(third, 2 * third) if label % 2 == 0 else slice(0, size)
+    image[rows, cols, label // 2 % 3] = 250
+    return image
+
+
+def write_image_folder(
+    root: Path, classes: int = 2, per_class: int = 12, size: int = 12, split: bool = True, fmt: str = "png"
+) -> Path:
+    """train/<class>/*.png and test/<class>/*.png (or only <class>/*) of learnable patterns."""
+    for label in range(classes):
+        for i in range(per_class):
+            subsets = ["train", "test"] if split else [""]
+            for subset in subsets:
+                folder = root / subset / f"class{label}"
+                folder.mkdir(parents=True, exist_ok=True)
+                seed = i * 7 + label + (1000 if subset == "test" else 0)
+                Image.fromarray(pattern_image(label, size, seed)).save(folder / f"{i:03d}.{fmt}")
+    return root
+
+
+def cifar_batch(n: int, seed: int, classes: int = 10, label_key: bytes = b"labels") -> bytes:
+    rng = np.random.default_rng(seed)
+    return pickle.dumps(
+        {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: [int(x) for x in rng.integers(0, classes, n)],
+        }
+    )
+
+
+def write_cifar10_archive(path: Path, per_batch: int = 20) -> Path:
+    """A small archive in the official cifar-10-python.tar.gz format."""
+    members = {f"data_batch_{i}": cifar_batch(per_batch, i) for i in range(1, 6)}
+    members["test_batch"] = cifar_batch(per_batch, 99)
+    members["batches.meta"] = pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]})
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tutorial-cnn trained for 2 epochs on digits at 12x12: a real model in seconds."""
+    out = tmp_path_factory.mktemp("runs") / "digits-cnn"
+    config: RunConfig = resolve_run_config(
+        {
+            "data": {"dataset": "digits", "image_size": 12},
+            "train": {"model": "tutorial-cnn", "epochs": 2},
+            "out": str(out),
+        }
+    )
+    fit(config, reporter=LineReporter())
+    return out

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnlab.data import DataConfig, load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import evaluate
+from cnnlab.models import load_model
+from cnnlab.recipes import resolve_run_config
+from cnnlab.train import fit, resume
+from cnnlab.train.progress import LineReporter
+
+
+def digits_config(out, **train):
+    return resolve_run_config(
+        {"data": {"dataset": "digits"}, "train": {"model": "tutorial-cnn", **train}, "out": str(out)}
+    )
+
+
+def test_recipes_reproduce_the_tutorial_and_flags_override_them():
+    cnn = resolve_run_config({"train": {"model": "tutorial-cnn"}}).train
+    assert (cnn.optimizer, cnn.lr, cnn.adam_eps, cnn.batch_size, cnn.epochs) == ("adam", 1e-3, 1e-7, 32, 10)
+    mlp = resolve_run_config({"train": {"model": "tutorial-mlp"}}).train
+    assert (mlp.optimizer, mlp.lr, mlp.batch_size, mlp.epochs) == ("sgd", 0.01, 32, 5)
+    assert resolve_run_config({"train": {"model": "tutorial-mlp"}}, {"train": {"epochs": 2}}).train.epochs == 2
+
+
+def test_config_refuses_unknown_keys_and_wrong_types():
+    with pytest.raises(CnnlabError, match="unknown key"):
+        resolve_run_config({"train": {"learning_rate": 0.1}})
+    with pytest.raises(CnnlabError, match="epochs must be int"):
+        resolve_run_config({"train": {"epochs": "ten"}})
+
+
+def test_tutorial_cnn_learns_digits_to_95_percent(tmp_path):
+    result = fit(digits_config(tmp_path / "run"), reporter=LineReporter())
+    assert result.history[-1]["test_acc"] >= 0.95
+
+
+def test_run_folder_holds_everything_and_the_model_rebuilds_from_two_files(tmp_path):
+    run = tmp_path / "run"
+    fit(digits_config(run, epochs=2), reporter=LineReporter())
+    assert {p.name for p in run.iterdir()} >= {
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "model.safetensors",
+        "model.json",
+    }
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s"} <= set(
+        lines[0]
+    )
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        (alone / name).write_bytes((run / name).read_bytes())
+    rebuilt = load_model(alone / "model.safetensors")
+    assert rebuilt.info.classes == [str(d) for d in range(10)] and rebuilt.info.input_shape == [1, 32, 32]
+    dataset = load_dataset(DataConfig(dataset="digits"))
+    assert evaluate(rebuilt, dataset.test).accuracy == pytest.approx(lines[-1]["test_acc"], abs=1e-6)
+
+
+def test_validation_metrics_are_logged_when_a_validation_split_is_asked_for(tmp_path):
+    config = resolve_run_config(
+        {
+            "data": {"dataset": "digits", "image_size": 12, "val_fraction": 0.1},
+            "train": {"model": "tutorial-cnn", "epochs": 1},
+            "out": str(tmp_path / "run"),
+        }
+    )
+    assert {"val_loss", "val_acc"} <= set(fit(config, reporter=LineReporter()).history[0])
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAfter(LineReporter):
+    """Simulates a crash right after an epoch's checkpoint was written."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def epoch_done(self, metrics):
+        super().epoch_done(metrics)
+        if metrics["epoch"] == self.epoch:
+            raise Interrupt
+
+
+@pytest.mark.parametrize("model", ["tutorial-cnn", "tutorial-mlp"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, model):
+    def config(out):
+        return resolve_run_config(
+            {
+                "data": {"dataset": "digits", "image_size": 12},
+                "train": {"model": model, "epochs": 3, "seed": 5},
+                "out": str(out),
+            }
+        )
+
+    whole = fit(config(tmp_path / "whole"), reporter=LineReporter())
+    with pytest.raises(Interrupt):
+        fit(config(tmp_path / "cut"), reporter=InterruptAfter(1))
+    resumed = resume(tmp_path / "cut", reporter=LineReporter())
+
+    strip = [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s")} for m in resumed.history]
+    assert strip == [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s")} for m in whole.history]
+    a, b = (
+        load_file(str(tmp_path / "whole" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_of_a_missing_folder_or_into_an_existing_run_is_refused(tmp_path):
+    with pytest.raises(CnnlabError, match="no such run folder"):
+        resume(tmp_path / "nothing")
+    fit(
+        digits_config(
+            tmp_path / "run",
+            epochs=1,
+        ),
+        reporter=LineReporter(),
+    )
+    with pytest.raises(CnnlabError, match="already holds a run"):
+        fit(digits_config(tmp_path / "run", epochs=1), reporter=LineReporter())
