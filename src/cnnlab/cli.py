@@ -15,13 +15,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cnnlab.bench import bench
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
 from cnnlab.config import DataConfig, load_toml
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import REPORT_FILE, Evaluation, evaluate_saved
 from cnnlab.models import MODELS, create_model, load_model, model_spec, parameter_count
 from cnnlab.predict import expand_paths, predict_files
-from cnnlab.recipes import resolve_run_config
+from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.train import fit, resume
 from cnnlab.train.progress import default_reporter
 
@@ -250,6 +251,40 @@ def compare_command(
     rows = compare(names, data_config, out, overrides, default_reporter(quiet))
     console.print(comparison_markdown(rows, data_config.label))
     console.print(f"wrote {out / TABLE_FILES[0]} and {out / TABLE_FILES[1]}")
+
+
+@app.command(name="bench")
+@handles_errors
+def bench_command(
+    recipe: Annotated[str, typer.Option(help="Comma-separated recipes to time.")] = "fast70",
+    compare_with: Annotated[str, typer.Option("--compare", help="Comma-separated baseline recipes.")] = "",
+    dataset: Dataset = None,
+    data: Data = None,
+    cache_dir: CacheDir = None,
+    seeds: Annotated[int, typer.Option(help="Runs per recipe, seeded 0..N-1.")] = 1,
+    epochs: Annotated[int | None, typer.Option(help="Override every recipe's epochs.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the runs (default runs/bench-<time>).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Time-to-accuracy of training recipes, side by side, with this machine's matmul peaks."""
+    data_config = DataConfig(**data_values(dataset=dataset, data=data, cache_dir=cache_dir))
+    split = [name.strip() for name in recipe.split(",") if name.strip()]
+    baselines = [name.strip() for name in compare_with.split(",") if name.strip()]
+    for name in [*split, *baselines]:
+        recipe_values(name)  # fail on a misspelt name before anything runs
+    out = out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = errors.print if as_json else console.print
+    summary = bench(split, data_config, out, baselines, seeds, epochs, progress=report)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for row in summary["across_seeds"]:
+            console.print(
+                f"{row['recipe']}: accuracy {row['accuracy_mean']:.2%} ± {row['accuracy_std']:.2%}, "
+                f"{row['seconds_mean']:.1f} ± {row['seconds_std']:.1f} s over {row['seeds']} seeds"
+            )
+        console.print(f"wrote {out / 'bench.json'}")
 
 
 @app.command()

@@ -48,15 +48,30 @@ class TrainConfig:
     model: str = "tutorial-cnn"
     recipe: str | None = None  # None: the model's own recipe
     optimizer: Literal["sgd", "adam"] = "adam"
-    lr: float = 1e-3  # per step, not scaled by batch size
+    lr: float = 1e-3  # peak learning rate per step, for the batch-mean loss
     momentum: float = 0.0  # SGD only
     nesterov: bool = False  # SGD only
     weight_decay: float = 0.0  # L2 added to the gradient (torch's coupled form)
     adam_eps: float = 1e-7  # Keras' default, not torch's 1e-8
     batch_size: int = 32
     epochs: int = 10
-    seed: int = 0  # seeds weight init and data order
+    seed: int = 0  # seeds weight init, data order and augmentation
     device: str = "auto"  # "auto" picks cuda when present, else cpu
+    # Schedule: "constant", or "triangle": linear from lr*lr_start up to lr at peak_fraction of all
+    # steps, then linear down to lr*lr_end at the last step.
+    schedule: Literal["constant", "triangle"] = "constant"
+    peak_fraction: float = 0.23
+    lr_start: float = 0.2
+    lr_end: float = 0.07
+    label_smoothing: float = 0.0
+    bias_lr_scale: float = 1.0  # BatchNorm biases learn this much faster, with unchanged decay per step
+    lookahead: bool = False  # average weights into an EMA every 5 steps from epoch 3, copied back each time
+    whiten_bias_epochs: int = 0  # epochs during which the frozen whitening layer's bias still learns
+    normalize: Literal["unit", "standardize"] = "unit"  # [0, 1] pixels, or per-channel mean 0 std 1
+    flip: Literal["none", "random", "alternating"] = "none"  # alternating: each image flips every other epoch
+    translate: int = 0  # random shift by up to this many pixels, reflect-padded
+    tta: Literal["none", "flip", "flip-translate"] = "none"  # views averaged at evaluation
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for convolutions and matmuls
 
 
 @dataclass

@@ -51,7 +51,9 @@ class Evaluation:
 
 def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cpu") -> Evaluation:
     """Evaluate on a split whose images already have the model's size and channel count."""
-    logits = predict_logits(model.module, split.images, model.info.norm, torch.device(device))
+    logits = predict_logits(
+        model.module, split.images, model.info.norm, torch.device(device), model.info.tta, model.info.bf16
+    )
     loss, accuracy = loss_and_accuracy(logits, split.labels)
     predicted = logits.argmax(1).numpy()
     indices = list(range(len(model.info.classes)))

@@ -64,5 +64,5 @@ def predict_files(model: TrainedModel, paths: list[Path], top_k: int = 3) -> lis
 def predict_images(model: TrainedModel, images: np.ndarray) -> np.ndarray:
     """(N, H, W, C) uint8 at the model's input format -> (N, classes) probabilities."""
     device = next(model.module.parameters()).device
-    logits = predict_logits(model.module, images, model.info.norm, device)
+    logits = predict_logits(model.module, images, model.info.norm, device, model.info.tta, model.info.bf16)
     return torch.softmax(logits, 1).numpy()

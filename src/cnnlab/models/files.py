@@ -33,6 +33,8 @@ class ModelInfo:
     classes: list[str]
     input_shape: list[int]  # [C, H, W]
     normalization: dict[str, list[float]]  # {"mean": [...], "std": [...]} after scaling to [0, 1]
+    tta: str = "none"  # test-time augmentation used for evaluation and prediction
+    precision: str = "fp32"  # "bf16": inference under bfloat16 autocast, as trained
     metrics: dict[str, Any] = field(default_factory=dict)  # the final epoch's metrics
     config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
     cnnlab_version: str = ""
@@ -41,6 +43,10 @@ class ModelInfo:
     @property
     def norm(self) -> Normalization:
         return Normalization(tuple(self.normalization["mean"]), tuple(self.normalization["std"]))
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
 
     @property
     def image_size(self) -> tuple[int, int]:

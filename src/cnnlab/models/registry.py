@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.models.fast import FastNet
 from cnnlab.models.tutorial import TutorialCNN, TutorialMLP
 
 InputShape = tuple[int, int, int]  # (C, H, W)
@@ -52,6 +53,18 @@ MODELS: dict[str, ModelSpec] = {
             lambda shape, classes, rng: keras_init(TutorialCNN(shape, classes), rng),
             "the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
             min_input_size=TutorialCNN.min_input_size,
+        ),
+        ModelSpec(
+            "fast-small",
+            lambda shape, classes, rng: FastNet(shape, classes, (32, 64, 128), rng),
+            "speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths 32/64/128",
+            min_input_size=FastNet.min_input_size,
+        ),
+        ModelSpec(
+            "fast",
+            lambda shape, classes, rng: FastNet(shape, classes, (64, 256, 256), rng),
+            "speed-run net at airbench94's widths 64/256/256",
+            min_input_size=FastNet.min_input_size,
         ),
     )
 }

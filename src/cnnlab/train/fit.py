@@ -14,18 +14,27 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cnnlab.config import RunConfig, TrainConfig, build, load_toml, to_toml
 from cnnlab.data import Dataset, load_dataset
+from cnnlab.data.augment import alternating_flips, mirror, random_flips, translate
 from cnnlab.data.transforms import Normalization, to_input
 from cnnlab.errors import CnnlabError
 from cnnlab.models import ModelInfo, TrainedModel, create_model, save_model
 from cnnlab.models.files import package_version
 from cnnlab.models.inference import loss_and_accuracy, predict_logits
 from cnnlab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from cnnlab.train.optim import (
+    LOOKAHEAD_EVERY,
+    LOOKAHEAD_START_EPOCH,
+    Lookahead,
+    lookahead_decay,
+    make_optimizer,
+    make_schedule,
+)
 from cnnlab.train.progress import Reporter, default_reporter
 from cnnlab.train.runtime import keep_freed_memory
 
@@ -80,22 +89,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # fused kernels update every parameter in one call: fewer passes over memory than the default loop.
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-            fused=True,
-        )
-    return torch.optim.Adam(
-        model.parameters(), lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay, fused=True
-    )
-
-
 def _new_run_dir(config: RunConfig) -> Path:
     if config.out:
         run_dir = Path(config.out).expanduser()
@@ -127,56 +120,26 @@ def _train(
         raise CnnlabError("--batch-size must be at least 1 and --epochs at least 0")
     device = resolve_device(settings.device)
     keep_freed_memory()
-    height, width, channels = dataset.image_shape
-    input_shape = (channels, height, width)
-    model = create_model(settings.model, input_shape, len(dataset.classes), seed=settings.seed).to(device)
-    optimizer = make_optimizer(model, settings)
-    normalization = Normalization.unit(channels)
-    data_order = torch.Generator().manual_seed(settings.seed + 1)  # independent of the weight-init stream
-    history: list[dict[str, Any]] = []
+    trainer = Trainer(settings, dataset, device)
     if checkpoint is not None:
-        _check_compatible(checkpoint, dataset, input_shape, run_dir)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        data_order.set_state(checkpoint["data_order"])
-        history = checkpoint["history"]
+        _check_compatible(checkpoint, dataset, trainer.input_shape, run_dir)
+        trainer.load_state_dict(checkpoint)
+    else:
+        trainer.init_from_data()
     # The metrics log is rebuilt from the checkpoint, dropping any epoch logged after it was written.
     with open(run_dir / METRICS_FILE, "w") as log:
-        log.writelines(json.dumps(metrics) + "\n" for metrics in history)
+        log.writelines(json.dumps(metrics) + "\n" for metrics in trainer.history)
 
-    images = torch.from_numpy(dataset.train.images).to(device)  # (N, H, W, C) uint8, whole split in memory
-    labels = torch.from_numpy(dataset.train.labels).to(device)
     try:
-        for epoch in range(len(history) + 1, settings.epochs + 1):
-            steps = -(-len(labels) // settings.batch_size)
-            reporter.epoch_started(epoch, settings.epochs, steps)
-            order = torch.randperm(len(labels), generator=data_order).to(device)
-            seconds, train_loss, train_acc = _train_epoch(
-                model, optimizer, images, labels, order, settings.batch_size, normalization, reporter
-            )
-            metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
-            for split_name, split in (("val", dataset.val), ("test", dataset.test)):
-                if split is not None:
-                    logits = predict_logits(model, split.images, normalization, device)
-                    metrics[f"{split_name}_loss"], metrics[f"{split_name}_acc"] = loss_and_accuracy(
-                        logits, split.labels
-                    )
-            metrics |= {
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": seconds,
-                "images_per_s": len(labels) / seconds,
-            }
-            history.append(metrics)
+        for epoch in range(len(trainer.history) + 1, settings.epochs + 1):
+            reporter.epoch_started(epoch, settings.epochs, trainer.steps_per_epoch)
+            metrics = trainer.train_epoch(epoch, reporter)
             save_checkpoint(
                 run_dir / CHECKPOINT_FILE,
                 {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "data_order": data_order.get_state(),
+                    **trainer.state_dict(),
                     "classes": list(dataset.classes),
-                    "input_shape": list(input_shape),
+                    "input_shape": list(trainer.input_shape),
                     "config": dataclasses.asdict(config),
                 },
             )
@@ -186,51 +149,160 @@ def _train(
     finally:
         reporter.stop()
 
+    normalization = trainer.normalization
     info = ModelInfo(
         architecture=settings.model,
         classes=list(dataset.classes),
-        input_shape=list(input_shape),
+        input_shape=list(trainer.input_shape),
         normalization={"mean": list(normalization.mean), "std": list(normalization.std)},
-        metrics=history[-1] if history else {},
+        tta=settings.tta,
+        precision=settings.precision,
+        metrics=trainer.history[-1] if trainer.history else {},
         config=dataclasses.asdict(config),
         cnnlab_version=package_version(),
     )
-    save_model(model, info, run_dir)
-    return TrainingResult(TrainedModel(model.eval(), info), history, run_dir)
+    save_model(trainer.model, info, run_dir)
+    return TrainingResult(TrainedModel(trainer.model.eval(), info), trainer.history, run_dir)
 
 
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    order: torch.Tensor,
-    batch_size: int,
-    normalization: Normalization,
-    reporter: Reporter,
-) -> tuple[float, float, float]:
-    """One pass over the shuffled training split; returns (seconds, mean loss, accuracy)."""
-    model.train()
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), device=images.device, dtype=torch.long)
-    seen = 0
-    started = time.perf_counter()
-    for step, start in enumerate(range(0, len(order), batch_size), start=1):
-        batch = order[start : start + batch_size]
-        x, y = to_input(images[batch], normalization), labels[batch]  # (B, C, H, W) float, (B,)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(batch)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(batch)
-        if step % _REPORT_EVERY == 0:
-            elapsed = time.perf_counter() - started
-            reporter.steps_done(step, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
-    seconds = time.perf_counter() - started
-    return seconds, loss_sum.item() / seen, correct.item() / seen
+class Trainer:
+    """The state of one training run, and one epoch of it at a time."""
+
+    def __init__(self, settings: TrainConfig, dataset: Dataset, device: torch.device):
+        self.settings, self.dataset, self.device = settings, dataset, device
+        height, width, channels = dataset.image_shape
+        self.input_shape = (channels, height, width)
+        self.model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed).to(device)
+        self.normalization = channel_statistics(dataset.train.images, settings.normalize)
+        self.images = torch.from_numpy(dataset.train.images).to(device)  # (N, H, W, C) uint8, all in memory
+        self.labels = torch.from_numpy(dataset.train.labels).to(device)
+        self.steps_per_epoch = -(-len(self.labels) // settings.batch_size)
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.optimizer = make_optimizer(self.model, settings)
+        self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
+        self.random = torch.Generator().manual_seed(settings.seed + 1)  # data order and augmentation
+        # A fixed random half of the images, mirrored on odd epochs (the other half on even ones).
+        self.flip_half = torch.rand(len(self.labels), generator=torch.Generator().manual_seed(settings.seed + 2)) < 0.5
+        self.lookahead: Lookahead | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def init_from_data(self) -> None:
+        """Data-dependent initialisation (the fast family's whitening layer), from up to 5,000 images."""
+        init = getattr(self.model, "init_from_data", None)
+        if init is not None:
+            sample = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.settings.seed))[
+                :5000
+            ]
+            init(to_input(self.images[sample.to(self.device)], self.normalization))
+
+    def train_epoch(self, epoch: int, reporter: Reporter) -> dict[str, Any]:
+        settings, model = self.settings, self.model
+        model.train()
+        whiten = getattr(model, "whiten", None)
+        if whiten is not None:
+            whiten.bias.requires_grad_(epoch <= settings.whiten_bias_epochs)
+        order = torch.randperm(len(self.labels), generator=self.random).to(self.device)
+        flips = alternating_flips(self.flip_half, epoch).to(self.device) if settings.flip == "alternating" else None
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        started = time.perf_counter()
+        for step, start in enumerate(range(0, len(order), settings.batch_size), start=1):
+            batch = order[start : start + settings.batch_size]
+            images, labels = self.images[batch], self.labels[batch]  # (B, H, W, C) uint8, (B,)
+            if flips is not None:
+                images = mirror(images, flips[batch])
+            elif settings.flip == "random":
+                images = mirror(images, random_flips(len(batch), self.random))
+            if settings.translate:
+                images = translate(images, settings.translate, self.random)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+                logits = model(to_input(images, self.normalization))
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.schedule is not None:
+                self.schedule.step()
+            self._average_weights(epoch, (epoch - 1) * self.steps_per_epoch + step)
+            loss_sum += loss.detach() * len(batch)
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += len(batch)
+            if step % _REPORT_EVERY == 0:
+                elapsed = time.perf_counter() - started
+                reporter.steps_done(step, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+        if self.lookahead is not None:
+            self.lookahead.update(model, decay=1.0)  # end the epoch on the averaged weights
+        seconds = time.perf_counter() - started
+
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct.item() / seen,
+        }
+        metrics |= self.evaluate()
+        metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
+        self.history.append(metrics)
+        return metrics
+
+    def _average_weights(self, epoch: int, step: int) -> None:
+        if not self.settings.lookahead or epoch < LOOKAHEAD_START_EPOCH or step % LOOKAHEAD_EVERY:
+            return
+        if self.lookahead is None:
+            self.lookahead = Lookahead(self.model)
+        else:
+            self.lookahead.update(self.model, lookahead_decay(step, self.total_steps))
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy on validation and test; on test also with the recipe's TTA, if it has one."""
+        metrics = {}
+        bf16, test = self.settings.precision == "bf16", self.dataset.test
+        for name, split in (("val", self.dataset.val), ("test", test)):
+            if split is not None:
+                logits = predict_logits(self.model, split.images, self.normalization, self.device, "none", bf16)
+                metrics[f"{name}_loss"], metrics[f"{name}_acc"] = loss_and_accuracy(logits, split.labels)
+        if self.settings.tta != "none":
+            logits = predict_logits(self.model, test.images, self.normalization, self.device, self.settings.tta, bf16)
+            metrics["test_acc_tta"] = loss_and_accuracy(logits, test.labels)[1]
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+            "data_order": self.random.get_state(),
+            "epoch": len(self.history),
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.schedule is not None and state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        if state.get("lookahead") is not None:
+            self.lookahead = Lookahead.from_state_dict(self.model, state["lookahead"])
+        self.random.set_state(state["data_order"])
+        self.history = state["history"]
+
+
+def channel_statistics(images: np.ndarray, mode: str) -> Normalization:
+    """Per-channel mean and std of (N, H, W, C) uint8 images on the [0, 1] scale, or the unit normalisation."""
+    channels = images.shape[-1]
+    if mode == "unit":
+        return Normalization.unit(channels)
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    for start in range(0, len(images), 4096):  # chunks bound the float copy's memory
+        chunk = images[start : start + 4096].reshape(-1, channels).astype(np.float64) / 255.0
+        total += chunk.sum(0)
+        squares += (chunk**2).sum(0)
+    count = images.size // channels
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 1e-12))
+    return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
 
 
 def _check_compatible(

@@ -1,0 +1,98 @@
+"""The `fast` family: a speed-run network after airbench (Jordan, 2024, arXiv 2404.00498).
+
+A frozen patch-whitening convolution, then three blocks of conv -> max-pool -> BatchNorm -> GELU ->
+conv -> BatchNorm -> GELU, then a global max-pool and a scaled linear head. What makes it train fast:
+- the first layer decorrelates 2x2 patches using the training data's own covariance, so the network
+  starts from whitened inputs instead of learning that transform;
+- convolutions start as identities (dirac) on their first channels: an implicit residual path;
+- BatchNorm has no learnable scale and a short memory (momentum 0.4), and its biases learn faster;
+- the logits are scaled down, which acts like a temperature that keeps early training stable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WHITEN_KERNEL = 2
+WHITEN_EPS = 5e-4  # added to the covariance eigenvalues: caps the gain on near-constant directions
+LOGIT_SCALE = 1 / 9
+
+
+class Conv(nn.Conv2d):
+    """3x3 'same' convolution without bias, identity-initialised on its first in_channels filters."""
+
+    def __init__(self, channels_in: int, channels_out: int, generator: torch.Generator):
+        super().__init__(channels_in, channels_out, kernel_size=3, padding="same", bias=False)
+        bound = 1 / (channels_in * 9) ** 0.5  # torch's default kaiming-uniform bound for this layer
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound, generator=generator)
+            nn.init.dirac_(self.weight[: min(channels_in, channels_out)])
+
+
+class Norm(nn.BatchNorm2d):
+    """BatchNorm with a fixed unit scale and a learnable bias; remembers 40% of each new batch."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+
+class Block(nn.Module):
+    def __init__(self, channels_in: int, channels_out: int, generator: torch.Generator):
+        super().__init__()
+        self.conv1 = Conv(channels_in, channels_out, generator)
+        self.norm1 = Norm(channels_out)
+        self.conv2 = Conv(channels_out, channels_out, generator)
+        self.norm2 = Norm(channels_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))  # (B, C_out, H/2, W/2)
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    # The whitening conv takes one pixel off each side, then three 2x2 pools must each keep >= 1 pixel.
+    min_input_size = WHITEN_KERNEL - 1 + 8
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        widths: tuple[int, int, int],
+        generator: torch.Generator,
+    ):
+        super().__init__()
+        channels = input_shape[0]
+        whitened = 2 * channels * WHITEN_KERNEL**2  # each whitening direction with both signs
+        self.whiten = nn.Conv2d(channels, whitened, kernel_size=WHITEN_KERNEL, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)
+        self.blocks = nn.Sequential(
+            Block(whitened, widths[0], generator),
+            Block(widths[0], widths[1], generator),
+            Block(widths[1], widths[2], generator),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        bound = 1 / widths[2] ** 0.5
+        with torch.no_grad():
+            self.head.weight.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.whiten(x))  # (B, 2*C*4, H-1, W-1)
+        x = self.blocks(x)  # (B, widths[2], h, w)
+        x = torch.amax(x, dim=(2, 3))  # (B, widths[2]) global max-pool
+        return self.head(x) * LOGIT_SCALE  # (B, classes)
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Set the whitening filters from the covariance of the 2x2 patches of (N, C, H, W) images."""
+        channels = images.shape[1]
+        patches = images.float().unfold(2, WHITEN_KERNEL, 1).unfold(3, WHITEN_KERNEL, 1)  # (N, C, h, w, k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * WHITEN_KERNEL**2)  # (P, C*k*k)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        filters = (eigenvectors / torch.sqrt(eigenvalues + WHITEN_EPS)).T.float()  # rows: whitening directions
+        filters = filters.reshape(-1, channels, WHITEN_KERNEL, WHITEN_KERNEL)
+        self.whiten.weight.copy_(torch.cat((filters, -filters)))
