@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -17,6 +18,31 @@ from cnnlab.train import fit
 from cnnlab.train.progress import LineReporter
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # screenshots and load figures, kept by CI
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture
+def browser_page():
+    """A page in Debian's headless Chromium driven by Playwright (never a downloaded browser), with the
+    console errors it logs collected on `page.errors`. Outside CI, skipped when chromium is absent."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium: .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed here; .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
+        page = browser.new_page()
+        page.errors = []
+        page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        yield page
+        browser.close()
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from cnnlab.recipes import resolve_run_config
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
 
 
-def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+def matmul_peaks(size: int = 4096, repeats: int = 3) -> dict[str, float]:
     """This machine's fp32 and bf16 matmul throughput in GFLOP/s (best of `repeats`)."""
     peaks = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -54,7 +54,7 @@ def training_flops_per_image(model_name: str, input_shape: tuple[int, int, int],
     return 3.0 * counter.get_total_flops()
 
 
-def run_recipe(recipe: str, data: DataConfig, out: Path, seed: int, epochs: int | None) -> dict[str, Any]:
+def run_recipe(recipe: str, data: DataConfig, out: Path, seed: int, epochs: float | None) -> dict[str, Any]:
     """Train one recipe in a child process; return its per-epoch history and peak RSS."""
     command = [
         sys.executable,
@@ -124,7 +124,7 @@ def bench(
     out: Path,
     compare: list[str] = (),
     seeds: int = 1,
-    epochs: int | None = None,
+    epochs: float | None = None,
     progress=print,
 ) -> dict[str, Any]:
     """Run every recipe (and each `compare` recipe) `seeds` times; the result is what `--json` prints."""

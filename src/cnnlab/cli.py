@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -17,12 +18,19 @@ from rich.table import Table
 
 from cnnlab.bench import bench
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
-from cnnlab.config import DataConfig, load_toml
+from cnnlab.config import DataConfig, TrainConfig, load_toml
+from cnnlab.data import images as image_io
+from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import REPORT_FILE, Evaluation, evaluate_saved
+from cnnlab.evaluate import REPORT_FILE, Evaluation, evaluate_saved, test_split_for
+from cnnlab.explain import explain as explain_image
+from cnnlab.explain import write_explanation
+from cnnlab.export import export_onnx, require
 from cnnlab.models import MODELS, create_model, load_model, model_spec, parameter_count
-from cnnlab.predict import expand_paths, predict_files
+from cnnlab.models.files import model_folder
+from cnnlab.predict import expand_paths, load_classifier, predict_files
 from cnnlab.recipes import recipe_values, resolve_run_config
+from cnnlab.report import write_data_overview, write_run_report
 from cnnlab.train import fit, resume
 from cnnlab.train.progress import default_reporter
 
@@ -47,8 +55,9 @@ SplitSeed = Annotated[int | None, typer.Option(help="Seed of the validation/test
 CacheDir = Annotated[str | None, typer.Option(help="Cache folder (default $CNNLAB_CACHE or ~/.cache/cnnlab).")]
 Strict = Annotated[bool | None, typer.Option("--strict", help="Unreadable images are an error.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")]
-Epochs = Annotated[int | None, typer.Option(help="Number of epochs.")]
+Epochs = Annotated[float | None, typer.Option(help="Number of epochs; a fraction trains part of the last.")]
 ModelPath = Annotated[Path, typer.Argument(help="A run folder, or its model.json / model.safetensors.")]
+AnyModelPath = Annotated[Path, typer.Argument(help="A run folder, its model files, or an exported .onnx file.")]
 
 
 def handles_errors(command):
@@ -79,9 +88,13 @@ def setup() -> None:
         logger.propagate = False
 
 
-def data_values(**flags: Any) -> dict[str, Any]:
-    """The data flags that were given, as a [data] table."""
-    return {key: value for key, value in flags.items() if value is not None}
+DATA_KEYS = frozenset(field.name for field in dataclasses.fields(DataConfig))
+TRAIN_KEYS = frozenset(field.name for field in dataclasses.fields(TrainConfig))
+
+
+def given(flags: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    """The flags among `keys` that were given on the command line (a command passes its locals())."""
+    return {key: value for key, value in flags.items() if key in keys and value is not None}
 
 
 @app.command()
@@ -106,38 +119,29 @@ def train(
     weight_decay: Annotated[float | None, typer.Option(help="L2 weight decay.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of weight init and data order.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = None,
+    adam_eps: Annotated[float | None, typer.Option(help="Adam epsilon.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant or triangle.")] = None,
+    peak_fraction: Annotated[float | None, typer.Option(help="Triangle: share of steps to the peak.")] = None,
+    lr_start: Annotated[float | None, typer.Option(help="Triangle: first lr as a share of --lr.")] = None,
+    lr_end: Annotated[float | None, typer.Option(help="Triangle: last lr as a share of --lr.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing of the loss.")] = None,
+    bias_lr_scale: Annotated[float | None, typer.Option(help="BatchNorm bias learning-rate multiplier.")] = None,
+    lookahead: Annotated[bool | None, typer.Option("--lookahead/--no-lookahead", help="Weight averaging.")] = None,
+    whiten_bias_epochs: Annotated[int | None, typer.Option(help="Epochs the whitening bias learns.")] = None,
+    normalize: Annotated[str | None, typer.Option(help="unit or standardize.")] = None,
+    flip: Annotated[str | None, typer.Option(help="none, random or alternating.")] = None,
+    translate: Annotated[int | None, typer.Option(help="Random shift in pixels.")] = None,
+    tta: Annotated[str | None, typer.Option(help="none, flip or flip-translate.")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast).")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<model>-<data>-<time>).")] = None,
     resume_dir: Annotated[Path | None, typer.Option("--resume", help="Continue this run folder.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Train a model; writes config, metrics, checkpoints and the final model into a run folder."""
     reporter = default_reporter(quiet)
-    data_flags = data_values(
-        dataset=dataset,
-        data=data,
-        image_size=image_size,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        split_seed=split_seed,
-        cache_dir=cache_dir,
-        strict=strict,
-    )
-    train_flags = {
-        key: value
-        for key, value in dict(
-            model=model,
-            recipe=recipe,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            seed=seed,
-            device=device,
-        ).items()
-        if value is not None
-    }
+    data_flags = given(locals(), DATA_KEYS)
+    train_flags = given(locals(), TRAIN_KEYS)
     if resume_dir is not None:
         conflicting = sorted(
             {*data_flags, *(set(train_flags) - {"epochs"})}
@@ -154,6 +158,7 @@ def train(
         result = fit(resolve_run_config(file_values, flags), reporter=reporter)
     final = result.history[-1] if result.history else {}
     console.print(f"run folder: {result.run_dir}  test accuracy: {final.get('test_acc', float('nan')):.4f}")
+    console.print(f"report: {write_run_report(result.run_dir)}")
 
 
 @app.command()
@@ -169,14 +174,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix on a test split."""
-    flags = data_values(
-        dataset=dataset,
-        data=data,
-        test_fraction=test_fraction,
-        split_seed=split_seed,
-        cache_dir=cache_dir,
-        strict=strict,
-    )
+    flags = given(locals(), DATA_KEYS)
     data_config = DataConfig(**flags) if dataset or data else None
     evaluation, folder = evaluate_saved(model, data_config)
     if as_json:
@@ -198,13 +196,13 @@ def report_table(evaluation: Evaluation) -> Table:
 @app.command()
 @handles_errors
 def predict(
-    model: ModelPath,
+    model: AnyModelPath,
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
 ) -> None:
     """Predict the class of image files; exits 1 when any file could not be read."""
-    predictions = predict_files(load_model(model), expand_paths(paths), top_k)
+    predictions = predict_files(load_classifier(model), expand_paths(paths), top_k)
     if as_json:
         typer.echo(json.dumps([asdict(p) for p in predictions], indent=2))
     for prediction in predictions:
@@ -227,22 +225,12 @@ def compare_command(
     split_seed: SplitSeed = None,
     cache_dir: CacheDir = None,
     strict: Strict = None,
-    epochs: Annotated[int | None, typer.Option(help="Override every recipe's epochs.")] = None,
+    epochs: Epochs = None,
     out: Annotated[Path | None, typer.Option(help="Folder (default runs/compare-<data>-<time>).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Train each model with its recipe on one dataset and print a comparison table."""
-    data_config = DataConfig(
-        **data_values(
-            dataset=dataset,
-            data=data,
-            image_size=image_size,
-            test_fraction=test_fraction,
-            split_seed=split_seed,
-            cache_dir=cache_dir,
-            strict=strict,
-        )
-    )
+    data_config = DataConfig(**given(locals(), DATA_KEYS))
     names = [name.strip() for name in models.split(",") if name.strip()]
     for name in names:
         model_spec(name)  # fail on a misspelt name before any training starts
@@ -250,7 +238,117 @@ def compare_command(
     overrides = {"epochs": epochs} if epochs is not None else {}
     rows = compare(names, data_config, out, overrides, default_reporter(quiet))
     console.print(comparison_markdown(rows, data_config.label))
-    console.print(f"wrote {out / TABLE_FILES[0]} and {out / TABLE_FILES[1]}")
+    console.print(f"wrote {', '.join(str(out / name) for name in TABLE_FILES)}")
+
+
+@app.command()
+@handles_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    dataset: Dataset = None,
+    data: Data = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Write a run's figures and a self-contained report.html into its folder."""
+    if not run.is_dir():
+        raise CnnlabError(f"{run}: no such run folder")
+    split = None
+    if dataset or data:
+        split = test_split_for(load_model(run), DataConfig(**given(locals(), DATA_KEYS)))
+    console.print(f"wrote {write_run_report(run, split)}")
+
+
+@app.command()
+@handles_errors
+def explain(
+    model: ModelPath,
+    image: Annotated[Path, typer.Argument(help="The image file to explain.")],
+    class_name: Annotated[
+        str | None, typer.Option("--class", help="Explain this class (default: the predicted one).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("explain"),
+) -> None:
+    """Grad-CAM heat map, feature maps of every conv layer and the first layer's filters for one image."""
+    trained = load_model(model)
+    pixels = image_io.decode(image, str(image), trained.info.image_size, trained.info.channels)
+    explanation = explain_image(trained, pixels, class_name)
+    paths = write_explanation(explanation, pixels, out, image.name)
+    console.print(
+        f"{image}: predicted {explanation.predicted}, explained {explanation.target} "
+        f"({explanation.probabilities[explanation.target]:.3f})"
+    )
+    console.print(f"wrote {len(paths)} figures into {out}")
+
+
+data_app = typer.Typer(help="Look at a dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("show")
+@handles_errors
+def data_show(
+    out: Annotated[Path, typer.Option(help="PNG file for the sample grid; the counts chart goes beside it.")],
+    dataset: Dataset = None,
+    data: Data = None,
+    image_size: ImageSize = None,
+    val_fraction: ValFraction = None,
+    test_fraction: TestFraction = None,
+    split_seed: SplitSeed = None,
+    cache_dir: CacheDir = None,
+    strict: Strict = None,
+    per_class: Annotated[int, typer.Option(help="Samples shown per class.")] = 8,
+) -> None:
+    """A labelled grid of sample images per class, and the class counts of each split."""
+    config = DataConfig(**given(locals(), DATA_KEYS))
+    loaded = load_dataset(config)
+    grid, chart, counts = write_data_overview(loaded, out, per_class)
+    table = Table("class", *counts, title=f"{loaded.name}: images per class")
+    for i, name in enumerate(loaded.classes):
+        table.add_row(name, *(f"{values[i]:,}" for values in counts.values()))
+    table.add_row("total", *(f"{sum(values):,}" for values in counts.values()))
+    console.print(table)
+    console.print(f"wrote {grid} and {chart}")
+
+
+@app.command()
+@handles_errors
+def serve(
+    model: AnyModelPath,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
+) -> None:
+    """A web page and HTTP API for predictions (POST /predict, GET /model, GET /health, /docs)."""
+    require("fastapi", "serve")
+    uvicorn = require("uvicorn", "serve")
+    from cnnlab.serve.app import ServeConfig, create_app  # needs the serve extra
+
+    app = create_app(load_classifier(model), ServeConfig(max_upload_mb=max_upload_mb))
+    console.print(f"serving {model} on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@app.command(name="export")
+@handles_errors
+def export_command(
+    model: ModelPath,
+    export_format: Annotated[str, typer.Option("--format", help="Only onnx for now.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file (default: model.onnx in the model's folder).")] = None,
+) -> None:
+    """Export to ONNX (opset 17, dynamic batch) and verify it against PyTorch on 100 test images."""
+    if export_format != "onnx":
+        raise CnnlabError(f"unknown export format {export_format!r}; supported: onnx")
+    trained = load_model(model)
+    sample = test_split_for(trained, None).images[:100]
+    out = out or model_folder(model) / "model.onnx"
+    verification = export_onnx(trained, out, sample)
+    console.print(
+        f"wrote {out} and {out.with_suffix('.json').name}; verified on {verification.images} test images at batch "
+        f"sizes {', '.join(map(str, verification.batch_sizes))}: max |onnxruntime - PyTorch| = "
+        f"{verification.max_abs_difference:.1e}"
+    )
 
 
 @app.command(name="bench")
@@ -262,12 +360,12 @@ def bench_command(
     data: Data = None,
     cache_dir: CacheDir = None,
     seeds: Annotated[int, typer.Option(help="Runs per recipe, seeded 0..N-1.")] = 1,
-    epochs: Annotated[int | None, typer.Option(help="Override every recipe's epochs.")] = None,
+    epochs: Epochs = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the runs (default runs/bench-<time>).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Time-to-accuracy of training recipes, side by side, with this machine's matmul peaks."""
-    data_config = DataConfig(**data_values(dataset=dataset, data=data, cache_dir=cache_dir))
+    data_config = DataConfig(**given(locals(), DATA_KEYS))
     split = [name.strip() for name in recipe.split(",") if name.strip()]
     baselines = [name.strip() for name in compare_with.split(",") if name.strip()]
     for name in [*split, *baselines]:

@@ -9,13 +9,14 @@ from typing import Any
 
 from cnnlab.config import DataConfig, RunConfig
 from cnnlab.data import load_dataset
-from cnnlab.evaluate import evaluate, write_evaluation
+from cnnlab.evaluate import Evaluation, evaluate, write_evaluation
 from cnnlab.models import parameter_count
 from cnnlab.recipes import resolve_run_config
+from cnnlab.report import write_comparison_report
 from cnnlab.train import fit
 from cnnlab.train.progress import Reporter
 
-TABLE_FILES = ("comparison.md", "comparison.json")
+TABLE_FILES = ("comparison.md", "comparison.json", "report.html")
 
 
 @dataclass
@@ -38,10 +39,12 @@ def compare(
     train_overrides: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
 ) -> list[ComparisonRow]:
-    """Train each model into out/<model>/ and write out/comparison.md and out/comparison.json."""
+    """Train each model into out/<model>/; write out/comparison.md, out/comparison.json and out/report.html."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data)
     rows = []
+    evaluations: dict[str, Evaluation] = {}
+    histories = {}
     for name in models:
         config: RunConfig = resolve_run_config(
             {"data": asdict(data), "train": {"model": name, **(train_overrides or {})}, "out": str(out / name)}
@@ -51,6 +54,7 @@ def compare(
         result = fit(config, dataset, reporter)
         evaluation = evaluate(result.model, dataset.test)
         write_evaluation(evaluation, result.run_dir)
+        evaluations[name], histories[name] = evaluation, result.history
         seconds = sum(epoch["seconds"] for epoch in result.history)
         rows.append(
             ComparisonRow(
@@ -69,6 +73,7 @@ def compare(
     (out / TABLE_FILES[1]).write_text(
         json.dumps({"dataset": dataset.name, "results": [asdict(r) for r in rows]}, indent=2)
     )
+    write_comparison_report(out, rows, evaluations, histories, dataset)
     return rows
 
 

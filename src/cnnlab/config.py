@@ -54,7 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # L2 added to the gradient (torch's coupled form)
     adam_eps: float = 1e-7  # Keras' default, not torch's 1e-8
     batch_size: int = 32
-    epochs: int = 10
+    epochs: float = 10  # a fraction trains part of the last epoch; the schedule spans exactly that
     seed: int = 0  # seeds weight init, data order and augmentation
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     # Schedule: "constant", or "triangle": linear from lr*lr_start up to lr at peak_fraction of all

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import torch
 
 from cnnlab.data import images as image_io
-from cnnlab.models import TrainedModel
-from cnnlab.models.inference import predict_logits
+from cnnlab.models import ModelInfo, load_model
 
 _BATCH = 256  # images decoded and predicted together
+
+
+class Classifier(Protocol):
+    """A PyTorch model (TrainedModel) or an exported one (OnnxModel)."""
+
+    info: ModelInfo
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -35,7 +42,16 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return files
 
 
-def predict_files(model: TrainedModel, paths: list[Path], top_k: int = 3) -> list[Prediction]:
+def load_classifier(path: Path) -> Classifier:
+    """A trained model from a run folder or model files, or an exported .onnx model (onnxruntime)."""
+    if path.suffix.lower() == ".onnx":
+        from cnnlab.export import OnnxModel  # onnxruntime is an optional extra
+
+        return OnnxModel(path)
+    return load_model(path)
+
+
+def predict_files(model: Classifier, paths: list[Path], top_k: int = 3) -> list[Prediction]:
     """One Prediction per file, in order; files that are not readable images carry an error instead."""
     top_k = max(1, min(top_k, len(model.info.classes)))
     results: list[Prediction] = []
@@ -50,7 +66,7 @@ def predict_files(model: TrainedModel, paths: list[Path], top_k: int = 3) -> lis
                 decoded[i] = image_io.decode(path, str(path), model.info.image_size, model.info.channels)
             except image_io.ImageError as error:
                 failed[i] = str(error)
-        probabilities = predict_images(model, np.stack(list(decoded.values()))) if decoded else None
+        probabilities = model.probabilities(np.stack(list(decoded.values()))) if decoded else None
         rows = dict(zip(decoded, probabilities if probabilities is not None else [], strict=True))
         for i, path in enumerate(chunk):
             if i in failed:
@@ -59,10 +75,3 @@ def predict_files(model: TrainedModel, paths: list[Path], top_k: int = 3) -> lis
             best = np.argsort(-rows[i])[:top_k]
             results.append(Prediction(str(path), [(model.info.classes[c], float(rows[i][c])) for c in best]))
     return results
-
-
-def predict_images(model: TrainedModel, images: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) uint8 at the model's input format -> (N, classes) probabilities."""
-    device = next(model.module.parameters()).device
-    logits = predict_logits(model.module, images, model.info.norm, device, model.info.tta, model.info.bf16)
-    return torch.softmax(logits, 1).numpy()

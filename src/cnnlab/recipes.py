@@ -46,18 +46,20 @@ RECIPES: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "epochs": 10,
     },
-    # Toward 70% in seconds: the narrow net, two epochs, no weight averaging (too short to pay).
+    # Toward 70% in seconds: the thin net, one and a half epochs, no weight averaging, and a frozen
+    # whitening bias (training it makes the first block compute its input gradient: a third more time).
     "fast70": {
         **_SPEED_RUN,
-        "model": "fast-small",
+        "model": "fast-tiny",
         "batch_size": 512,
         "lr": 0.75,
-        "epochs": 2,
+        "epochs": 1.5,
         "lookahead": False,
-        "whiten_bias_epochs": 1,
+        "whiten_bias_epochs": 0,
     },
-    # Toward 90%: airbench94's network and schedule, shortened.
-    "fast90": {**_SPEED_RUN, "model": "fast", "batch_size": 1024, "lr": 1.5, "epochs": 7},
+    # Toward 90%: airbench94's schedule on a narrower middle block (70 s instead of 100 s an epoch on
+    # two CPU cores), with the whitening bias frozen from the start for the same reason as fast70.
+    "fast90": {**_SPEED_RUN, "model": "fast-mid", "batch_size": 1024, "lr": 1.5, "epochs": 10, "whiten_bias_epochs": 0},
     # airbench94's full schedule (named for its 94% on the original CIFAR-10).
     "fast94": {**_SPEED_RUN, "model": "fast", "batch_size": 1024, "lr": 1.5, "epochs": 10},
 }

@@ -229,7 +229,8 @@ def _probe_chunk(entries: list[Entry]) -> list[tuple[bool, tuple[int, int]] | st
     results: list[tuple[bool, tuple[int, int]] | str] = []
     for entry in entries:
         try:
-            results.append(image_io.probe(entry.source, entry.name))
+            found = image_io.header(entry.source, entry.name)
+            results.append((found.grayscale, (found.height, found.width)))
         except image_io.ImageError as error:
             results.append(str(error))
     return results

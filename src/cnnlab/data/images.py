@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +44,25 @@ def _open(source: Source, name: str) -> Image.Image:
             raise ImageError(f"{name}: cannot read ({error.strerror or error})") from None
 
 
-def probe(source: Source, name: str) -> tuple[bool, tuple[int, int]]:
-    """(is grayscale, (height, width) after EXIF orientation) from the header alone."""
+@dataclass(frozen=True)
+class Header:
+    format: str | None  # Pillow's format name: "PNG", "JPEG", ...
+    grayscale: bool
+    height: int  # after EXIF orientation
+    width: int
+
+
+def header(source: Source, name: str) -> Header:
+    """What the file's header says, without decoding any pixels."""
     with _open(source, name) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION)
-        except Exception:
+        except Exception:  # a broken EXIF block only loses the orientation
             orientation = None
         if orientation in _TRANSPOSING_ORIENTATIONS:
             width, height = height, width
-        return image.mode in GRAYSCALE_MODES, (height, width)
+        return Header(image.format, image.mode in GRAYSCALE_MODES, height, width)
 
 
 def read(source: Source, name: str) -> Image.Image:

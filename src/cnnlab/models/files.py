@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -20,6 +21,7 @@ from torch import nn
 
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
+from cnnlab.models.inference import predict_logits
 from cnnlab.models.registry import create_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -61,6 +63,12 @@ class ModelInfo:
 class TrainedModel:
     module: nn.Module
     info: ModelInfo
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 at the model's input format -> (N, classes), with the model's TTA."""
+        device = next(self.module.parameters()).device
+        logits = predict_logits(self.module, images, self.info.norm, device, self.info.tta, self.info.bf16)
+        return torch.softmax(logits, 1).numpy()
 
 
 def package_version() -> str:

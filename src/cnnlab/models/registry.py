@@ -55,9 +55,21 @@ MODELS: dict[str, ModelSpec] = {
             min_input_size=TutorialCNN.min_input_size,
         ),
         ModelSpec(
+            "fast-tiny",
+            lambda shape, classes, rng: FastNet(shape, classes, (16, 64, 128), rng),
+            "speed-run net, widths 16/64/128: the full-resolution first block kept thin",
+            min_input_size=FastNet.min_input_size,
+        ),
+        ModelSpec(
             "fast-small",
             lambda shape, classes, rng: FastNet(shape, classes, (32, 64, 128), rng),
             "speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths 32/64/128",
+            min_input_size=FastNet.min_input_size,
+        ),
+        ModelSpec(
+            "fast-mid",
+            lambda shape, classes, rng: FastNet(shape, classes, (64, 192, 256), rng),
+            "speed-run net, widths 64/192/256: airbench94 with a third cheaper middle block",
             min_input_size=FastNet.min_input_size,
         ),
         ModelSpec(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,7 +60,7 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
 
 
 def resume(
-    run_dir: Path, epochs: int | None = None, dataset: Dataset | None = None, reporter: Reporter | None = None
+    run_dir: Path, epochs: float | None = None, dataset: Dataset | None = None, reporter: Reporter | None = None
 ) -> TrainingResult:
     """Continue an interrupted run from its last checkpoint; only the number of epochs may change."""
     if not run_dir.is_dir():
@@ -131,8 +132,8 @@ def _train(
         log.writelines(json.dumps(metrics) + "\n" for metrics in trainer.history)
 
     try:
-        for epoch in range(len(trainer.history) + 1, settings.epochs + 1):
-            reporter.epoch_started(epoch, settings.epochs, trainer.steps_per_epoch)
+        for epoch in range(len(trainer.history) + 1, math.ceil(settings.epochs) + 1):
+            reporter.epoch_started(epoch, settings.epochs, trainer.steps_in_epoch(epoch))
             metrics = trainer.train_epoch(epoch, reporter)
             save_checkpoint(
                 run_dir / CHECKPOINT_FILE,
@@ -177,7 +178,7 @@ class Trainer:
         self.images = torch.from_numpy(dataset.train.images).to(device)  # (N, H, W, C) uint8, all in memory
         self.labels = torch.from_numpy(dataset.train.labels).to(device)
         self.steps_per_epoch = -(-len(self.labels) // settings.batch_size)
-        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.total_steps = math.ceil(self.steps_per_epoch * settings.epochs)
         self.optimizer = make_optimizer(self.model, settings)
         self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
         self.random = torch.Generator().manual_seed(settings.seed + 1)  # data order and augmentation
@@ -207,7 +208,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         started = time.perf_counter()
-        for step, start in enumerate(range(0, len(order), settings.batch_size), start=1):
+        starts = range(0, len(order), settings.batch_size)[: self.steps_in_epoch(epoch)]
+        for step, start in enumerate(starts, start=1):
             batch = order[start : start + settings.batch_size]
             images, labels = self.images[batch], self.labels[batch]  # (B, H, W, C) uint8, (B,)
             if flips is not None:
@@ -244,6 +246,10 @@ class Trainer:
         metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
         self.history.append(metrics)
         return metrics
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """All steps of an epoch, or fewer in a fractional last epoch."""
+        return min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch)
 
     def _average_weights(self, epoch: int, step: int) -> None:
         if not self.settings.lookahead or epoch < LOOKAHEAD_START_EPOCH or step % LOOKAHEAD_EVERY:

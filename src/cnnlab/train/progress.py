@@ -10,15 +10,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class Reporter(Protocol):
-    def epoch_started(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def epoch_started(self, epoch: int, epochs: float, steps: int) -> None: ...
     def steps_done(self, steps: int, loss: float, accuracy: float, images_per_s: float) -> None: ...
     def epoch_done(self, metrics: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
     def stop(self) -> None: ...
 
 
-def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {metrics['epoch']}/{epochs}"]
+def epoch_line(metrics: dict[str, Any], epochs: float) -> str:
+    parts = [f"epoch {metrics['epoch']}/{epochs:g}"]
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4f}")
@@ -31,9 +31,9 @@ class LineReporter:
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
-        self.epochs = 0
+        self.epochs = 0.0
 
-    def epoch_started(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_started(self, epoch: int, epochs: float, steps: int) -> None:
         self.epochs = epochs
 
     def steps_done(self, steps: int, loss: float, accuracy: float, images_per_s: float) -> None:
@@ -57,10 +57,10 @@ class BarReporter(LineReporter):
         self.progress: Progress | None = None
         self.task = 0
 
-    def epoch_started(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_started(self, epoch: int, epochs: float, steps: int) -> None:
         super().epoch_started(epoch, epochs, steps)
         self.progress = Progress(
-            TextColumn(f"epoch {epoch}/{epochs}"),
+            TextColumn(f"epoch {epoch}/{epochs:g}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.4f}  {task.fields[speed]:,.0f} img/s"),

@@ -1,0 +1,170 @@
+"""What a convolutional model looked at: Grad-CAM, the feature maps of every conv layer, first-layer filters.
+
+Grad-CAM (Selvaraju et al., 2017) weighs each channel of the last convolution's output by the mean
+gradient of the class score with respect to it, keeps the positive part of the weighted sum, and
+stretches that coarse map over the input image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.data.transforms import to_input
+from cnnlab.errors import CnnlabError
+from cnnlab.models import TrainedModel
+from cnnlab.report import figures
+
+
+@dataclass
+class Explanation:
+    target: str  # the class explained
+    predicted: str
+    probabilities: dict[str, float]
+    heat: np.ndarray  # (H, W) in [0, 1], at the input's size
+    feature_maps: dict[str, np.ndarray]  # conv layer name -> (K, h, w) activations
+    first_filters: np.ndarray  # (K, kh, kw, 3) for RGB input, (K, kh, kw) for grayscale
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+
+
+def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = None) -> Explanation:
+    """Explain the model's view of one (H, W, C) uint8 image at its input size."""
+    layers = conv_layers(model.module)
+    if not layers:
+        raise CnnlabError(f"{model.info.architecture} has no convolutional layers to explain")
+    classes = model.info.classes
+    if class_name is not None and class_name not in classes:
+        raise CnnlabError(f"unknown class {class_name!r}; the model's classes: {', '.join(classes)}")
+
+    activations: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, output, name=name: activations.__setitem__(name, output))
+        for name, layer in layers
+    ]
+    module = model.module.eval()
+    try:
+        x = to_input(
+            torch.from_numpy(np.ascontiguousarray(image[None])).to(next(module.parameters()).device), model.info.norm
+        )
+        with torch.enable_grad():
+            logits = module(x)[0]  # (classes,)
+            target = classes.index(class_name) if class_name else int(logits.argmax())
+            last = activations[layers[-1][0]]  # (1, K, h, w)
+            (gradient,) = torch.autograd.grad(logits[target], last)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    weights = gradient.mean(dim=(2, 3), keepdim=True)  # (1, K, 1, 1): channel importance
+    cam = F.relu((weights * last).sum(1, keepdim=True)).detach()  # (1, 1, h, w)
+    centres = receptive_field_centres(module, layers[-1][1], x, tuple(last.shape[-2:]))
+    cam = onto_input(cam, centres, image.shape[:2])
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    probabilities = torch.softmax(logits.detach().float(), 0)
+    first = layers[0][1].weight.detach().float().cpu()  # (K, C, kh, kw)
+    return Explanation(
+        target=classes[target],
+        predicted=classes[int(probabilities.argmax())],
+        probabilities={name: float(p) for name, p in zip(classes, probabilities, strict=True)},
+        heat=cam.cpu().numpy(),
+        feature_maps={name: output[0].detach().float().cpu().numpy() for name, output in activations.items()},
+        first_filters=first.permute(0, 2, 3, 1).numpy() if first.shape[1] == 3 else first[:, 0].numpy(),
+    )
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the layer of interest has run."""
+
+
+def receptive_field_centres(
+    module: nn.Module, layer: nn.Module, x: torch.Tensor, map_size: tuple[int, int]
+) -> torch.Tensor:
+    """Input (y, x) of the centres of the first and last cells of `layer`'s (h, w) output map for x: (2, 2).
+
+    Valid convolutions and pools shrink a map towards the image's centre, so stretching it over the
+    whole image would misplace it by pixels. The geometry is measured, not assumed: on a four-times
+    larger random probe (run only up to `layer`), the centres of two middle cells, each the middle of
+    the input region its gradient reaches, give the map's offset and stride.
+    """
+    height, width = x.shape[-2:]
+    probe = torch.randn((4, x.shape[1], 4 * height, 4 * width), generator=torch.Generator().manual_seed(0))
+    probe = probe.to(x).requires_grad_(True)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(_module, _inputs, output):
+        captured["map"] = output
+        raise _Captured
+
+    hook = layer.register_forward_hook(capture)
+    try:
+        with torch.enable_grad():
+            module(probe)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    cells = captured["map"]  # (4, K, h', w')
+    row, column = cells.shape[2] // 2, cells.shape[3] // 2
+    centres = []
+    for i, j in ((row, column), (row + 1, column + 1)):
+        (gradient,) = torch.autograd.grad(cells[:, :, i, j].sum(), probe, retain_graph=True)
+        ys, xs = (gradient.abs().sum((0, 1)) > 0).nonzero(as_tuple=True)
+        centres.append([(ys.min() + ys.max()).item() / 2, (xs.min() + xs.max()).item() / 2])
+    (y0, x0), (y1, x1) = centres
+    stride_y, stride_x = y1 - y0, x1 - x0
+    first = (y0 - stride_y * row, x0 - stride_x * column)
+    map_height, map_width = map_size
+    last = (first[0] + stride_y * (map_height - 1), first[1] + stride_x * (map_width - 1))
+    return torch.tensor([first, last], dtype=torch.float32)
+
+
+def onto_input(cam: torch.Tensor, centres: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resample a (1, 1, h, w) map so that each cell lands on its receptive field's centre: (H, W)."""
+    (first_y, first_x), (last_y, last_x) = centres.tolist()
+
+    def axis(count: int, first: float, last: float) -> torch.Tensor:
+        positions = torch.arange(count, dtype=torch.float32)
+        # grid_sample's -1 and +1 are the first and last cells (align_corners=True)
+        return 2 * (positions - first) / (last - first) - 1 if last > first else torch.zeros(count)
+
+    grid_y, grid_x = torch.meshgrid(axis(size[0], first_y, last_y), axis(size[1], first_x, last_x), indexing="ij")
+    grid = torch.stack((grid_x, grid_y), dim=-1)[None].to(cam)  # (1, H, W, 2) as (x, y)
+    return F.grid_sample(cam, grid, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+
+
+def write_explanation(explanation: Explanation, image: np.ndarray, out: Path, title: str) -> list[Path]:
+    """gradcam.png, one feature_maps_<layer>.png per conv layer, filters.png and explanation.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    probability = explanation.probabilities[explanation.target]
+    paths = [
+        figures.save(
+            figures.heatmap_overlay(image, explanation.heat, f"{title}: {explanation.target} ({probability:.2f})"),
+            out / "gradcam.png",
+        )
+    ]
+    for name, maps in explanation.feature_maps.items():
+        paths.append(
+            figures.save(
+                figures.channel_grid(maps, f"feature maps of {name} ({len(maps)} channels)"),
+                out / f"feature_maps_{name.replace('.', '_')}.png",
+            )
+        )
+    paths.append(
+        figures.save(figures.channel_grid(explanation.first_filters, "first conv layer's filters"), out / "filters.png")
+    )
+    summary = {
+        "target": explanation.target,
+        "predicted": explanation.predicted,
+        "probabilities": explanation.probabilities,
+    }
+    (out / "explanation.json").write_text(json.dumps(summary, indent=2))
+    return paths

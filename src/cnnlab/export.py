@@ -1,0 +1,115 @@
+"""ONNX export, verified against PyTorch right after it is written.
+
+The graph takes normalised float input (B, C, H, W) with a dynamic batch axis and returns
+probabilities, test-time augmentation included when the model uses it; `<name>.json` beside it records
+the preprocessing (classes, input size, normalisation) that `cnnlab predict` and `cnnlab serve` apply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnlab.data.transforms import to_input
+from cnnlab.errors import CnnlabError
+from cnnlab.models import ModelInfo, TrainedModel
+from cnnlab.models.files import read_info
+from cnnlab.models.inference import tta_logits
+
+OPSET = 17
+TOLERANCE = 1e-4  # max absolute difference of probabilities between onnxruntime and PyTorch
+
+
+class Probabilities(nn.Module):
+    """The exported graph: the model with its test-time augmentation, then softmax."""
+
+    def __init__(self, model: nn.Module, tta: str):
+        super().__init__()
+        self.model, self.tta = model, tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(tta_logits(self.model, x, self.tta), dim=1)  # (B, classes)
+
+
+@dataclass
+class Verification:
+    images: int
+    batch_sizes: tuple[int, ...]
+    max_abs_difference: float
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency, or say which extra installs it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise CnnlabError(f"this needs {module}: pip install 'cnnlab[{extra}]'") from None
+
+
+def export_onnx(model: TrainedModel, out: Path, sample: np.ndarray) -> Verification:
+    """Write `out` (ONNX) and `out.json` (preprocessing), then check them on `sample` (N, H, W, C) uint8."""
+    require("onnx", "export")
+    require("onnxscript", "export")
+    module = Probabilities(model.module.float().cpu(), model.info.tta).eval()
+    example = to_input(torch.from_numpy(sample[:2]), model.info.norm)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.onnx.export(
+            module,
+            (example.contiguous(),),
+            str(out),
+            input_names=["input"],
+            output_names=["probabilities"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+            opset_version=OPSET,
+            dynamo=True,
+        )
+    except Exception as error:  # the exporter raises many types; report any in one line
+        raise CnnlabError(f"ONNX export of {model.info.architecture} failed: {error}") from None
+    out.with_suffix(".json").write_text(json.dumps(asdict(model.info), indent=2))
+    verification = verify(model, out, sample)
+    if verification.max_abs_difference > TOLERANCE:
+        raise CnnlabError(
+            f"{out}: onnxruntime differs from PyTorch by {verification.max_abs_difference:.2e} (> {TOLERANCE})"
+        )
+    return verification
+
+
+def verify(
+    model: TrainedModel, onnx_path: Path, sample: np.ndarray, batch_sizes: tuple[int, ...] = (1, 7)
+) -> Verification:
+    """The largest probability difference between onnxruntime and PyTorch (fp32) over `sample`."""
+    session = OnnxModel(onnx_path)
+    module = Probabilities(model.module.float().cpu(), model.info.tta).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for batch_size in batch_sizes:
+            for start in range(0, len(sample), batch_size):
+                images = sample[start : start + batch_size]
+                expected = module(to_input(torch.from_numpy(images), model.info.norm).contiguous()).numpy()
+                worst = max(worst, float(np.abs(session.probabilities(images) - expected).max()))
+    return Verification(len(sample), batch_sizes, worst)
+
+
+class OnnxModel:
+    """An exported model run by onnxruntime, with the preprocessing recorded beside it."""
+
+    def __init__(self, path: Path):
+        onnxruntime = require("onnxruntime", "export")
+        if not path.with_suffix(".json").is_file():
+            raise CnnlabError(f"{path}: missing {path.with_suffix('.json').name}, the preprocessing saved at export")
+        self.info: ModelInfo = read_info(path.with_suffix(".json"))
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise CnnlabError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 -> (N, classes)."""
+        x = to_input(torch.from_numpy(np.ascontiguousarray(images)), self.info.norm).contiguous().numpy()
+        return self.session.run(["probabilities"], {"input": x})[0]

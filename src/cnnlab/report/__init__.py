@@ -1,0 +1,151 @@
+"""Reports a person can read: figures and a self-contained report.html for a run or a comparison."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnlab.data import Dataset, Split
+from cnnlab.evaluate import Evaluation, evaluate, test_split_for, write_evaluation
+from cnnlab.models import load_model
+from cnnlab.report import figures, html
+from cnnlab.train.fit import CONFIG_FILE, METRICS_FILE
+
+REPORT_HTML = "report.html"
+GALLERY_SIZE = 18
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def confidently_wrong(evaluation: Evaluation, split: Split, count: int = GALLERY_SIZE) -> tuple[np.ndarray, list[str]]:
+    """The wrong predictions the model was surest of, most confident first, with captions."""
+    predicted = evaluation.probabilities.argmax(1)
+    confidence = evaluation.probabilities.max(1)
+    wrong = np.flatnonzero(predicted != evaluation.labels)
+    chosen = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+    classes = evaluation.classes
+    captions = [
+        f"true {classes[evaluation.labels[i]]}\npred {classes[predicted[i]]} {confidence[i]:.2f}" for i in chosen
+    ]
+    return split.images[chosen], captions
+
+
+def run_figures(history: list[dict[str, Any]], evaluation: Evaluation, split: Split) -> dict[str, bytes]:
+    """PNG bytes of every figure of a run report, by file name."""
+    pngs = {}
+    if history:
+        pngs["training_curves.png"] = figures.png_bytes(figures.training_curves(history))
+    pngs["confusion_matrix.png"] = figures.png_bytes(
+        figures.confusion_heatmaps(evaluation.confusion, evaluation.classes)
+    )
+    pngs["per_class_scores.png"] = figures.png_bytes(figures.per_class_scores(evaluation.report, evaluation.classes))
+    images, captions = confidently_wrong(evaluation, split)
+    if len(images):
+        pngs["confidently_wrong.png"] = figures.png_bytes(
+            figures.image_gallery(images, captions, "most confidently wrong test images")
+        )
+    return pngs
+
+
+def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
+    """Evaluate a finished run on its test split and write its figures and report.html into the run folder."""
+    model = load_model(run_dir)
+    split = split if split is not None else test_split_for(model, None)
+    evaluation = evaluate(model, split)
+    write_evaluation(evaluation, run_dir)
+    history = read_history(run_dir)
+    pngs = run_figures(history, evaluation, split)
+    for name, data in pngs.items():
+        (run_dir / name).write_bytes(data)
+
+    metric_keys = [key for key in (history[0] if history else {}) if key != "epoch"]
+    config = (run_dir / CONFIG_FILE).read_text() if (run_dir / CONFIG_FILE).is_file() else ""
+    sections = [
+        ("Configuration", f"<pre>{escape(config)}</pre>"),
+        (
+            "Metrics per epoch",
+            html.table(["epoch", *metric_keys], [[m["epoch"], *(m[k] for k in metric_keys)] for m in history]),
+        ),
+        ("Classification report (test)", html.classification_table(evaluation.report, evaluation.classes)),
+        *(
+            (name.removesuffix(".png").replace("_", " ").capitalize(), html.image(data, name))
+            for name, data in pngs.items()
+        ),
+    ]
+    summary = f"test accuracy {evaluation.accuracy:.2%}, loss {evaluation.loss:.4f}, on {len(split)} images"
+    title = f"{model.info.architecture} on {model.info.config.get('data', {}).get('dataset') or run_dir.name}"
+    (run_dir / REPORT_HTML).write_text(html.page(title, sections, summary))
+    return run_dir / REPORT_HTML
+
+
+def write_data_overview(dataset: Dataset, out: Path, per_class: int) -> tuple[Path, Path, dict[str, list[int]]]:
+    """A labelled grid of training samples per class at `out`, and a bar chart of the class counts of
+    each split beside it (`<name>_counts.png`); returns both paths and the counts."""
+    splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
+    counts = {
+        name: np.bincount(split.labels, minlength=len(dataset.classes)) for name, split in splits.items() if split
+    }
+    grid = figures.save(
+        figures.sample_grid(dataset.train.images, dataset.train.labels, dataset.classes, per_class), out
+    )
+    chart = figures.save(figures.class_counts(counts, dataset.classes), out.with_name(f"{out.stem}_counts.png"))
+    return grid, chart, {name: values.tolist() for name, values in counts.items()}
+
+
+def write_comparison_report(
+    out: Path,
+    rows: list[Any],
+    evaluations: dict[str, Evaluation],
+    histories: dict[str, list[dict[str, Any]]],
+    dataset: Dataset,
+) -> Path:
+    """report.html with the models side by side: table, per-class F1, confusion matrices, training curves."""
+    classes = list(dataset.classes)
+    table_rows = [
+        [
+            r.model,
+            r.recipe or "-",
+            r.epochs,
+            r.test_accuracy,
+            r.macro_f1,
+            r.parameters,
+            r.train_seconds,
+            r.seconds_per_epoch,
+        ]
+        for r in rows
+    ]
+    f1 = figures.png_bytes(figures.f1_side_by_side({m: e.report for m, e in evaluations.items()}, classes))
+    confusions = "".join(
+        f"<div>{html.image(figures.png_bytes(figures.confusion_heatmaps(e.confusion, classes, model)), model)}</div>"
+        for model, e in evaluations.items()
+    )
+    curves = "".join(
+        f"<div>{html.image(figures.png_bytes(figures.training_curves(h, model)), model)}</div>"
+        for model, h in histories.items()
+        if h
+    )
+    sections = [
+        (
+            "Models",
+            html.table(
+                ["model", "recipe", "epochs", "test accuracy", "macro F1", "parameters", "training s", "s / epoch"],
+                table_rows,
+            ),
+        ),
+        ("Per-class F1", html.image(f1, "per-class F1")),
+        ("Confusion matrices", f'<div class="side">{confusions}</div>'),
+        ("Training curves", f'<div class="side">{curves}</div>'),
+        ("Runs", f"<pre>{escape(json.dumps([asdict(r) for r in rows], indent=2))}</pre>"),
+    ]
+    best = max(rows, key=lambda r: r.test_accuracy)
+    summary = f"best: {best.model} at {best.test_accuracy:.2%} test accuracy on {dataset.name}"
+    (out / REPORT_HTML).write_text(html.page(f"Comparison on {dataset.name}", sections, summary))
+    return out / REPORT_HTML

@@ -1,0 +1,1 @@
+"""Serving: an HTTP API and a web page for predictions (needs the `serve` extra)."""

@@ -1,0 +1,162 @@
+"""The HTTP API and web page: `create_app(classifier)` returns a FastAPI app; `cnnlab serve` runs it.
+
+Safe under bad input and load: bodies over the limit are refused before they are read whole; only
+allow-listed raster formats are decoded, and only after their header's pixel count is checked;
+inference runs in a bounded thread pool off the event loop, and a full queue answers 503 at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Annotated
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from cnnlab.data import images as image_io
+from cnnlab.predict import Classifier
+
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_upload_mb: float = 10.0  # whole request body
+    max_pixels: int = 4096 * 4096  # per image, checked on the header before decoding
+    max_files: int = 64  # images per request
+    workers: int = 2  # inference threads
+    queue: int = 32  # requests allowed to wait for a worker; beyond that: 503
+    top_k: int = 5
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit` bytes, by its Content-Length or as soon as the bytes
+    received pass it; the body read so far (at most `limit`) is then handed on to the app."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"detail": f"request body over the {self.limit / 1e6:g} MB limit"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class BadImage(Exception):
+    pass
+
+
+def decode_upload(data: bytes, name: str, classifier: Classifier, config: ServeConfig) -> np.ndarray:
+    """Check the header (format allow-list, pixel count), then decode with the training preprocessing."""
+    if not data:
+        raise BadImage(f"{name}: empty file")
+    try:
+        found = image_io.header(data, name)
+        if found.format not in ALLOWED_FORMATS:
+            raise BadImage(f"{name}: {found.format} is not an accepted format ({', '.join(sorted(ALLOWED_FORMATS))})")
+        if found.height * found.width > config.max_pixels:
+            raise BadImage(f"{name}: {found.width}x{found.height} pixels, over the limit of {config.max_pixels:,}")
+        return image_io.decode(data, name, classifier.info.image_size, classifier.info.channels)
+    except image_io.ImageError as error:
+        raise BadImage(str(error)) from None
+
+
+def create_app(classifier: Classifier, config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    info = classifier.info
+    app = FastAPI(title="cnnlab", description=f"{info.architecture} image classifier")
+    workers = anyio.CapacityLimiter(config.workers)
+    waiting = {"requests": 0}  # requests inside /predict; bounded by workers + queue
+    page = files("cnnlab.serve").joinpath("page.html").read_text()
+
+    @app.exception_handler(BadImage)
+    async def bad_image(_request: Request, error: BadImage) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, _error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "internal error"}, status_code=500)  # never a traceback to the client
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model() -> dict:
+        return {
+            "architecture": info.architecture,
+            "classes": info.classes,
+            "input_shape": info.input_shape,
+            "test_accuracy": info.metrics.get("test_acc_tta", info.metrics.get("test_acc")),
+            "tta": info.tta,
+        }
+
+    @app.post("/predict")
+    async def predict(file: Annotated[list[UploadFile], File(description="One or more images")]) -> JSONResponse:
+        if len(file) > config.max_files:
+            raise BadImage(f"{len(file)} files, over the limit of {config.max_files} per request")
+        if waiting["requests"] >= config.workers + config.queue:
+            return JSONResponse({"detail": "busy, try again shortly"}, status_code=503, headers={"Retry-After": "1"})
+        waiting["requests"] += 1
+        try:
+            uploads = [(upload.filename or f"file {i}", await upload.read()) for i, upload in enumerate(file)]
+            images = np.stack([decode_upload(data, name, classifier, config) for name, data in uploads])
+            probabilities = await anyio.to_thread.run_sync(classifier.probabilities, images, limiter=workers)
+        finally:
+            waiting["requests"] -= 1
+        top_k = min(config.top_k, len(info.classes))
+        predictions = []
+        for (name, _), row in zip(uploads, probabilities, strict=True):
+            best = np.argsort(-row)[:top_k]
+            predictions.append(
+                {
+                    "filename": name,
+                    "top": [{"class": info.classes[c], "probability": float(row[c])} for c in best],
+                }
+            )
+        return JSONResponse({"predictions": predictions})
+
+    app.add_middleware(BodyLimit, limit=int(config.max_upload_mb * 1_000_000))
+    return app

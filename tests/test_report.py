@@ -1,0 +1,129 @@
+"""Figures, the HTML reports, and explanations (Grad-CAM, feature maps, filters)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.data import Dataset, Split
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import evaluate
+from cnnlab.explain import explain
+from cnnlab.models import load_model
+from cnnlab.recipes import resolve_run_config
+from cnnlab.report import figures, write_run_report
+from cnnlab.train import fit
+from cnnlab.train.progress import LineReporter
+from tests.conftest import ARTIFACTS
+
+runner = CliRunner()
+
+
+def assert_real_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width >= min_size[0] and image.height >= min_size[1]
+        pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, f"{path} is nearly a single colour"
+
+
+def test_run_report_writes_every_figure_and_a_self_contained_page(trained_run):
+    page = write_run_report(trained_run).read_text()
+    for name in ("training_curves.png", "confusion_matrix.png", "per_class_scores.png", "confidently_wrong.png"):
+        assert_real_png(trained_run / name)
+    assert page.count('src="data:image/png;base64,') == 4
+    assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything from outside"
+    assert "<script" not in page and "macro avg" in page and "Metrics per epoch" in page
+
+
+def test_figures_scale_with_the_number_of_classes(tmp_path):
+    small = figures.save(figures.confusion_heatmaps(np.array([[5, 1], [2, 7]]), ["cat", "dog"]), tmp_path / "a.png")
+    classes = [f"class {i}" for i in range(20)]
+    large = figures.save(figures.confusion_heatmaps(np.eye(20, dtype=int) * 9, classes), tmp_path / "b.png")
+    assert_real_png(small, (900, 400))
+    with Image.open(small) as a, Image.open(large) as b:
+        assert b.width > a.width and b.height > a.height
+
+
+def test_data_show_writes_a_grid_and_counts(tmp_path):
+    out = tmp_path / "samples.png"
+    result = runner.invoke(app, ["data", "show", "--dataset", "digits", "--per-class", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert_real_png(out)
+    assert_real_png(tmp_path / "samples_counts.png")
+    assert "train" in result.output and "test" in result.output and "1,437" in result.output
+
+
+def test_explain_writes_gradcam_feature_maps_and_filters(trained_run, tmp_path):
+    image = tmp_path / "seven.png"
+    Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((3, 3), np.uint8))).save(image)
+    result = runner.invoke(app, ["explain", str(trained_run), str(image), "--class", "7", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    produced = sorted(p.name for p in (tmp_path / "x").glob("*.png"))
+    assert produced == ["feature_maps_conv1.png", "feature_maps_conv2.png", "filters.png", "gradcam.png"]
+    for name in produced:
+        assert_real_png(tmp_path / "x" / name, (150, 100))
+    assert "explained 7" in result.output
+
+
+def test_explain_refuses_models_without_conv_layers(tmp_path):
+    config = resolve_run_config(
+        {
+            "data": {"dataset": "digits", "image_size": 8},
+            "train": {"model": "tutorial-mlp", "epochs": 1},
+            "out": str(tmp_path / "mlp"),
+        }
+    )
+    fit(config, reporter=LineReporter())
+    with pytest.raises(CnnlabError, match="no convolutional layers"):
+        explain(load_model(tmp_path / "mlp"), np.zeros((8, 8, 1), np.uint8))
+
+
+def squares_dataset(count: int, seed: int, size: int = 32, side: int = 8) -> tuple[Split, np.ndarray]:
+    """Class = the quadrant holding a bright textured square. The other quadrants hold dim squares or
+    nothing at random, so that only the bright square itself tells the class. Also returns its masks."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (count, size, size, 1), dtype=np.uint8)
+    labels = rng.integers(0, 4, count)
+    masks = np.zeros((count, size, size), bool)
+    half = size // 2
+    for i, label in enumerate(labels):
+        for quadrant in range(4):
+            top = (quadrant // 2) * half + rng.integers(0, half - side + 1)
+            left = (quadrant % 2) * half + rng.integers(0, half - side + 1)
+            square = (slice(top, top + side), slice(left, left + side))
+            if quadrant == label:
+                images[i][square] = rng.integers(180, 256, (side, side, 1))
+                masks[i][square] = True
+            elif rng.random() < 0.5:
+                images[i][square] = rng.integers(90, 130, (side, side, 1))
+    return Split(images, labels.astype(np.int64)), masks
+
+
+def test_gradcam_points_at_the_square_that_decides_the_class(tmp_path):
+    train, _ = squares_dataset(1200, seed=0, side=10)
+    test, masks = squares_dataset(100, seed=1, side=10)
+    dataset = Dataset("squares", ("top-left", "top-right", "bottom-left", "bottom-right"), train, test)
+    config = resolve_run_config({"train": {"model": "tutorial-cnn", "epochs": 6}, "out": str(tmp_path / "run")})
+    model = fit(config, dataset, reporter=LineReporter()).model
+    assert evaluate(model, test).accuracy > 0.95
+    hits = 0
+    for image, mask in zip(test.images, masks, strict=True):
+        heat = explain(model, image).heat
+        hits += mask[np.unravel_index(heat.argmax(), heat.shape)]
+    assert hits >= 90
+
+
+def test_report_html_renders_in_headless_chromium(trained_run, browser_page):
+    """Every image loads and nothing errors, in real Chromium."""
+    browser_page.goto(write_run_report(trained_run).as_uri())
+    widths = browser_page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
+    browser_page.screenshot(path=str(ARTIFACTS / "run-report.png"), full_page=True)
+    assert len(widths) == 4 and all(width > 0 for width in widths)
+    assert browser_page.errors == []

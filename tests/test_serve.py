@@ -1,0 +1,201 @@
+"""The HTTP API under bad input and load, the web page in a real browser, and ONNX export parity."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cnnlab.data import DataConfig, load_dataset
+from cnnlab.export import OnnxModel, export_onnx
+from cnnlab.models import load_model
+from cnnlab.predict import predict_files
+from cnnlab.serve.app import ServeConfig, create_app
+from tests.conftest import ARTIFACTS
+
+
+def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(trained_run):
+    return load_model(trained_run)
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    return TestClient(create_app(model, ServeConfig(max_upload_mb=1, max_pixels=512 * 512)))
+
+
+def digit_png(value: int = 3) -> bytes:
+    return png(load_dataset(DataConfig(dataset="digits", image_size=12)).test.images[value][..., 0])
+
+
+def test_predict_returns_top_k_for_each_uploaded_image(client):
+    files = [("file", ("a.png", digit_png(0), "image/png")), ("file", ("b.png", digit_png(1), "image/png"))]
+    response = client.post("/predict", files=files)
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == ["a.png", "b.png"]
+    assert (
+        len(predictions[0]["top"]) == 5
+        and predictions[0]["top"][0]["probability"] >= predictions[0]["top"][1]["probability"]
+    )
+
+
+def test_model_health_page_and_docs(client, model):
+    assert client.get("/health").json() == {"status": "ok"}
+    described = client.get("/model").json()
+    assert described["classes"] == model.info.classes and described["input_shape"] == [1, 12, 12]
+    page = client.get("/")
+    assert page.status_code == 200 and "<script>" in page.text and "http" not in page.text.split("<body>")[1]
+    assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "not a recognised image format"),
+        (png(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))[:2000], "corrupt or truncated"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not"),
+        (png(np.zeros((600, 600), np.uint8)), "over the limit"),
+    ],
+    ids=["empty", "text", "truncated", "eps", "too-many-pixels"],
+)
+def test_bad_images_get_400_with_a_json_message_never_500(client, content, fragment):
+    response = client.post("/predict", files=[("file", ("x.img", content, "application/octet-stream"))])
+    assert response.status_code == 400
+    assert fragment in response.json()["detail"] and "Traceback" not in response.text
+
+
+def test_a_body_over_the_limit_is_refused_with_413(client):
+    big = os.urandom(1_100_000)
+    response = client.post("/predict", files=[("file", ("big.png", big, "image/png"))])
+    assert response.status_code == 413
+
+
+def test_a_full_queue_answers_503_with_retry_after(model):
+    release = threading.Event()
+
+    class Slow:
+        info = model.info
+
+        def probabilities(self, images):
+            release.wait(10)
+            return model.probabilities(images)
+
+    app = create_app(Slow(), ServeConfig(workers=1, queue=0))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            files = {"file": ("a.png", digit_png(), "image/png")}
+            first = asyncio.create_task(http.post("/predict", files=files))
+            await asyncio.sleep(0.3)
+            second = await http.post("/predict", files=files)
+            release.set()
+            return (await first), second
+
+    first, second = asyncio.run(scenario())
+    assert first.status_code == 200
+    assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+    port = free_port()
+    config = uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not instance.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(5)
+
+
+def test_load_1000_requests_at_concurrency_32_without_5xx(server):
+    body = digit_png()
+    latencies: list[float] = []
+    statuses: list[int] = []
+
+    async def worker(http, count):
+        for _ in range(count):
+            started = time.perf_counter()
+            response = await http.post(f"{server}/predict", files={"file": ("a.png", body, "image/png")})
+            latencies.append(time.perf_counter() - started)
+            statuses.append(response.status_code)
+
+    async def run():
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as http:
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(http, 1000 // 32 + (i < 1000 % 32)) for i in range(32)))
+            return time.perf_counter() - started
+
+    elapsed = asyncio.run(run())
+    assert len(statuses) == 1000
+    server_errors = sum(status >= 500 for status in statuses)
+    quantiles = statistics.quantiles(latencies, n=100)
+    figures = {
+        "requests_per_s": 1000 / elapsed,
+        "p50_ms": quantiles[49] * 1000,
+        "p99_ms": quantiles[98] * 1000,
+        "server_errors": server_errors,
+        "requests": len(statuses),
+    }
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "load-test.json").write_text(json.dumps(figures, indent=2))
+    print(f"\nload test: {figures}")
+    assert server_errors == 0
+
+
+def test_the_page_shows_the_prediction_in_headless_chromium(server, tmp_path, browser_page):
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit_png(5))
+    expected = httpx.post(f"{server}/predict", files={"file": ("d.png", image.read_bytes(), "image/png")})
+    expected_class = expected.json()["predictions"][0]["top"][0]["class"]
+    browser_page.goto(server)
+    browser_page.set_input_files("#file", str(image))
+    browser_page.wait_for_function("document.getElementById('prediction').textContent.includes('%')", timeout=10_000)
+    browser_page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+    assert browser_page.text_content("#prediction").startswith(expected_class)
+    assert browser_page.errors == []
+
+
+def test_onnx_export_matches_pytorch_and_predicts_like_it(model, trained_run, tmp_path):
+    sample = load_dataset(DataConfig(dataset="digits", image_size=12)).test.images[:100]
+    verification = export_onnx(model, tmp_path / "model.onnx", sample)
+    assert verification.max_abs_difference <= 1e-4 and verification.batch_sizes == (1, 7)
+    exported = OnnxModel(tmp_path / "model.onnx")
+    np.testing.assert_allclose(exported.probabilities(sample[:7]), model.probabilities(sample[:7]), atol=1e-4)
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(sample[3][..., 0]))
+    [from_onnx] = predict_files(exported, [image])
+    [from_torch] = predict_files(model, [image])
+    assert from_onnx.top[0][0] == from_torch.top[0][0]

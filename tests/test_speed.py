@@ -1,0 +1,129 @@
+"""The speed-run pieces: batch augmentations, whitening init, TTA, schedules, and a tiny fast run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.data.augment import alternating_flips, mirror, translate
+from cnnlab.models import create_model
+from cnnlab.models.fast import WHITEN_KERNEL
+from cnnlab.models.inference import tta_logits
+from cnnlab.recipes import resolve_run_config
+from cnnlab.train import fit
+from cnnlab.train.fit import channel_statistics
+from cnnlab.train.optim import make_optimizer, make_schedule
+from cnnlab.train.progress import LineReporter
+
+
+def images(count: int = 6, size: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (count, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_translate_matches_a_reflect_padded_crop_and_repeats_under_a_seed():
+    batch, shift = images(), 2
+    out = translate(batch, shift, torch.Generator().manual_seed(7))
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    offsets = torch.randint(-shift, shift + 1, (len(batch), 2), generator=torch.Generator().manual_seed(7))
+    padded = np.pad(batch.numpy(), ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="reflect")
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        expected = padded[i, shift + dy : shift + dy + 8, shift + dx : shift + dx + 8]
+        np.testing.assert_array_equal(out[i].numpy(), expected)
+    assert torch.equal(out, translate(batch, shift, torch.Generator().manual_seed(7)))
+    assert not torch.equal(out, translate(batch, shift, torch.Generator().manual_seed(8)))
+
+
+def test_mirror_flips_exactly_the_masked_images():
+    batch = images()
+    mask = torch.tensor([True, False, True, False, False, True])
+    out = mirror(batch, mask)
+    for i, flipped in enumerate(mask.tolist()):
+        assert torch.equal(out[i], batch[i].flip(1) if flipped else batch[i])
+
+
+def test_alternating_flips_show_every_image_both_ways_over_two_epochs():
+    base = torch.rand(100, generator=torch.Generator().manual_seed(0)) < 0.5
+    odd, even = alternating_flips(base, 1), alternating_flips(base, 2)
+    assert torch.equal(odd, ~even) and torch.equal(odd, alternating_flips(base, 3))
+
+
+def test_whitening_init_makes_the_patch_covariance_close_to_identity():
+    model = create_model("fast-small", (3, 16, 16), 10)
+    mixing = torch.tensor([[1.0, 0.8, 0.6], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    data = torch.einsum("nchw,dc->ndhw", torch.randn(400, 3, 16, 16), mixing) * 3  # correlated channels
+    model.init_from_data(data)
+    half = model.whiten.weight.shape[0] // 2  # the second half are the negated filters
+    filters = model.whiten.weight[:half].reshape(half, -1)  # (12, C*k*k)
+    patches = data.unfold(2, WHITEN_KERNEL, 1).unfold(3, WHITEN_KERNEL, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    whitened = patches @ filters.T
+    covariance = whitened.T @ whitened / len(whitened)
+    torch.testing.assert_close(covariance, torch.eye(half), atol=0.02, rtol=0)
+
+
+def test_tta_is_the_weighted_mean_of_its_views():
+    model = create_model("fast-small", (3, 16, 16), 10).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+
+        def mirrored(v):
+            return (model(v) + model(v.flip(-1))) / 2
+
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        expected = mirrored(x) / 2 + (mirrored(padded[..., :16, :16]) + mirrored(padded[..., 2:, 2:])) / 4
+        torch.testing.assert_close(tta_logits(model, x, "flip-translate"), expected)
+        torch.testing.assert_close(tta_logits(model, x, "flip"), mirrored(x))
+
+
+def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
+    config = resolve_run_config({"train": {"recipe": "fast90"}}).train
+    model = create_model("fast-tiny", (3, 16, 16), 10)
+    optimizer = make_optimizer(model, config)
+    schedule = make_schedule(optimizer, config, total_steps=100)
+    factors = []
+    for _ in range(100):
+        factors.append(optimizer.param_groups[0]["lr"] / config.lr)
+        optimizer.step()
+        schedule.step()
+    factors.append(optimizer.param_groups[0]["lr"] / config.lr)
+    assert factors[0] == pytest.approx(config.lr_start) and max(factors) == pytest.approx(1.0)
+    assert factors.index(max(factors)) == round(config.peak_fraction * 100) and factors[-1] == pytest.approx(
+        config.lr_end
+    )
+    # BatchNorm biases learn faster, with the same decay per step
+    biases = optimizer.param_groups[1]
+    assert biases["lr"] / optimizer.param_groups[0]["lr"] == pytest.approx(config.bias_lr_scale)
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(config.lr * factors[-1] * config.weight_decay)
+
+
+def test_channel_statistics_standardise_each_channel():
+    pixels = np.stack([np.full((4, 4), v, np.uint8) for v in (0, 255)] * 5)[..., None].repeat(3, -1)
+    norm = channel_statistics(pixels, "standardize")
+    assert norm.mean == pytest.approx((0.5,) * 3) and norm.std == pytest.approx((0.5,) * 3)
+
+
+def test_a_tiny_fast_run_on_digits_beats_90_percent(tmp_path):
+    config = resolve_run_config(
+        {
+            "data": {"dataset": "digits"},
+            "train": {"recipe": "fast70", "epochs": 6, "batch_size": 128, "lr": 0.2},
+            "out": str(tmp_path / "run"),
+        }
+    )
+    result = fit(config, reporter=LineReporter())
+    assert result.history[-1]["test_acc_tta"] > 0.90
+
+
+def test_a_fractional_epoch_trains_part_of_the_last_epoch(tmp_path):
+    config = resolve_run_config(
+        {
+            "data": {"dataset": "digits", "image_size": 12},
+            "train": {"model": "tutorial-cnn", "epochs": 1.5},
+            "out": str(tmp_path / "run"),
+        }
+    )
+    history = fit(config, reporter=LineReporter()).history
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert history[1]["images_per_s"] * history[1]["seconds"] == pytest.approx(23 * 32, rel=0.01)  # 23 of 45 steps
