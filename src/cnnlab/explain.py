@@ -52,9 +52,7 @@ def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = Non
     ]
     module = model.module.eval()
     try:
-        x = to_input(
-            torch.from_numpy(np.ascontiguousarray(image[None])).to(next(module.parameters()).device), model.info.norm
-        )
+        x = to_input(torch.from_numpy(image[None]).to(next(module.parameters()).device), model.info.norm)
         with torch.enable_grad():
             logits = module(x)[0]  # (classes,)
             target = classes.index(class_name) if class_name else int(logits.argmax())
@@ -65,7 +63,9 @@ def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = Non
             hook.remove()
 
     weights = gradient.mean(dim=(2, 3), keepdim=True)  # (1, K, 1, 1): channel importance
-    cam = F.relu((weights * last).sum(1, keepdim=True)).detach()  # (1, 1, h, w)
+    # The maps are taken after a ReLU, as Keras' conv layers (activation included) would give them;
+    # for the tutorial CNN, whose ReLU runs after the pool, that is exactly what the next layer sees.
+    cam = F.relu((weights * F.relu(last)).sum(1, keepdim=True)).detach()  # (1, 1, h, w)
     centres = receptive_field_centres(module, layers[-1][1], x, tuple(last.shape[-2:]))
     cam = onto_input(cam, centres, image.shape[:2])
     cam = cam / cam.max() if cam.max() > 0 else cam

@@ -85,7 +85,7 @@ def to_array(image: Image.Image, size: tuple[int, int] | None, channels: int) ->
     image = _to_mode(image, "L" if channels == 1 else "RGB")
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
+    array = np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
     return array[..., None] if channels == 1 else array
 
 

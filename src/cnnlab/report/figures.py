@@ -126,7 +126,7 @@ def confusion_heatmaps(confusion: np.ndarray, classes: Sequence[str], title: str
     normalised = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
     size = max(5.0, 0.45 * len(classes) + 2)
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        figure, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+        figure, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
         for axis, values, name, fmt in (
             (axes[0], confusion, "counts", "d"),
             (axes[1], normalised, "row-normalised", ".2f"),
