@@ -15,7 +15,7 @@ from cnnlab.data import Dataset, Split
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import evaluate
 from cnnlab.explain import explain
-from cnnlab.models import load_model
+from cnnlab.models import MODELS, ModelInfo, TrainedModel, create_model, load_model
 from cnnlab.recipes import resolve_run_config
 from cnnlab.report import figures, write_run_report
 from cnnlab.train import fit
@@ -23,6 +23,7 @@ from cnnlab.train.progress import LineReporter
 from tests.conftest import ARTIFACTS
 
 runner = CliRunner()
+UNIT = {"mean": [0.0] * 3, "std": [1.0] * 3}
 
 
 def assert_real_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
@@ -127,3 +128,11 @@ def test_report_html_renders_in_headless_chromium(trained_run, browser_page):
     browser_page.screenshot(path=str(ARTIFACTS / "run-report.png"), full_page=True)
     assert len(widths) == 4 and all(width > 0 for width in widths)
     assert browser_page.errors == []
+
+
+@pytest.mark.parametrize("name", [name for name in MODELS if name != "tutorial-mlp"])
+def test_explain_works_for_every_conv_model_in_the_registry(name):
+    model = TrainedModel(create_model(name, (3, 16, 16), 4).eval(), ModelInfo(name, list("abcd"), [3, 16, 16], UNIT))
+    explanation = explain(model, np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert explanation.heat.shape == (16, 16) and explanation.heat.min() >= 0 and explanation.heat.max() <= 1
+    assert explanation.first_filters.shape[-1] == 3 and len(explanation.feature_maps) >= 2

@@ -8,18 +8,20 @@ import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from cnnlab.data import DataConfig, load_dataset
-from cnnlab.export import OnnxModel, export_onnx
+from cnnlab.errors import CnnlabError
+from cnnlab.export import OnnxModel, export_onnx, require
 from cnnlab.models import load_model
 from cnnlab.predict import predict_files
 from cnnlab.serve.app import ServeConfig, create_app
@@ -124,19 +126,28 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    """A real uvicorn server on 127.0.0.1 in a background thread."""
+def server(trained_run):
+    """`cnnlab serve` in its own process on 127.0.0.1, as a user would run it; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 10
-    while not instance.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(5)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "serve", str(trained_run), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail(f"cnnlab serve did not start: {process.stdout.read().decode()[-500:]}")
+    yield url
+    process.terminate()
+    process.wait(10)
 
 
 def test_load_1000_requests_at_concurrency_32_without_5xx(server):
@@ -199,3 +210,8 @@ def test_onnx_export_matches_pytorch_and_predicts_like_it(model, trained_run, tm
     [from_onnx] = predict_files(exported, [image])
     [from_torch] = predict_files(model, [image])
     assert from_onnx.top[0][0] == from_torch.top[0][0]
+
+
+def test_a_missing_extra_names_the_extra_to_install():
+    with pytest.raises(CnnlabError, match=r"pip install 'cnnlab\[serve\]'"):
+        require("a_module_that_is_not_installed", "serve")

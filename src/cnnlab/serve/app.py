@@ -142,8 +142,12 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         waiting["requests"] += 1
         try:
             uploads = [(upload.filename or f"file {i}", await upload.read()) for i, upload in enumerate(file)]
-            images = np.stack([decode_upload(data, name, classifier, config) for name, data in uploads])
-            probabilities = await anyio.to_thread.run_sync(classifier.probabilities, images, limiter=workers)
+
+            def decode_and_classify() -> np.ndarray:  # in a worker thread: the event loop only does I/O
+                images = np.stack([decode_upload(data, name, classifier, config) for name, data in uploads])
+                return classifier.probabilities(images)
+
+            probabilities = await anyio.to_thread.run_sync(decode_and_classify, limiter=workers)
         finally:
             waiting["requests"] -= 1
         top_k = min(config.top_k, len(info.classes))
