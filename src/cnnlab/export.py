@@ -68,6 +68,7 @@ def export_onnx(model: TrainedModel, out: Path, sample: np.ndarray) -> Verificat
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
             opset_version=OPSET,
             dynamo=True,
+            verbose=False,
         )
     except Exception as error:  # the exporter raises many types; report any in one line
         raise CnnlabError(f"ONNX export of {model.info.architecture} failed: {error}") from None
