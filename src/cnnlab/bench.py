@@ -56,19 +56,8 @@ def training_flops_per_image(model_name: str, input_shape: tuple[int, int, int],
 
 def run_recipe(recipe: str, data: DataConfig, out: Path, seed: int, epochs: float | None) -> dict[str, Any]:
     """Train one recipe in a child process; return its per-epoch history and peak RSS."""
-    command = [
-        sys.executable,
-        "-m",
-        "cnnlab",
-        "train",
-        "--recipe",
-        recipe,
-        "--out",
-        str(out),
-        "--seed",
-        str(seed),
-        "-q",
-    ]
+    command = [sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, "--out", str(out), "--seed", str(seed)]
+    command += ["--no-report", "-q"]
     command += ["--dataset", data.dataset] if data.dataset else ["--data", str(data.data)]
     if data.cache_dir:
         command += ["--cache-dir", data.cache_dir]

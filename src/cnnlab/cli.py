@@ -69,7 +69,7 @@ def handles_errors(command):
             return command(*args, **kwargs)
         except CnnlabError as error:
             errors.print(f"error: {error}")
-            raise typer.Exit(EXIT_ERROR) from None
+            raise typer.Exit(getattr(error, "exit_code", EXIT_ERROR)) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -134,8 +134,10 @@ def train(
     translate: Annotated[int | None, typer.Option(help="Random shift in pixels.")] = None,
     tta: Annotated[str | None, typer.Option(help="none, flip or flip-translate.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<model>-<data>-<time>).")] = None,
     resume_dir: Annotated[Path | None, typer.Option("--resume", help="Continue this run folder.")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end.")] = True,
     quiet: Quiet = False,
 ) -> None:
     """Train a model; writes config, metrics, checkpoints and the final model into a run folder."""
@@ -158,7 +160,8 @@ def train(
         result = fit(resolve_run_config(file_values, flags), reporter=reporter)
     final = result.history[-1] if result.history else {}
     console.print(f"run folder: {result.run_dir}  test accuracy: {final.get('test_acc', float('nan')):.4f}")
-    console.print(f"report: {write_run_report(result.run_dir)}")
+    if report:
+        console.print(f"report: {write_run_report(result.run_dir)}")
 
 
 @app.command()

@@ -72,6 +72,7 @@ class TrainConfig:
     translate: int = 0  # random shift by up to this many pixels, reflect-padded
     tta: Literal["none", "flip", "flip-translate"] = "none"  # views averaged at evaluation
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for convolutions and matmuls
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints, besides each epoch's end; 0: none
 
 
 @dataclass

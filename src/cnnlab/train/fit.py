@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -121,6 +124,7 @@ def _train(
         raise CnnlabError("--batch-size must be at least 1 and --epochs at least 0")
     device = resolve_device(settings.device)
     keep_freed_memory()
+    remove_stray_temporaries(run_dir)
     trainer = Trainer(settings, dataset, device)
     if checkpoint is not None:
         _check_compatible(checkpoint, dataset, trainer.input_shape, run_dir)
@@ -131,22 +135,35 @@ def _train(
     with open(run_dir / METRICS_FILE, "w") as log:
         log.writelines(json.dumps(metrics) + "\n" for metrics in trainer.history)
 
+    def checkpoint(epoch: int, step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in trainer.model.parameters()):
+            raise NonFiniteLoss(f"non-finite weights at epoch {epoch} step {step}; the last checkpoint is kept")
+        save_checkpoint(
+            run_dir / CHECKPOINT_FILE,
+            {
+                **trainer.state_dict(),
+                "classes": list(dataset.classes),
+                "input_shape": list(trainer.input_shape),
+                "config": dataclasses.asdict(config),
+            },
+        )
+
+    def after_step(epoch: int, step: int) -> None:
+        if stop.signal is not None:
+            checkpoint(epoch, step)
+            raise TrainingStopped(stop.signal, run_dir, epoch, step)
+        if settings.checkpoint_every and trainer.global_step(epoch, step) % settings.checkpoint_every == 0:
+            checkpoint(epoch, step)
+
     try:
-        for epoch in range(len(trainer.history) + 1, math.ceil(settings.epochs) + 1):
-            reporter.epoch_started(epoch, settings.epochs, trainer.steps_in_epoch(epoch))
-            metrics = trainer.train_epoch(epoch, reporter)
-            save_checkpoint(
-                run_dir / CHECKPOINT_FILE,
-                {
-                    **trainer.state_dict(),
-                    "classes": list(dataset.classes),
-                    "input_shape": list(trainer.input_shape),
-                    "config": dataclasses.asdict(config),
-                },
-            )
-            with open(run_dir / METRICS_FILE, "a") as log:
-                log.write(json.dumps(metrics) + "\n")
-            reporter.epoch_done(metrics)
+        with StopOnSignal() as stop:
+            for epoch in range(len(trainer.history) + 1, math.ceil(settings.epochs) + 1):
+                reporter.epoch_started(epoch, settings.epochs, trainer.steps_in_epoch(epoch))
+                metrics = trainer.train_epoch(epoch, reporter, after_step)
+                checkpoint(epoch, trainer.steps_in_epoch(epoch))
+                with open(run_dir / METRICS_FILE, "a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+                reporter.epoch_done(metrics)
     finally:
         reporter.stop()
 
@@ -186,6 +203,7 @@ class Trainer:
         self.flip_half = torch.rand(len(self.labels), generator=torch.Generator().manual_seed(settings.seed + 2)) < 0.5
         self.lookahead: Lookahead | None = None
         self.history: list[dict[str, Any]] = []
+        self.partial: dict[str, Any] | None = None  # the epoch in progress, for mid-epoch checkpoints
 
     def init_from_data(self) -> None:
         """Data-dependent initialisation (the fast family's whitening layer), from up to 5,000 images."""
@@ -196,20 +214,33 @@ class Trainer:
             ]
             init(to_input(self.images[sample.to(self.device)], self.normalization))
 
-    def train_epoch(self, epoch: int, reporter: Reporter) -> dict[str, Any]:
+    def train_epoch(
+        self, epoch: int, reporter: Reporter, after_step: Callable[[int, int], None] = lambda epoch, step: None
+    ) -> dict[str, Any]:
+        """Train one epoch, or finish the one a mid-epoch checkpoint stopped in; `after_step(epoch, step)` runs
+        after every step with the trainer's state complete (it may checkpoint, or raise to stop)."""
         settings, model = self.settings, self.model
         model.train()
         whiten = getattr(model, "whiten", None)
         if whiten is not None:
             whiten.bias.requires_grad_(epoch <= settings.whiten_bias_epochs)
+        partial = self.partial if self.partial is not None and self.partial["epoch"] == epoch else None
+        order_state = partial["order_state"] if partial else self.random.get_state()
+        current_state = self.random.get_state()
+        self.random.set_state(order_state)
         order = torch.randperm(len(self.labels), generator=self.random).to(self.device)
+        if partial:  # the permutation is redrawn; augmentation continues from where it stopped
+            self.random.set_state(current_state)
         flips = alternating_flips(self.flip_half, epoch).to(self.device) if settings.flip == "alternating" else None
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        started = time.perf_counter()
+        done = partial["step"] if partial else 0
+        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=self.device)
+        correct = torch.tensor(partial["correct"] if partial else 0, device=self.device)
+        seen = partial["seen"] if partial else 0
+        started = time.perf_counter() - (partial["seconds"] if partial else 0.0)
         starts = range(0, len(order), settings.batch_size)[: self.steps_in_epoch(epoch)]
         for step, start in enumerate(starts, start=1):
+            if step <= done:
+                continue
             batch = order[start : start + settings.batch_size]
             images, labels = self.images[batch], self.labels[batch]  # (B, H, W, C) uint8, (B,)
             if flips is not None:
@@ -221,18 +252,31 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
                 logits = model(to_input(images, self.normalization))
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if self.schedule is not None:
                 self.schedule.step()
-            self._average_weights(epoch, (epoch - 1) * self.steps_per_epoch + step)
+            self._average_weights(epoch, self.global_step(epoch, step))
             loss_sum += loss.detach() * len(batch)
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(batch)
+            self.partial = {
+                "epoch": epoch,
+                "step": step,
+                "order_state": order_state,
+                "loss_sum": loss_sum,
+                "correct": correct,
+                "seen": seen,
+                "seconds": time.perf_counter() - started,
+            }
             if step % _REPORT_EVERY == 0:
                 elapsed = time.perf_counter() - started
                 reporter.steps_done(step, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+            after_step(epoch, step)
+        self.partial = None
         if self.lookahead is not None:
             self.lookahead.update(model, decay=1.0)  # end the epoch on the averaged weights
         seconds = time.perf_counter() - started
@@ -246,6 +290,9 @@ class Trainer:
         metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
         self.history.append(metrics)
         return metrics
+
+    def global_step(self, epoch: int, step: int) -> int:
+        return (epoch - 1) * self.steps_per_epoch + step
 
     def steps_in_epoch(self, epoch: int) -> int:
         """All steps of an epoch, or fewer in a fractional last epoch."""
@@ -281,6 +328,13 @@ class Trainer:
             "data_order": self.random.get_state(),
             "epoch": len(self.history),
             "history": self.history,
+            "partial_epoch": None
+            if self.partial is None
+            else {
+                **self.partial,
+                "loss_sum": float(self.partial["loss_sum"]),
+                "correct": int(self.partial["correct"]),
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -292,6 +346,51 @@ class Trainer:
             self.lookahead = Lookahead.from_state_dict(self.model, state["lookahead"])
         self.random.set_state(state["data_order"])
         self.history = state["history"]
+        self.partial = state.get("partial_epoch")
+
+
+class NonFiniteLoss(CnnlabError):
+    pass
+
+
+class TrainingStopped(CnnlabError):
+    """Training was asked to stop by a signal and saved a checkpoint first; exits 128 + the signal number."""
+
+    def __init__(self, signal_number: int, run_dir: Path, epoch: int, step: int):
+        name = signal.Signals(signal_number).name
+        super().__init__(
+            f"stopped by {name} at epoch {epoch} step {step}; checkpoint saved, continue with: "
+            f"cnnlab train --resume {run_dir}"
+        )
+        self.exit_code = 128 + signal_number
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only set `signal`: training stops at the next step boundary, after
+    saving, instead of dying mid-step. Outside the main thread (where handlers cannot be set) it does nothing."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, _frame: Any) -> None:
+        self.signal = number
+
+    def __exit__(self, *_exc: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def remove_stray_temporaries(run_dir: Path) -> None:
+    """Delete half-written checkpoints left by a crash during a write; the last complete one stays."""
+    for stray in run_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        stray.unlink(missing_ok=True)
 
 
 def channel_statistics(images: np.ndarray, mode: str) -> Normalization:
