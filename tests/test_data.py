@@ -76,6 +76,18 @@ def test_archive_member_escaping_the_folder_is_refused(tmp_path):
         t.add(payload, arcname="../escape.png")
     with pytest.raises(CnnlabError, match="outside"):
         load_dataset(folder_config(archive))
+    absolute = tmp_path / "absolute.tar.gz"
+    with tarfile.open(absolute, "w:gz") as t:
+        member = tarfile.TarInfo("/tmp/escape.png")  # built by hand: tarfile.add would strip the leading slash
+        member.size = payload.stat().st_size
+        t.addfile(member, payload.open("rb"))
+    with pytest.raises(CnnlabError, match="outside"):
+        load_dataset(folder_config(absolute))
+    assert not (tmp_path.parent / "escape.png").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "absolute.tar.gz",
+        "evil.tar.gz",
+        "x.png",
+    ]
 
 
 def test_grayscale_datasets_stay_single_channel_and_mixed_become_rgb(tmp_path):

@@ -42,6 +42,8 @@ def _open(source: Source, name: str) -> Image.Image:
             raise ImageError(f"{name}: not a recognised image format") from None
         except OSError as error:
             raise ImageError(f"{name}: cannot read ({error.strerror or error})") from None
+        except Exception as error:  # a malformed header can raise anything from inside a format plugin
+            raise ImageError(f"{name}: malformed image header ({type(error).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def read(source: Source, name: str) -> Image.Image:
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
             return image
-        except (OSError, ValueError, SyntaxError, EOFError) as error:
+        except Exception as error:  # decoders raise OSError, ValueError, zlib.error, struct.error, ...
             raise ImageError(f"{name}: corrupt or truncated image ({error})") from None
 
 

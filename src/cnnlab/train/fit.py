@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import signal
 import threading
 import time
@@ -70,6 +71,7 @@ def resume(
         raise CnnlabError(f"{run_dir}: no such run folder to resume")
     config = read_run_config(run_dir)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    _check_same_run(config, checkpoint, run_dir)
     if epochs is not None:
         config.train.epochs = epochs
         (run_dir / CONFIG_FILE).write_text(to_toml(config))
@@ -326,6 +328,7 @@ class Trainer:
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "data_order": self.random.get_state(),
+            "global_rng": global_rng_states(),
             "epoch": len(self.history),
             "history": self.history,
             "partial_epoch": None
@@ -345,6 +348,8 @@ class Trainer:
         if state.get("lookahead") is not None:
             self.lookahead = Lookahead.from_state_dict(self.model, state["lookahead"])
         self.random.set_state(state["data_order"])
+        if state.get("global_rng") is not None:
+            restore_global_rng_states(state["global_rng"])
         self.history = state["history"]
         self.partial = state.get("partial_epoch")
 
@@ -387,6 +392,28 @@ class StopOnSignal:
             signal.signal(number, handler)
 
 
+def global_rng_states() -> dict[str, Any]:
+    """Python's, numpy's and torch's global generators, as plain lists and tensors (loadable with weights_only).
+
+    Training draws only from its own seeded generator; these are kept so that any code that does use the
+    global ones (a custom model's dropout, say) also resumes exactly."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def restore_global_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 def remove_stray_temporaries(run_dir: Path) -> None:
     """Delete half-written checkpoints left by a crash during a write; the last complete one stays."""
     for stray in run_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
@@ -408,6 +435,23 @@ def channel_statistics(images: np.ndarray, mode: str) -> Normalization:
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 1e-12))
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
+
+
+def _check_same_run(config: RunConfig, checkpoint: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume when config.toml no longer describes the checkpointed run (epochs may change)."""
+    saved = checkpoint.get("config", {})
+    current = dataclasses.asdict(config)
+    conflicts = [
+        f"{section}.{key}"
+        for section in ("data", "train")
+        for key in sorted(set(saved.get(section, {})) | set(current[section]))
+        if key != "epochs" and saved.get(section, {}).get(key) != current[section].get(key)
+    ]
+    if conflicts:
+        raise CnnlabError(
+            f"{run_dir}: {CONFIG_FILE} differs from the checkpointed run in {', '.join(conflicts)}; "
+            "only epochs may change on resume"
+        )
 
 
 def _check_compatible(
