@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ def keras_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
+def _fast(shape: InputShape, classes: int, rng: torch.Generator, widths: tuple[int, int, int]) -> nn.Module:
+    return FastNet(shape, classes, widths, rng)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -54,29 +59,20 @@ MODELS: dict[str, ModelSpec] = {
             "the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
             min_input_size=TutorialCNN.min_input_size,
         ),
-        ModelSpec(
-            "fast-tiny",
-            lambda shape, classes, rng: FastNet(shape, classes, (16, 64, 128), rng),
-            "speed-run net, widths 16/64/128: the full-resolution first block kept thin",
-            min_input_size=FastNet.min_input_size,
-        ),
-        ModelSpec(
-            "fast-small",
-            lambda shape, classes, rng: FastNet(shape, classes, (32, 64, 128), rng),
-            "speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths 32/64/128",
-            min_input_size=FastNet.min_input_size,
-        ),
-        ModelSpec(
-            "fast-mid",
-            lambda shape, classes, rng: FastNet(shape, classes, (64, 192, 256), rng),
-            "speed-run net, widths 64/192/256: airbench94 with a third cheaper middle block",
-            min_input_size=FastNet.min_input_size,
-        ),
-        ModelSpec(
-            "fast",
-            lambda shape, classes, rng: FastNet(shape, classes, (64, 256, 256), rng),
-            "speed-run net at airbench94's widths 64/256/256",
-            min_input_size=FastNet.min_input_size,
+        *(
+            ModelSpec(
+                name,
+                functools.partial(_fast, widths=widths),
+                f"speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, widths))}"
+                f"{note}",
+                min_input_size=FastNet.min_input_size,
+            )
+            for name, widths, note in (
+                ("fast-tiny", (16, 64, 128), ": the full-resolution first block kept thin"),
+                ("fast-small", (32, 64, 128), ""),
+                ("fast-mid", (64, 192, 256), ": airbench94 with a cheaper middle block"),
+                ("fast", (64, 256, 256), ": airbench94's"),
+            )
         ),
     )
 }
