@@ -161,7 +161,7 @@ def train(
     final = result.history[-1] if result.history else {}
     console.print(f"run folder: {result.run_dir}  test accuracy: {final.get('test_acc', float('nan')):.4f}")
     if report:
-        console.print(f"report: {write_run_report(result.run_dir)}")
+        console.print(f"report: {write_run_report(result.run_dir, result.dataset.test)}")
 
 
 @app.command()

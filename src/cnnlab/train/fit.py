@@ -53,6 +53,7 @@ class TrainingResult:
     model: TrainedModel
     history: list[dict[str, Any]]
     run_dir: Path
+    dataset: Dataset  # the data it was trained on, already loaded: reports reuse it instead of decoding again
 
 
 def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | None = None) -> TrainingResult:
@@ -182,7 +183,7 @@ def _train(
         cnnlab_version=package_version(),
     )
     save_model(trainer.model, info, run_dir)
-    return TrainingResult(TrainedModel(trainer.model.eval(), info), trainer.history, run_dir)
+    return TrainingResult(TrainedModel(trainer.model.eval(), info), trainer.history, run_dir, dataset)
 
 
 class Trainer:
