@@ -97,12 +97,15 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         ("train", "--model", "tutorial-cnn", "--dataset", "digits", "--image-size", "8", "--out", tmp_path / "r3"),
         ("evaluate", tmp_path / "missing-run"),
         ("train", "--resume", tmp_path / "missing-run"),
+        ("train", "--resume", tmp_path / "[bold]run[/]"),  # brackets are printed as they are, not as markup
+        ("train", "--model", "tutorial-cnn", "--dataset", "digits", "--max-restarts", "1"),
     ]
     for args in cases:
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.count("\n") == 1 and result.output.startswith("error: "), result.output
     assert "at least 10x10" in invoke(*cases[2]).output
+    assert "[bold]run[/]" in invoke(*cases[5]).output
 
 
 def test_resume_takes_only_epochs(trained_run):

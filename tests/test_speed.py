@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.data.augment import alternating_flips, mirror, translate
+from cnnlab.data.augment import alternating_flips, mirror, random_shifts, translate
 from cnnlab.models import create_model
 from cnnlab.models.fast import WHITEN_KERNEL
 from cnnlab.models.inference import tta_logits
@@ -25,15 +25,17 @@ def images(count: int = 6, size: int = 8, seed: int = 0) -> torch.Tensor:
 
 def test_translate_matches_a_reflect_padded_crop_and_repeats_under_a_seed():
     batch, shift = images(), 2
-    out = translate(batch, shift, torch.Generator().manual_seed(7))
+    offsets = random_shifts(len(batch), shift, torch.Generator().manual_seed(7))
+    assert offsets.abs().max() <= shift and torch.equal(
+        offsets, random_shifts(len(batch), shift, torch.Generator().manual_seed(7))
+    )
+    out = translate(batch, offsets)
     assert out.shape == batch.shape and out.dtype == torch.uint8
-    offsets = torch.randint(-shift, shift + 1, (len(batch), 2), generator=torch.Generator().manual_seed(7))
     padded = np.pad(batch.numpy(), ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="reflect")
     for i, (dy, dx) in enumerate(offsets.tolist()):
         expected = padded[i, shift + dy : shift + dy + 8, shift + dx : shift + dx + 8]
         np.testing.assert_array_equal(out[i].numpy(), expected)
-    assert torch.equal(out, translate(batch, shift, torch.Generator().manual_seed(7)))
-    assert not torch.equal(out, translate(batch, shift, torch.Generator().manual_seed(8)))
+    assert not torch.equal(out, translate(batch, random_shifts(len(batch), shift, torch.Generator().manual_seed(8))))
 
 
 def test_mirror_flips_exactly_the_masked_images():

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import sys
+import tempfile
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from cnnlab.bench import bench
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
-from cnnlab.config import DataConfig, TrainConfig, load_toml
+from cnnlab.config import DataConfig, TrainConfig, load_toml, to_toml
 from cnnlab.data import images as image_io
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
@@ -32,6 +33,8 @@ from cnnlab.predict import expand_paths, load_classifier, predict_files
 from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.report import write_data_overview, write_run_report
 from cnnlab.train import fit, resume
+from cnnlab.train.distributed import launch
+from cnnlab.train.fit import default_run_dir
 from cnnlab.train.progress import default_reporter
 
 app = typer.Typer(
@@ -40,8 +43,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(highlight=False, soft_wrap=True)
-errors = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup=False: messages carry paths and library errors, whose square brackets are not rich markup.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+errors = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 # Exit codes: 1 when some inputs failed (predict), 2 for a usage or input error, 130 when interrupted.
 EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
@@ -135,15 +139,22 @@ def train(
     tta: Annotated[str | None, typer.Option(help="none, flip or flip-translate.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
+    sync_bn: Annotated[
+        bool | None, typer.Option("--sync-bn/--no-sync-bn", help="Distributed: BatchNorm over the global batch.")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<model>-<data>-<time>).")] = None,
     resume_dir: Annotated[Path | None, typer.Option("--resume", help="Continue this run folder.")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end.")] = True,
+    nproc: Annotated[int, typer.Option(help="Train in this many processes on this machine (torchrun, DDP).")] = 1,
+    max_restarts: Annotated[int, typer.Option(help="With --nproc: restarts from the last checkpoint.")] = 0,
     quiet: Quiet = False,
 ) -> None:
     """Train a model; writes config, metrics, checkpoints and the final model into a run folder."""
     reporter = default_reporter(quiet)
     data_flags = given(locals(), DATA_KEYS)
     train_flags = given(locals(), TRAIN_KEYS)
+    if nproc < 1 or max_restarts < 0 or (max_restarts and nproc == 1):
+        raise CnnlabError("--nproc must be at least 1, and --max-restarts (0 or more) goes with --nproc 2 or more")
     if resume_dir is not None:
         conflicting = sorted(
             {*data_flags, *(set(train_flags) - {"epochs"})}
@@ -153,11 +164,29 @@ def train(
             raise CnnlabError(
                 f"--resume continues a run as configured; it takes only --epochs, not: {', '.join(conflicting)}"
             )
+    worker_flags = [*(["-q"] if quiet else []), *([] if report else ["--no-report"])]
+    if resume_dir is not None and nproc > 1:
+        epochs_flag = ["--epochs", str(epochs)] if epochs is not None else []
+        launch(["train", "--resume", str(resume_dir), *epochs_flag, *worker_flags], nproc, max_restarts)
+        return
+    if resume_dir is not None:
         result = resume(resume_dir, epochs=epochs, reporter=reporter)
     else:
         file_values = load_toml(config) if config else {}
         flags = {"data": data_flags, "train": train_flags, **({"out": out} if out else {})}
-        result = fit(resolve_run_config(file_values, flags), reporter=reporter)
+        run_config = resolve_run_config(file_values, flags)
+        if nproc > 1:
+            # A fixed run folder, so that processes torchrun restarts find the run to resume.
+            if not run_config.out:
+                run_config.out = str(default_run_dir(run_config))
+                Path(run_config.out).parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "config.toml").write_text(to_toml(run_config))
+                launch(["train", "--config", str(Path(folder) / "config.toml"), *worker_flags], nproc, max_restarts)
+            return
+        result = fit(run_config, reporter=reporter)
+    if not result.is_main:
+        return
     final = result.history[-1] if result.history else {}
     console.print(f"run folder: {result.run_dir}  test accuracy: {final.get('test_acc', float('nan')):.4f}")
     if report:

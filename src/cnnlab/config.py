@@ -73,6 +73,7 @@ class TrainConfig:
     tta: Literal["none", "flip", "flip-translate"] = "none"  # views averaged at evaluation
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for convolutions and matmuls
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints, besides each epoch's end; 0: none
+    sync_bn: bool = False  # distributed runs: BatchNorm statistics over the global batch, not each shard
 
 
 @dataclass

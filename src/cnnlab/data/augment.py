@@ -25,13 +25,18 @@ def mirror(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1).to(images.device), images.flip(2), images)
 
 
-def translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by its own random (dy, dx) in [-max_shift, max_shift], reflecting at the border.
+def random_shifts(count: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """A random (dy, dx) in [-max_shift, max_shift] for each of `count` images.  -> (count, 2) int64"""
+    return torch.randint(-max_shift, max_shift + 1, (count, 2), generator=generator)
+
+
+def translate(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Shift each image by its own (dy, dx) from `shifts` (B, 2), reflecting at the border.
 
     One gather over precomputed row and column indices: no padding copy and no per-image loop.
     """
     batch, height, width, _ = images.shape
-    shifts = torch.randint(-max_shift, max_shift + 1, (batch, 2), generator=generator).to(images.device)
+    shifts = shifts.to(images.device)
     rows = _reflect(torch.arange(height, device=images.device) + shifts[:, :1], height)  # (B, H)
     cols = _reflect(torch.arange(width, device=images.device) + shifts[:, 1:], width)  # (B, W)
     index = torch.arange(batch, device=images.device).view(-1, 1, 1)

@@ -2,6 +2,9 @@
 
 A run folder holds config.toml, metrics.jsonl (a JSON line per epoch), checkpoint.pt (rewritten
 atomically at each epoch end) and, once finished, model.safetensors with model.json.
+
+Launched by torchrun, the same calls train data-parallel (see `distributed`): every process trains, the
+main one alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -22,16 +25,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 from cnnlab.config import RunConfig, TrainConfig, build, load_toml, to_toml
 from cnnlab.data import Dataset, load_dataset
-from cnnlab.data.augment import alternating_flips, mirror, random_flips, translate
+from cnnlab.data.augment import alternating_flips, mirror, random_flips, random_shifts, translate
 from cnnlab.data.transforms import Normalization, to_input
 from cnnlab.errors import CnnlabError
 from cnnlab.models import ModelInfo, TrainedModel, create_model, save_model
 from cnnlab.models.files import package_version
 from cnnlab.models.inference import loss_and_accuracy, predict_logits
 from cnnlab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from cnnlab.train.distributed import (
+    Ranks,
+    check_restartable,
+    joined,
+    lost_contact,
+    restarted_by_torchrun,
+    with_sync_bn,
+)
 from cnnlab.train.optim import (
     LOOKAHEAD_EVERY,
     LOOKAHEAD_START_EPOCH,
@@ -40,7 +52,7 @@ from cnnlab.train.optim import (
     make_optimizer,
     make_schedule,
 )
-from cnnlab.train.progress import Reporter, default_reporter
+from cnnlab.train.progress import LineReporter, Reporter, default_reporter
 from cnnlab.train.runtime import keep_freed_memory
 
 CONFIG_FILE = "config.toml"
@@ -54,14 +66,22 @@ class TrainingResult:
     history: list[dict[str, Any]]
     run_dir: Path
     dataset: Dataset  # the data it was trained on, already loaded: reports reuse it instead of decoding again
+    is_main: bool = True  # False in the processes of a distributed run that write nothing
 
 
 def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | None = None) -> TrainingResult:
-    """Train `config.train.model` on `dataset` (loaded from `config.data` when not given)."""
-    run_dir = _new_run_dir(config)
-    dataset = dataset if dataset is not None else load_dataset(config.data)
-    (run_dir / CONFIG_FILE).write_text(to_toml(config))
-    return _train(config, dataset, run_dir, reporter or default_reporter(), checkpoint=None)
+    """Train `config.train.model` on `dataset` (loaded from `config.data` when not given).
+
+    A process that torchrun restarted after a failure resumes the run in `config.out` instead."""
+    if restarted_by_torchrun() and config.out and (Path(config.out).expanduser() / CHECKPOINT_FILE).is_file():
+        return resume(Path(config.out).expanduser(), dataset=dataset, reporter=reporter)
+    check_restartable(config.out)
+    with joined(resolve_device(config.train.device)) as ranks:
+        run_dir = ranks.from_main(lambda: _new_run_dir(config))
+        dataset = dataset if dataset is not None else load_dataset(config.data)
+        if ranks.is_main:
+            (run_dir / CONFIG_FILE).write_text(to_toml(config))
+        return _train(config, dataset, run_dir, reporter or default_reporter(), None, ranks)
 
 
 def resume(
@@ -75,9 +95,11 @@ def resume(
     _check_same_run(config, checkpoint, run_dir)
     if epochs is not None:
         config.train.epochs = epochs
-        (run_dir / CONFIG_FILE).write_text(to_toml(config))
-    dataset = dataset if dataset is not None else load_dataset(config.data)
-    return _train(config, dataset, run_dir, reporter or default_reporter(), checkpoint)
+    with joined(resolve_device(config.train.device)) as ranks:
+        if epochs is not None and ranks.is_main:
+            (run_dir / CONFIG_FILE).write_text(to_toml(config))
+        dataset = dataset if dataset is not None else load_dataset(config.data)
+        return _train(config, dataset, run_dir, reporter or default_reporter(), checkpoint, ranks)
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -96,6 +118,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def default_run_dir(config: RunConfig) -> Path:
+    """runs/<model>-<data>-<time>, numbered when that name is taken."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path("runs") / f"{config.train.model}-{config.data.label}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = run_dir.with_name(f"{config.train.model}-{config.data.label}-{stamp}-{suffix}")
+    return run_dir
+
+
 def _new_run_dir(config: RunConfig) -> Path:
     if config.out:
         run_dir = Path(config.out).expanduser()
@@ -104,12 +137,7 @@ def _new_run_dir(config: RunConfig) -> Path:
         if (run_dir / CHECKPOINT_FILE).exists():
             raise CnnlabError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
     else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{config.train.model}-{config.data.label}-{stamp}"
-        suffix = 1
-        while run_dir.exists():
-            suffix += 1
-            run_dir = run_dir.with_name(f"{config.train.model}-{config.data.label}-{stamp}-{suffix}")
+        run_dir = default_run_dir(config)
     try:
         run_dir.mkdir(parents=not config.out, exist_ok=True)
         (run_dir / ".write-test").touch()
@@ -120,41 +148,54 @@ def _new_run_dir(config: RunConfig) -> Path:
 
 
 def _train(
-    config: RunConfig, dataset: Dataset, run_dir: Path, reporter: Reporter, checkpoint: dict[str, Any] | None
+    config: RunConfig,
+    dataset: Dataset,
+    run_dir: Path,
+    reporter: Reporter,
+    checkpoint: dict[str, Any] | None,
+    ranks: Ranks,
 ) -> TrainingResult:
     settings = config.train
-    if settings.batch_size < 1 or settings.epochs < 0:
-        raise CnnlabError("--batch-size must be at least 1 and --epochs at least 0")
-    device = resolve_device(settings.device)
+    if settings.batch_size < ranks.world_size or settings.epochs < 0:
+        raise CnnlabError(
+            f"--batch-size (the global batch) must be at least the number of processes ({ranks.world_size}), "
+            "and --epochs at least 0"
+        )
+    if not ranks.is_main:
+        reporter = LineReporter(Console(quiet=True))
     keep_freed_memory()
-    remove_stray_temporaries(run_dir)
-    trainer = Trainer(settings, dataset, device)
+    trainer = Trainer(settings, dataset, ranks)
     if checkpoint is not None:
         _check_compatible(checkpoint, dataset, trainer.input_shape, run_dir)
         trainer.load_state_dict(checkpoint)
     else:
         trainer.init_from_data()
-    # The metrics log is rebuilt from the checkpoint, dropping any epoch logged after it was written.
-    with open(run_dir / METRICS_FILE, "w") as log:
-        log.writelines(json.dumps(metrics) + "\n" for metrics in trainer.history)
+    if ranks.is_main:
+        remove_stray_temporaries(run_dir)
+        # The metrics log is rebuilt from the checkpoint, dropping any epoch logged after it was written.
+        with open(run_dir / METRICS_FILE, "w") as log:
+            log.writelines(json.dumps(metrics) + "\n" for metrics in trainer.history)
 
     def checkpoint(epoch: int, step: int) -> None:
         if not all(torch.isfinite(p).all() for p in trainer.model.parameters()):
             raise NonFiniteLoss(f"non-finite weights at epoch {epoch} step {step}; the last checkpoint is kept")
-        save_checkpoint(
-            run_dir / CHECKPOINT_FILE,
-            {
-                **trainer.state_dict(),
-                "classes": list(dataset.classes),
-                "input_shape": list(trainer.input_shape),
-                "config": dataclasses.asdict(config),
-            },
-        )
+        state = trainer.state_dict()  # on every process: it sums the epoch's running totals over them
+        if ranks.is_main:
+            save_checkpoint(
+                run_dir / CHECKPOINT_FILE,
+                {
+                    **state,
+                    "classes": list(dataset.classes),
+                    "input_shape": list(trainer.input_shape),
+                    "config": dataclasses.asdict(config),
+                },
+            )
 
     def after_step(epoch: int, step: int) -> None:
-        if stop.signal is not None:
+        # Every process stops at the same step, so that the checkpoint's collectives line up.
+        if ranks.any(stop.signal is not None):
             checkpoint(epoch, step)
-            raise TrainingStopped(stop.signal, run_dir, epoch, step)
+            raise TrainingStopped(stop.signal or signal.SIGTERM, run_dir, epoch, step)
         if settings.checkpoint_every and trainer.global_step(epoch, step) % settings.checkpoint_every == 0:
             checkpoint(epoch, step)
 
@@ -164,9 +205,17 @@ def _train(
                 reporter.epoch_started(epoch, settings.epochs, trainer.steps_in_epoch(epoch))
                 metrics = trainer.train_epoch(epoch, reporter, after_step)
                 checkpoint(epoch, trainer.steps_in_epoch(epoch))
-                with open(run_dir / METRICS_FILE, "a") as log:
-                    log.write(json.dumps(metrics) + "\n")
+                if ranks.is_main:
+                    with open(run_dir / METRICS_FILE, "a") as log:
+                        log.write(json.dumps(metrics) + "\n")
                 reporter.epoch_done(metrics)
+    except Exception as error:
+        if lost_contact(error, ranks):
+            raise CnnlabError(
+                f"rank {ranks.rank}: another process of this run stopped ({_first_line(error).split('. ')[0]}); "
+                f"the last checkpoint in {run_dir} is intact: cnnlab train --resume {run_dir}"
+            ) from None
+        raise
     finally:
         reporter.stop()
 
@@ -182,18 +231,21 @@ def _train(
         config=dataclasses.asdict(config),
         cnnlab_version=package_version(),
     )
-    save_model(trainer.model, info, run_dir)
-    return TrainingResult(TrainedModel(trainer.model.eval(), info), trainer.history, run_dir, dataset)
+    if ranks.is_main:
+        save_model(trainer.model, info, run_dir)
+    return TrainingResult(TrainedModel(trainer.model.eval(), info), trainer.history, run_dir, dataset, ranks.is_main)
 
 
 class Trainer:
     """The state of one training run, and one epoch of it at a time."""
 
-    def __init__(self, settings: TrainConfig, dataset: Dataset, device: torch.device):
-        self.settings, self.dataset, self.device = settings, dataset, device
+    def __init__(self, settings: TrainConfig, dataset: Dataset, ranks: Ranks):
+        self.settings, self.dataset, self.ranks = settings, dataset, ranks
+        self.device = device = ranks.device
         height, width, channels = dataset.image_shape
         self.input_shape = (channels, height, width)
-        self.model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed).to(device)
+        model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
+        self.model = with_sync_bn(model, settings.sync_bn, ranks).to(device)
         self.normalization = channel_statistics(dataset.train.images, settings.normalize)
         self.images = torch.from_numpy(dataset.train.images).to(device)  # (N, H, W, C) uint8, all in memory
         self.labels = torch.from_numpy(dataset.train.labels).to(device)
@@ -227,6 +279,7 @@ class Trainer:
         whiten = getattr(model, "whiten", None)
         if whiten is not None:
             whiten.bias.requires_grad_(epoch <= settings.whiten_bias_epochs)
+        forward = self.ranks.wrap(model)  # after the line above: DDP must see which parameters learn
         partial = self.partial if self.partial is not None and self.partial["epoch"] == epoch else None
         order_state = partial["order_state"] if partial else self.random.get_state()
         current_state = self.random.get_state()
@@ -236,25 +289,39 @@ class Trainer:
             self.random.set_state(current_state)
         flips = alternating_flips(self.flip_half, epoch).to(self.device) if settings.flip == "alternating" else None
         done = partial["step"] if partial else 0
-        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=self.device)
-        correct = torch.tensor(partial["correct"] if partial else 0, device=self.device)
-        seen = partial["seen"] if partial else 0
+        # The running totals are this process's; a checkpoint holds their sum, which one process carries on.
+        carried = partial if partial and self.ranks.is_main else None
+        loss_sum = torch.tensor(carried["loss_sum"] if carried else 0.0, device=self.device)
+        correct = torch.tensor(carried["correct"] if carried else 0, device=self.device)
+        seen = carried["seen"] if carried else 0
         started = time.perf_counter() - (partial["seconds"] if partial else 0.0)
         starts = range(0, len(order), settings.batch_size)[: self.steps_in_epoch(epoch)]
         for step, start in enumerate(starts, start=1):
             if step <= done:
                 continue
-            batch = order[start : start + settings.batch_size]
-            images, labels = self.images[batch], self.labels[batch]  # (B, H, W, C) uint8, (B,)
-            if flips is not None:
-                images = mirror(images, flips[batch])
-            elif settings.flip == "random":
-                images = mirror(images, random_flips(len(batch), self.random))
-            if settings.translate:
-                images = translate(images, settings.translate, self.random)
+            batch = order[start : start + settings.batch_size]  # the global batch
+            # Augmentation is drawn for the whole global batch, so the generator moves the same way
+            # whatever the number of processes, and each process applies its shard's share.
+            flip_mask = flips[batch] if flips is not None else None
+            if settings.flip == "random":
+                flip_mask = random_flips(len(batch), self.random)
+            shifts = random_shifts(len(batch), settings.translate, self.random) if settings.translate else None
+            mine = self.ranks.shard(len(batch))
+            count = mine.stop - mine.start
+            if count == 0:  # fewer images than processes: DDP still needs this process's step, worth nothing
+                mine = slice(0, 1)
+            images, labels = self.images[batch[mine]], self.labels[batch[mine]]  # (b, H, W, C) uint8, (b,)
+            if flip_mask is not None:
+                images = mirror(images, flip_mask[mine])
+            if shifts is not None:
+                images = translate(images, shifts[mine])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
-                logits = model(to_input(images, self.normalization))
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
+                logits = forward(to_input(images, self.normalization))
+                summed = F.cross_entropy(
+                    logits.float(), labels, label_smoothing=settings.label_smoothing, reduction="sum"
+                )
+            # DDP averages the processes' gradients: scaled so, the step is that of the global batch's mean loss.
+            loss = summed * (self.ranks.world_size / len(batch) if count else 0.0)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept")
             self.optimizer.zero_grad(set_to_none=True)
@@ -263,9 +330,10 @@ class Trainer:
             if self.schedule is not None:
                 self.schedule.step()
             self._average_weights(epoch, self.global_step(epoch, step))
-            loss_sum += loss.detach() * len(batch)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(batch)
+            if count:
+                loss_sum += summed.detach()
+                correct += (logits.detach().argmax(1) == labels).sum()
+                seen += count
             self.partial = {
                 "epoch": epoch,
                 "step": step,
@@ -275,24 +343,29 @@ class Trainer:
                 "seen": seen,
                 "seconds": time.perf_counter() - started,
             }
-            if step % _REPORT_EVERY == 0:
+            if step % _REPORT_EVERY == 0:  # this process's share: close enough for a progress bar
                 elapsed = time.perf_counter() - started
-                reporter.steps_done(step, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+                speed = seen * self.ranks.world_size / elapsed
+                reporter.steps_done(step, loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), speed)
             after_step(epoch, step)
         self.partial = None
         if self.lookahead is not None:
             self.lookahead.update(model, decay=1.0)  # end the epoch on the averaged weights
+        self.ranks.copy_buffers_from_main(model)
+        loss_sum, correct, seen = self._summed(loss_sum, correct, seen)
         seconds = time.perf_counter() - started
 
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
-        }
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen}
         metrics |= self.evaluate()
         metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
         self.history.append(metrics)
         return metrics
+
+    def _summed(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, int, int]:
+        """An epoch's running totals summed over the processes."""
+        totals = torch.tensor([float(loss_sum), float(correct), float(seen)], dtype=torch.float64, device=self.device)
+        loss, right, count = self.ranks.sum(totals).tolist()
+        return loss, int(right), int(count)
 
     def global_step(self, epoch: int, step: int) -> int:
         return (epoch - 1) * self.steps_per_epoch + step
@@ -312,17 +385,28 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on validation and test; on test also with the recipe's TTA, if it has one."""
         metrics = {}
-        bf16, test = self.settings.precision == "bf16", self.dataset.test
+        test = self.dataset.test
         for name, split in (("val", self.dataset.val), ("test", test)):
             if split is not None:
-                logits = predict_logits(self.model, split.images, self.normalization, self.device, "none", bf16)
+                logits = self._logits(split.images, "none")
                 metrics[f"{name}_loss"], metrics[f"{name}_acc"] = loss_and_accuracy(logits, split.labels)
         if self.settings.tta != "none":
-            logits = predict_logits(self.model, test.images, self.normalization, self.device, self.settings.tta, bf16)
-            metrics["test_acc_tta"] = loss_and_accuracy(logits, test.labels)[1]
+            metrics["test_acc_tta"] = loss_and_accuracy(self._logits(test.images, self.settings.tta), test.labels)[1]
         return metrics
 
+    def _logits(self, images: np.ndarray, tta: str) -> torch.Tensor:
+        """Every image's logits, each process computing its shard of them."""
+        mine = self.ranks.shard(len(images))
+        bf16 = self.settings.precision == "bf16"
+        logits = predict_logits(self.model, images[mine], self.normalization, self.device, tta, bf16)
+        return self.ranks.gather_rows(logits, len(images))
+
     def state_dict(self) -> dict[str, Any]:
+        """The run's state, the same on every process (the epoch's running totals are summed over them)."""
+        partial = None
+        if self.partial is not None:
+            totals = self._summed(self.partial["loss_sum"], self.partial["correct"], self.partial["seen"])
+            partial = {**self.partial, **dict(zip(("loss_sum", "correct", "seen"), totals, strict=True))}
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -332,13 +416,7 @@ class Trainer:
             "global_rng": global_rng_states(),
             "epoch": len(self.history),
             "history": self.history,
-            "partial_epoch": None
-            if self.partial is None
-            else {
-                **self.partial,
-                "loss_sum": float(self.partial["loss_sum"]),
-                "correct": int(self.partial["correct"]),
-            },
+            "partial_epoch": partial,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -413,6 +491,11 @@ def restore_global_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def remove_stray_temporaries(run_dir: Path) -> None:

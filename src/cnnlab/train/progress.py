@@ -30,7 +30,7 @@ class LineReporter:
     """One line per epoch: for logs, pipes and --quiet."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.console = console or Console(highlight=False, soft_wrap=True, markup=False)
         self.epochs = 0.0
 
     def epoch_started(self, epoch: int, epochs: float, steps: int) -> None:
