@@ -186,6 +186,26 @@ def test_a_killed_rank_without_restarts_stops_every_process_with_the_checkpoint_
     assert not list(out.glob(".*.tmp")) and not (out / "model.safetensors").exists()
 
 
+def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_to_resume_from(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "cnnlab", "train", *TRAIN, "--nproc", "2", "--out", str(out), "--epochs", "20"]
+    launcher = subprocess.Popen(
+        [*command, "--checkpoint-every", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+    )
+    deadline = time.time() + 120
+    while not (out / CHECKPOINT_FILE).exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGINT)  # what Ctrl-C sends; torchrun passes it on to the processes as SIGTERM
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 128 + signal.SIGINT, output
+    assert f"continue with: cnnlab train --resume {out} --nproc 2" in output
+    assert "Traceback" not in output
+    stopped_at = load_checkpoint(out / CHECKPOINT_FILE)["epoch"]
+    resumed = cnnlab("--resume", str(out), "--nproc", "2", "--epochs", str(stopped_at + 2), "-q", "--no-report")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [row["epoch"] for row in metrics(out)] == list(range(1, stopped_at + 3))
+
+
 def test_sync_bn_on_cpu_is_refused_in_one_line(tmp_path):
     result = cnnlab(*TRAIN, "--epochs", "1", "--out", str(tmp_path / "run"), "--nproc", "2", "--sync-bn")
     assert result.returncode != 0

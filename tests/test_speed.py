@@ -13,7 +13,7 @@ from cnnlab.models.inference import tta_logits
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit
 from cnnlab.train.fit import channel_statistics
-from cnnlab.train.optim import make_optimizer, make_schedule
+from cnnlab.train.optim import Muon, make_optimizer, make_schedule, orthogonalized
 from cnnlab.train.progress import LineReporter
 
 
@@ -80,7 +80,7 @@ def test_tta_is_the_weighted_mean_of_its_views():
 
 
 def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
-    config = resolve_run_config({"train": {"recipe": "fast90"}}).train
+    config = resolve_run_config({"train": {"recipe": "airbench94"}}).train
     model = create_model("fast-tiny", (3, 16, 16), 10)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, total_steps=100)
@@ -98,6 +98,38 @@ def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
     biases = optimizer.param_groups[1]
     assert biases["lr"] / optimizer.param_groups[0]["lr"] == pytest.approx(config.bias_lr_scale)
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(config.lr * factors[-1] * config.weight_decay)
+
+
+def test_orthogonalized_updates_have_all_singular_values_near_one():
+    for shape in ((64, 216), (300, 40)):  # wide and tall
+        matrix = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 0, shape[1])
+        singular = torch.linalg.svdvals(orthogonalized(matrix).float())
+        assert singular.min() > 0.5 and singular.max() < 1.5, singular
+        # the same directions: U V^T of the input, up to the iteration's inexact singular values
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        approximation = orthogonalized(matrix).float().flatten()
+        assert torch.nn.functional.cosine_similarity(approximation, (u @ vh).flatten(), 0) > 0.9
+
+
+def test_muon_orthogonalises_the_filters_and_steps_the_rest_as_sgd():
+    config = resolve_run_config({"train": {"recipe": "fast90", "optimizer": "muon", "momentum": 0.0}}).train
+    model = create_model("fast-tiny", (3, 16, 16), 10)
+    optimizer = make_optimizer(model, config)
+    assert isinstance(optimizer, Muon)
+    conv, head = model.blocks[0].conv1.weight, model.head.weight
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter) if parameter.requires_grad else None
+    head_before, head_gradient = head.detach().clone(), head.grad.clone()
+    conv_before, conv_gradient = conv.detach().clone(), conv.grad.clone()
+    optimizer.step()
+    # the head: a plain SGD step with coupled weight decay
+    expected = head_before - config.lr * (head_gradient + config.weight_decay * head_before)
+    torch.testing.assert_close(head.detach(), expected)
+    # a filter bank: rescaled to norm sqrt(out channels), then moved by lr times its orthogonalised gradient
+    rescaled = conv_before * len(conv) ** 0.5 / conv_before.norm()
+    step = orthogonalized(conv_gradient.reshape(len(conv), -1)).float().view_as(conv)
+    # (to one bf16 rounding of the orthogonalised step, whose last bit varies with the matmul's blocking)
+    torch.testing.assert_close(conv.detach(), rescaled - config.muon_lr * step, atol=config.muon_lr / 2**6, rtol=0)
 
 
 def test_channel_statistics_standardise_each_channel():

@@ -118,13 +118,15 @@ def train(
     epochs: Epochs = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd or adam.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd, adam or muon.")] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="L2 weight decay.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of weight init and data order.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = None,
     adam_eps: Annotated[float | None, typer.Option(help="Adam epsilon.")] = None,
+    muon_lr: Annotated[float | None, typer.Option(help="Muon: the conv filters' learning rate.")] = None,
+    muon_momentum: Annotated[float | None, typer.Option(help="Muon: the conv filters' momentum.")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant or triangle.")] = None,
     peak_fraction: Annotated[float | None, typer.Option(help="Triangle: share of steps to the peak.")] = None,
     lr_start: Annotated[float | None, typer.Option(help="Triangle: first lr as a share of --lr.")] = None,
@@ -167,7 +169,8 @@ def train(
     worker_flags = [*(["-q"] if quiet else []), *([] if report else ["--no-report"])]
     if resume_dir is not None and nproc > 1:
         epochs_flag = ["--epochs", str(epochs)] if epochs is not None else []
-        launch(["train", "--resume", str(resume_dir), *epochs_flag, *worker_flags], nproc, max_restarts)
+        worker_args = ["train", "--resume", str(resume_dir), *epochs_flag, *worker_flags]
+        launch(worker_args, nproc, max_restarts, str(resume_dir))
         return
     if resume_dir is not None:
         result = resume(resume_dir, epochs=epochs, reporter=reporter)
@@ -182,7 +185,8 @@ def train(
                 Path(run_config.out).parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory() as folder:
                 (Path(folder) / "config.toml").write_text(to_toml(run_config))
-                launch(["train", "--config", str(Path(folder) / "config.toml"), *worker_flags], nproc, max_restarts)
+                worker_args = ["train", "--config", str(Path(folder) / "config.toml"), *worker_flags]
+                launch(worker_args, nproc, max_restarts, run_config.out)
             return
         result = fit(run_config, reporter=reporter)
     if not result.is_main:

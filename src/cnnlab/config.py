@@ -47,12 +47,14 @@ class DataConfig:
 class TrainConfig:
     model: str = "tutorial-cnn"
     recipe: str | None = None  # None: the model's own recipe
-    optimizer: Literal["sgd", "adam"] = "adam"
+    optimizer: Literal["sgd", "adam", "muon"] = "adam"  # muon: orthogonalised updates for conv filters, SGD else
     lr: float = 1e-3  # peak learning rate per step, for the batch-mean loss
     momentum: float = 0.0  # SGD only
     nesterov: bool = False  # SGD only
     weight_decay: float = 0.0  # L2 added to the gradient (torch's coupled form)
     adam_eps: float = 1e-7  # Keras' default, not torch's 1e-8
+    muon_lr: float = 0.24  # Muon only: the filters' learning rate (the update is orthogonal: no batch scaling)
+    muon_momentum: float = 0.6  # Muon only: the filters' Nesterov momentum
     batch_size: int = 32
     epochs: float = 10  # a fraction trains part of the last epoch; the schedule spans exactly that
     seed: int = 0  # seeds weight init, data order and augmentation

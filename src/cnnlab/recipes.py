@@ -34,6 +34,28 @@ _SPEED_RUN: dict[str, Any] = {
     "precision": "bf16",
 }
 
+# airbench94_muon's training (Jordan, 2024): Muon for the convolution filters (its orthogonalised update
+# needs no batch scaling), Nesterov SGD for the head and BatchNorm biases, batch 2000, a linear decay from
+# the first step and no weight averaging. Its head is parametrised as weight / 256 with unit-std weights;
+# ours is weight / 9 with uniform(±1/16) weights: the same initial function, so its head learning rate
+# 0.67 per example (summed loss) becomes 0.67 * 2000 * (9/256)**2 = 1.656 here, and its decay of 0.4% of
+# each weight per step is weight_decay 0.004 / 1.656.
+_MUON_RUN: dict[str, Any] = {
+    **_SPEED_RUN,
+    "optimizer": "muon",
+    "muon_lr": 0.24,
+    "muon_momentum": 0.6,
+    "lr": 1.656,
+    "weight_decay": 0.002415,
+    "batch_size": 2000,
+    "peak_fraction": 0.0,
+    "lr_start": 1.0,
+    "lr_end": 0.0,
+    "lookahead": False,
+    # Training the whitening bias makes the first block compute its input gradient: a few % more time.
+    "whiten_bias_epochs": 0,
+}
+
 RECIPES: dict[str, dict[str, Any]] = {
     # The Keras tutorial's MLP: SGD with Keras' default learning rate, 5 epochs (~47-49% on CIFAR-10).
     "tutorial-mlp": {"model": "tutorial-mlp", "optimizer": "sgd", "lr": 0.01, "batch_size": 32, "epochs": 5},
@@ -57,11 +79,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lookahead": False,
         "whiten_bias_epochs": 0,
     },
-    # Toward 90%: airbench94's schedule on a narrower middle block (70 s instead of 100 s an epoch on
-    # two CPU cores), with the whitening bias frozen from the start for the same reason as fast70.
-    "fast90": {**_SPEED_RUN, "model": "fast-mid", "batch_size": 1024, "lr": 1.5, "epochs": 10, "whiten_bias_epochs": 0},
-    # airbench94's full schedule (named for its 94% on the original CIFAR-10).
-    "fast94": {**_SPEED_RUN, "model": "fast", "batch_size": 1024, "lr": 1.5, "epochs": 10},
+    # Toward 90%: Muon's 8 epochs on a narrower middle block (75 s instead of 100 s an epoch on two CPU
+    # cores). Airbench94's SGD schedule took 10 epochs to the same accuracy on this net.
+    "fast90": {**_MUON_RUN, "model": "fast-mid", "epochs": 8},
+    # airbench94's network with Muon, one epoch longer than airbench94_muon's 8 (named for the 94% that
+    # network reaches on the original CIFAR-10). Batch 1500 keeps its peak memory under 3 GB (3.1 GB at
+    # 2000); the SGD learning rates follow the batch linearly, Muon's needs no scaling.
+    "fast94": {**_MUON_RUN, "model": "fast", "epochs": 9, "batch_size": 1500, "lr": 1.656 * 0.75},
+    # airbench94's own recipe (Nesterov SGD, triangular schedule, lookahead), kept to compare against.
+    "airbench94": {**_SPEED_RUN, "model": "fast", "batch_size": 1024, "lr": 1.5, "epochs": 10},
 }
 
 

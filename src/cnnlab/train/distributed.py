@@ -174,15 +174,23 @@ def with_sync_bn(model: nn.Module, enabled: bool, ranks: Ranks) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled and ranks.distributed else model
 
 
-def launch(worker_args: list[str], nproc: int, max_restarts: int = 0) -> None:
+def launch(worker_args: list[str], nproc: int, max_restarts: int, run_dir: str) -> None:
     """Run `python -m cnnlab WORKER_ARGS...` in `nproc` processes on this machine, as
     `torchrun --standalone --nproc-per-node=NPROC --max-restarts=MAX_RESTARTS -m cnnlab ...` would."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     options = ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
     try:
         run(get_args_parser().parse_args([*options, "-m", "cnnlab", *worker_args]))
+    except SignalException as stopped:  # Ctrl-C or SIGTERM: torchrun passed SIGTERM on, and each process saved
+        error = CnnlabError(
+            f"stopped by {signal.Signals(stopped.sigval).name}; continue with: "
+            f"cnnlab train --resume {run_dir} --nproc {nproc}"
+        )
+        error.exit_code = 128 + stopped.sigval
+        raise error from None
     except ChildFailedError as failure:
         # The cause is the earliest failure, preferring one that torchrun's own SIGTERM did not end.
         rank, first = min(
