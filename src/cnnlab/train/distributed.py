@@ -57,6 +57,8 @@ class Ranks:
 
     def any(self, flag: bool) -> bool:
         """True on every process when `flag` is true on any of them."""
+        if not self.distributed:  # asked every step: one process skips the device round trip
+            return flag
         return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item())
 
     def gather_rows(self, rows: torch.Tensor, total: int) -> torch.Tensor:
