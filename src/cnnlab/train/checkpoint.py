@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, first_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -41,8 +41,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         # weights_only refuses any pickled object but tensors and plain containers, with no fallback.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CnnlabError(f"{path}: not a readable cnnlab checkpoint ({first_line})") from None
+        raise CnnlabError(f"{path}: not a readable cnnlab checkpoint ({first_line(error)})") from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CnnlabError(f"{path}: not a cnnlab checkpoint")
     return state

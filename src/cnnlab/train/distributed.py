@@ -3,7 +3,7 @@
 torchrun starts one process per device and tells each its place through environment variables (RANK,
 WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RESTART_COUNT). Every process loads the data and builds the same
 model from the same seed, and draws the same data order and augmentation from the same generator. Each
-step the global batch is cut into one contiguous shard per process and DDP sums the gradients, so N
+step the global batch is cut into one contiguous shard per process and DDP averages the gradients, so N
 processes take the same steps as one process given the whole batch: the run's results, its checkpoints
 and the state of its generators do not depend on how many processes trained it.
 

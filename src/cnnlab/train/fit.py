@@ -31,7 +31,7 @@ from cnnlab.config import RunConfig, TrainConfig, build, load_toml, to_toml
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.data.augment import alternating_flips, mirror, random_flips, random_shifts, translate
 from cnnlab.data.transforms import Normalization, to_input
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, first_line
 from cnnlab.models import ModelInfo, TrainedModel, create_model, save_model
 from cnnlab.models.files import package_version
 from cnnlab.models.inference import loss_and_accuracy, predict_logits
@@ -212,7 +212,7 @@ def _train(
     except Exception as error:
         if lost_contact(error, ranks):
             raise CnnlabError(
-                f"rank {ranks.rank}: another process of this run stopped ({_first_line(error).split('. ')[0]}); "
+                f"rank {ranks.rank}: another process of this run stopped ({first_line(error).split('. ')[0]}); "
                 f"the last checkpoint in {run_dir} is intact: cnnlab train --resume {run_dir}"
             ) from None
         raise
@@ -491,11 +491,6 @@ def restore_global_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def remove_stray_temporaries(run_dir: Path) -> None:
