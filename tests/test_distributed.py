@@ -45,6 +45,12 @@ def probe(out: Path, nproc: int, train: dict) -> list[dict]:
     return [torch.load(out / f"rank{rank}.pt") for rank in range(nproc)]
 
 
+def free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return probe_socket.getsockname()[1]
+
+
 def untimed(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key not in ("seconds", "images_per_s")} for row in rows]
 
@@ -92,9 +98,7 @@ def test_a_fast_recipe_trains_data_parallel_with_its_whitening_and_batchnorm_in_
 
 
 def test_two_nodes_meet_through_a_c10d_rendezvous_and_train_to_the_end(tmp_path):
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        port = probe_socket.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     nodes = [
         subprocess.Popen(
@@ -180,10 +184,37 @@ def test_a_killed_rank_without_restarts_stops_every_process_with_the_checkpoint_
     out = tmp_path / "run"
     result = kill_rank_one_after_first_checkpoint(out, "--epochs", "20", "--checkpoint-every", "10")
     assert result.returncode != 0
-    assert "rank 0: another process of this run stopped" in result.stdout, result.stdout
+    assert f"the last checkpoint in {out} is intact: cnnlab train --resume {out} --nproc 2" in result.stdout
     assert "Traceback" not in result.stdout
     assert load_checkpoint(out / CHECKPOINT_FILE)["epoch"] >= 0
     assert not list(out.glob(".*.tmp")) and not (out / "model.safetensors").exists()
+
+
+def test_a_process_whose_peer_dies_says_so_in_one_line(tmp_path):
+    # Started by hand, as a cluster's own launcher would: no torchrun agent to end the survivor first.
+    port = free_port()
+    out = tmp_path / "run"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cnnlab", "train", *TRAIN, "--epochs", "20", "--checkpoint-every", "10",
+             "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / CHECKPOINT_FILE).exists() and processes[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    processes[1].kill()
+    processes[1].communicate(timeout=30)
+    output = processes[0].communicate(timeout=120)[0]
+    assert processes[0].returncode != 0, output
+    assert "error: rank 0: another process of this run stopped (" in output
+    assert f"the last checkpoint in {out} is intact: cnnlab train --resume {out}" in output
+    assert "Traceback" not in output
+    assert load_checkpoint(out / CHECKPOINT_FILE)["epoch"] >= 0
 
 
 def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_to_resume_from(tmp_path):

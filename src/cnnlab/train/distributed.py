@@ -18,6 +18,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cnnlab.errors import CnnlabError
+from cnnlab.train.checkpoint import CHECKPOINT_FILE
 
 T = TypeVar("T")
 
@@ -198,9 +200,15 @@ def launch(worker_args: list[str], nproc: int, max_restarts: int, run_dir: str) 
         rank, first = min(
             failure.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -signal.SIGTERM)
         )
+        # Said here as well as by the surviving processes: torchrun's SIGTERM may end them before they print.
+        resumable = (
+            f"; the last checkpoint in {run_dir} is intact: cnnlab train --resume {run_dir} --nproc {nproc}"
+            if (Path(run_dir) / CHECKPOINT_FILE).is_file()
+            else ""
+        )
         error = CnnlabError(
             f"{len(failure.failures)} of {nproc} processes failed (first rank {rank}, exit code {first.exitcode}"
-            f"{f' after {max_restarts} restarts' if max_restarts else ''}); see their messages above"
+            f"{f' after {max_restarts} restarts' if max_restarts else ''}); see their messages above{resumable}"
         )
         error.exit_code = first.exitcode if first.exitcode > 0 else 1
         raise error from None
