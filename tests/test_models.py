@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, create_model, model_spec, parameter_count
+from cnnlab.models.fast import max_pool_2x2
 
 
 @pytest.mark.parametrize(("name", "expected"), [("tutorial-mlp", 12_230_010), ("tutorial-cnn", 167_562)])
@@ -53,3 +54,21 @@ def test_relu_after_pool_equals_the_tutorials_relu_before_pool():
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(CnnlabError, match="tutorial-cnn"):
         create_model("resnet9000", (3, 32, 32), 10)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(31, 31), (8, 9)])
+def test_the_fast_nets_pool_matches_torchs_values_and_gradients_without_keeping_its_input(memory_format, dtype, size):
+    x = torch.randn(3, 5, *size).round(decimals=1).to(dtype).contiguous(memory_format=memory_format)  # with ties
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pooled = max_pool_2x2(ours)
+    expected = F.max_pool2d(reference, 2)
+    grad = torch.randn_like(expected)
+    pooled.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(pooled, expected) and torch.equal(ours.grad, reference.grad)
+    assert ours.grad.stride() == reference.grad.stride()
+    assert [t.dtype for t in saved] == [torch.int64]  # the winners only, not the input

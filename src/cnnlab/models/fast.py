@@ -11,6 +11,8 @@ conv -> BatchNorm -> GELU, then a global max-pool and a scaled linear head. What
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,35 @@ class Norm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
 
+class MaxPool2x2(torch.autograd.Function):
+    """F.max_pool2d(x, 2) that keeps only the winners' indices for backward, not `x` as well.
+
+    torch's pool saves its input, though its backward reads only the input's shape and layout: at the
+    fast nets' widths that is a quarter of the activations a training step holds."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        pooled, winners = F.max_pool2d(x, 2, return_indices=True)
+        ctx.save_for_backward(winners)
+        ctx.input_layout = (x.shape, x.stride())
+        return pooled
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (winners,) = ctx.saved_tensors
+        shape, strides = ctx.input_layout
+        layout = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)  # never read
+        kernel, stride, padding, dilation = [2, 2], [2, 2], [0, 0], [1, 1]
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, layout, kernel, stride, padding, dilation, False, winners
+        )
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    # Inference and export take torch's own pool; only a training step has an input to drop.
+    return MaxPool2x2.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.max_pool2d(x, 2)
+
+
 class Block(nn.Module):
     def __init__(self, channels_in: int, channels_out: int, generator: torch.Generator):
         super().__init__()
@@ -48,7 +79,7 @@ class Block(nn.Module):
         self.norm2 = Norm(channels_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))  # (B, C_out, H/2, W/2)
+        x = F.gelu(self.norm1(max_pool_2x2(self.conv1(x))))  # (B, C_out, H/2, W/2)
         return F.gelu(self.norm2(self.conv2(x)))
 
 
