@@ -19,7 +19,7 @@ from rich.table import Table
 
 from cnnlab.bench import bench
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
-from cnnlab.config import DataConfig, TrainConfig, load_toml, to_toml
+from cnnlab.config import DataConfig, RunConfig, TrainConfig, load_toml, to_toml
 from cnnlab.data import images as image_io
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
@@ -179,14 +179,7 @@ def train(
         flags = {"data": data_flags, "train": train_flags, **({"out": out} if out else {})}
         run_config = resolve_run_config(file_values, flags)
         if nproc > 1:
-            # A fixed run folder, so that processes torchrun restarts find the run to resume.
-            if not run_config.out:
-                run_config.out = str(default_run_dir(run_config))
-                Path(run_config.out).parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory() as folder:
-                (Path(folder) / "config.toml").write_text(to_toml(run_config))
-                worker_args = ["train", "--config", str(Path(folder) / "config.toml"), *worker_flags]
-                launch(worker_args, nproc, max_restarts, run_config.out)
+            _launch_new_run(run_config, worker_flags, nproc, max_restarts)
             return
         result = fit(run_config, reporter=reporter)
     if not result.is_main:
@@ -195,6 +188,18 @@ def train(
     console.print(f"run folder: {result.run_dir}  test accuracy: {final.get('test_acc', float('nan')):.4f}")
     if report:
         console.print(f"report: {write_run_report(result.run_dir, result.dataset.test)}")
+
+
+def _launch_new_run(run_config: RunConfig, worker_flags: list[str], nproc: int, max_restarts: int) -> None:
+    """Train `run_config` in `nproc` processes. Its run folder is fixed first, so that processes torchrun
+    restarts find the run to resume; the workers read the resolved config from a temporary file."""
+    if not run_config.out:
+        run_config.out = str(default_run_dir(run_config))
+        Path(run_config.out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        config_file = Path(folder) / "config.toml"
+        config_file.write_text(to_toml(run_config))
+        launch(["train", "--config", str(config_file), *worker_flags], nproc, max_restarts, run_config.out)
 
 
 @app.command()
