@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 from cnnlab.config import RunConfig
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit
+from cnnlab.train.checkpoint import CHECKPOINT_FILE
 from cnnlab.train.progress import LineReporter
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -49,6 +52,13 @@ def browser_page():
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder; nothing is written to the user's ~/.cache."""
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float) -> None:
+    """Return once `process` has written its first checkpoint into `run_dir` (or ended, or `timeout` passed)."""
+    deadline = time.time() + timeout
+    while not (run_dir / CHECKPOINT_FILE).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
 
 
 def pattern_image(label: int, size: int = 12, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from cnnlab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from cnnlab.train.distributed import shard
+from tests.conftest import wait_for_checkpoint
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
 CNN = {"model": "tutorial-cnn", "epochs": 3, "seed": 0}
@@ -159,9 +159,7 @@ def worker_pids(launcher: int, rank: int) -> list[int]:
 def kill_rank_one_after_first_checkpoint(out: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "cnnlab", "train", *TRAIN, "--nproc", "2", "--out", str(out), *args]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    deadline = time.time() + 120
-    while not (out / CHECKPOINT_FILE).exists() and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_checkpoint(out, launcher, timeout=120)
     victims = worker_pids(launcher.pid, 1)
     assert victims, "rank 1 was running"
     for pid in victims:
@@ -204,9 +202,7 @@ def test_a_process_whose_peer_dies_says_so_in_one_line(tmp_path):
         )
         for rank in (0, 1)
     ]  # fmt: skip
-    deadline = time.time() + 120
-    while not (out / CHECKPOINT_FILE).exists() and processes[0].poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_checkpoint(out, processes[0], timeout=120)
     processes[1].kill()
     processes[1].communicate(timeout=30)
     output = processes[0].communicate(timeout=120)[0]
@@ -223,9 +219,7 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_to_resume_from
     launcher = subprocess.Popen(
         [*command, "--checkpoint-every", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
     )
-    deadline = time.time() + 120
-    while not (out / CHECKPOINT_FILE).exists() and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_checkpoint(out, launcher, timeout=120)
     launcher.send_signal(signal.SIGINT)  # what Ctrl-C sends; torchrun passes it on to the processes as SIGTERM
     output = launcher.communicate(timeout=120)[0]
     assert launcher.returncode == 128 + signal.SIGINT, output

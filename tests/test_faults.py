@@ -19,6 +19,7 @@ from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit
 from cnnlab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from cnnlab.train.progress import LineReporter
+from tests.conftest import wait_for_checkpoint
 
 RUNS = {
     # the MLP's 3.8M weights make checkpoint writes a large share of its run: kills often land inside one
@@ -65,9 +66,7 @@ def test_killed_at_a_random_moment_then_resumed_equals_uninterrupted(
 ):
     out = tmp_path / "run"
     process = train(out, *RUNS[name], *COMMON)
-    deadline = time.time() + 60
-    while not (out / CHECKPOINT_FILE).exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for_checkpoint(out, process, timeout=60)
     time.sleep(random.Random(seed).uniform(0.0, 0.3))  # seeded: the same moments on every run
     process.send_signal(signal_number)
     code = process.wait(60)

@@ -18,8 +18,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     filters = [p for p in trainable if p.ndim == 4] if config.optimizer == "muon" else []
+    filter_ids = {id(p) for p in filters}
     biases = [p for p in trainable if id(p) in norm_biases]
-    others = [p for p in trainable if id(p) not in norm_biases and not any(p is f for f in filters)]
+    others = [p for p in trainable if id(p) not in norm_biases and id(p) not in filter_ids]
     scale = config.bias_lr_scale
     groups = [
         {"params": others, "lr": config.lr, "weight_decay": config.weight_decay},
