@@ -212,6 +212,15 @@ def test_onnx_export_matches_pytorch_and_predicts_like_it(model, trained_run, tm
     assert from_onnx.top[0][0] == from_torch.top[0][0]
 
 
+def test_a_corrupt_onnx_file_is_refused_in_one_line(model, tmp_path):
+    sample = load_dataset(DataConfig(dataset="digits", image_size=12)).test.images[:10]
+    export_onnx(model, tmp_path / "model.onnx", sample)
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07not a protobuf")
+    with pytest.raises(CnnlabError, match=r"model\.onnx: not a loadable ONNX model \(.+\)$") as refused:
+        OnnxModel(tmp_path / "model.onnx")
+    assert "\n" not in str(refused.value)
+
+
 def test_a_missing_extra_names_the_extra_to_install():
     with pytest.raises(CnnlabError, match=r"pip install 'cnnlab\[serve\]'"):
         require("a_module_that_is_not_installed", "serve")

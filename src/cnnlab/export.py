@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cnnlab.data.transforms import to_input
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, first_line
 from cnnlab.models import ModelInfo, TrainedModel
 from cnnlab.models.files import read_info
 from cnnlab.models.inference import tta_logits
@@ -108,7 +108,7 @@ class OnnxModel:
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types
-            raise CnnlabError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
+            raise CnnlabError(f"{path}: not a loadable ONNX model ({first_line(error)})") from None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C) uint8 -> (N, classes)."""
