@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from cnnlab.data import DataConfig, Dataset, load_dataset
-from cnnlab.recipes import resolve_run_config
+from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.train import fit
 from cnnlab.train.runtime import keep_freed_memory
 
@@ -39,7 +39,7 @@ def keras_tutorial_model(keras, name: str, input_shape: tuple[int, int, int], cl
             ]
         )
         model.compile(optimizer="SGD", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        return model, 5
+        return model
     model = keras.Sequential(
         [
             layers.Input(shape=input_shape),
@@ -53,14 +53,15 @@ def keras_tutorial_model(keras, name: str, input_shape: tuple[int, int, int], cl
         ]
     )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model, 10
+    return model
 
 
 def keras_run(keras, name: str, dataset: Dataset, seed: int) -> tuple[float, float]:
     """(test accuracy, seconds per epoch) of the tutorial's Keras code."""
     keras.utils.set_random_seed(seed)
     x_train, x_test = dataset.train.images / 255.0, dataset.test.images / 255.0  # the tutorial's float64 scaling
-    model, epochs = keras_tutorial_model(keras, name, dataset.image_shape, len(dataset.classes))
+    model = keras_tutorial_model(keras, name, dataset.image_shape, len(dataset.classes))
+    epochs = int(recipe_values(name)["epochs"])  # the tutorial's, recorded once in cnnlab's recipe
     started = time.perf_counter()
     model.fit(x_train, dataset.train.labels, epochs=epochs, verbose=2)
     seconds = (time.perf_counter() - started) / epochs
