@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import httpx
 import numpy as np
@@ -148,6 +150,73 @@ def server(trained_run):
     yield url
     process.terminate()
     process.wait(10)
+
+
+OVER_LIMIT = 11_000_000  # bytes: over `cnnlab serve`'s default 10 MB limit
+
+
+def read_response(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset raises ConnectionResetError)."""
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def test_a_urllib_client_sending_the_whole_body_reads_the_413(server):
+    request = urllib.request.Request(f"{server}/predict", data=os.urandom(OVER_LIMIT), method="POST")
+    request.add_header("Content-Type", "application/octet-stream")
+    with pytest.raises(urllib.error.HTTPError) as refused:  # not ConnectionResetError / URLError
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413 and "10 MB limit" in json.loads(refused.value.read())["detail"]
+
+
+def test_a_requests_style_client_that_sends_everything_before_reading_gets_the_413(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: {OVER_LIMIT}\r\n\r\n"
+        connection.sendall(head.encode() + os.urandom(OVER_LIMIT))
+        answer = read_response(connection)
+    assert answer.startswith(b"HTTP/1.1 413") and b"10 MB limit" in answer
+
+
+def test_a_curl_style_client_asking_100_continue_gets_the_413_before_sending(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: {OVER_LIMIT}\r\nExpect: 100-continue\r\n\r\n"
+        connection.sendall(head.encode())
+        answer = read_response(connection)  # the body is never sent
+    assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer
+
+
+def test_a_streamed_body_without_length_is_cut_off_with_413(server):
+    def chunks():
+        for _ in range(OVER_LIMIT // 1_000_000):
+            yield os.urandom(1_000_000)
+
+    response = httpx.post(f"{server}/predict", content=chunks(), timeout=30)
+    assert response.status_code == 413 and "10 MB limit" in response.json()["detail"]
+
+
+def test_a_client_that_never_stops_sending_is_cut_off_after_the_drain_bound(model):
+    """Past `drain_mb` the server closes: it never reads an unbounded body, even to be polite."""
+    app = create_app(model, ServeConfig(max_upload_mb=0.001, drain_mb=0.01))
+    sent = 0
+
+    async def endless():
+        nonlocal sent
+        sent += 1000
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    messages = []
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-length", b"99999999")]}
+    asyncio.run(app(scope, endless, send))
+    assert messages[0]["status"] == 413 and not messages[-1].get("more_body", False)
+    assert 10_000 <= sent <= 12_000
 
 
 def test_load_1000_requests_at_concurrency_32_without_5xx(server):

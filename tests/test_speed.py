@@ -100,21 +100,23 @@ def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(config.lr * factors[-1] * config.weight_decay)
 
 
-def test_orthogonalized_updates_have_all_singular_values_near_one():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_orthogonalized_updates_have_all_singular_values_near_one(dtype):
     for shape in ((64, 216), (300, 40)):  # wide and tall
         matrix = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 0, shape[1])
-        singular = torch.linalg.svdvals(orthogonalized(matrix).float())
+        assert orthogonalized(matrix, dtype).dtype == dtype
+        singular = torch.linalg.svdvals(orthogonalized(matrix, dtype).float())
         assert singular.min() > 0.5 and singular.max() < 1.5, singular
         # the same directions: U V^T of the input, up to the iteration's inexact singular values
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        approximation = orthogonalized(matrix).float().flatten()
+        approximation = orthogonalized(matrix, dtype).float().flatten()
         assert torch.nn.functional.cosine_similarity(approximation, (u @ vh).flatten(), 0) > 0.9
 
 
 def test_muon_orthogonalises_the_filters_and_steps_the_rest_as_sgd():
     config = resolve_run_config({"train": {"recipe": "fast90", "optimizer": "muon", "momentum": 0.0}}).train
     model = create_model("fast-tiny", (3, 16, 16), 10)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, torch.bfloat16)
     assert isinstance(optimizer, Muon)
     conv, head = model.blocks[0].conv1.weight, model.head.weight
     for parameter in model.parameters():
@@ -127,7 +129,7 @@ def test_muon_orthogonalises_the_filters_and_steps_the_rest_as_sgd():
     torch.testing.assert_close(head.detach(), expected)
     # a filter bank: rescaled to norm sqrt(out channels), then moved by lr times its orthogonalised gradient
     rescaled = conv_before * len(conv) ** 0.5 / conv_before.norm()
-    step = orthogonalized(conv_gradient.reshape(len(conv), -1)).float().view_as(conv)
+    step = orthogonalized(conv_gradient.reshape(len(conv), -1), torch.bfloat16).float().view_as(conv)
     # (to one bf16 rounding of the orthogonalised step, whose last bit varies with the matmul's blocking)
     torch.testing.assert_close(conv.detach(), rescaled - config.muon_lr * step, atol=config.muon_lr / 2**6, rtol=0)
 

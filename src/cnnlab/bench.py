@@ -2,48 +2,74 @@
 
 Each run is a separate `cnnlab train` process, so that its peak memory is its own and no run warms
 the caches of the next; the runs are measured in the same session, one after the other, so their
-ratios are comparable. Training seconds exclude the per-epoch evaluations.
+ratios are comparable. Training seconds exclude the per-epoch evaluations. Dense peaks are measured in
+a few seconds, only for the precisions that this machine's recipes run in (never an emulated bf16).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
+from cnnlab.machine import Machine, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import create_model
 from cnnlab.recipes import resolve_run_config
 
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_peaks(size: int = 4096, repeats: int = 3) -> dict[str, float]:
-    """This machine's fp32 and bf16 matmul throughput in GFLOP/s (best of `repeats`)."""
+def dense_peaks(device: torch.device, machine: Machine | None = None, budget_s: float = 0.4) -> dict[str, float]:
+    """The best dense throughput torch reaches on `device`, in GFLOP/s, for fp32 and, where it is native, bf16:
+    a 2048x2048 matmul and a 3x3 convolution over 256 channels (channels_last), each timed for about `budget_s`.
+
+    Both, because neither library is fastest everywhere: MKL's sgemm runs AVX2 code on AMD CPUs, half of what
+    oneDNN's convolutions reach there. Emulated bf16 is skipped: no recipe runs in it, and it takes minutes."""
+    precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", device, machine) == "bf16" else [])
     peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)
-        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
-        peaks[f"{name}_matmul_gflops"] = 2 * size**3 / best / 1e9
+    for name in precisions:
+        dtype = _DTYPES[name]
+        a, b = (torch.randn(2048, 2048, device=device).to(dtype) for _ in range(2))
+        matmul = _gflops(lambda a=a, b=b: torch.mm(a, b), 2 * 2048**3, device, budget_s)
+        images = torch.randn(32, 256, 16, 16, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        filters = torch.randn(256, 256, 3, 3, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        conv_flops = 2 * 32 * 16 * 16 * 256 * 256 * 9
+        conv = _gflops(lambda x=images, w=filters: F.conv2d(x, w, padding=1), conv_flops, device, budget_s)
+        peaks |= {
+            f"{name}_matmul_gflops": matmul,
+            f"{name}_conv_gflops": conv,
+            f"{name}_peak_gflops": max(matmul, conv),
+        }
     return peaks
 
 
-def _timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
+def _gflops(work: Callable[[], object], flops: float, device: torch.device, budget_s: float) -> float:
+    """GFLOP/s of the fastest of a few calls of `work`, timed for about `budget_s` after one warm-up call."""
+    best, spent = float("inf"), 0.0
+    for repeat in range(20):  # the first is a warm-up (thread pool, kernel choice)
+        synchronize(device)
+        started = time.perf_counter()
+        work()
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        best, spent = (min(best, seconds) if repeat else best), spent + seconds
+        if spent > budget_s and repeat >= 2:
+            break
+    return flops / best / 1e9
 
 
 def training_flops_per_image(model_name: str, input_shape: tuple[int, int, int], classes: int) -> float:
@@ -54,10 +80,13 @@ def training_flops_per_image(model_name: str, input_shape: tuple[int, int, int],
     return 3.0 * counter.get_total_flops()
 
 
-def run_recipe(recipe: str, data: DataConfig, out: Path, seed: int, epochs: float | None) -> dict[str, Any]:
-    """Train one recipe in a child process; return its per-epoch history and peak RSS."""
+def run_recipe(
+    recipe: str, data: DataConfig, out: Path, seed: int, epochs: float | None, train_flags: list[str] = ()
+) -> dict[str, Any]:
+    """Train one recipe in a child process (with any extra `cnnlab train` flags); return its per-epoch history
+    and peak RSS."""
     command = [sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, "--out", str(out), "--seed", str(seed)]
-    command += ["--no-report", "-q"]
+    command += ["--no-report", "-q", *train_flags]
     command += ["--dataset", data.dataset] if data.dataset else ["--data", str(data.data)]
     if data.cache_dir:
         command += ["--cache-dir", data.cache_dir]
@@ -91,6 +120,7 @@ def summarise(recipe: str, seed: int, run: dict[str, Any], flops_per_image: floa
     time_to = {f"{mark:.2f}": next((e["seconds_cum"] for e in epochs if e[delivered] >= mark), None) for mark in MARKS}
     images = sum(m["images_per_s"] * m["seconds"] for m in history)
     gflops = flops_per_image * images / seconds / 1e9
+    precision = history[-1].get("precision", "fp32")
     return {
         "recipe": recipe,
         "seed": seed,
@@ -101,8 +131,8 @@ def summarise(recipe: str, seed: int, run: dict[str, Any], flops_per_image: floa
         "train_seconds": seconds,
         "images_per_s": images / seconds,
         "gflops": gflops,
-        "fraction_of_bf16_peak": gflops / peaks["bf16_matmul_gflops"],
-        "fraction_of_fp32_peak": gflops / peaks["fp32_matmul_gflops"],
+        "precision": precision,
+        "fraction_of_peak": gflops / peaks[f"{precision}_peak_gflops"],  # the peak of the precision it ran in
         "peak_rss_mb": run["peak_rss_mb"],
     }
 
@@ -114,25 +144,32 @@ def bench(
     compare: list[str] = (),
     seeds: int = 1,
     epochs: float | None = None,
+    device: str = "auto",
+    train_flags: list[str] = (),
     progress=print,
 ) -> dict[str, Any]:
-    """Run every recipe (and each `compare` recipe) `seeds` times; the result is what `--json` prints."""
+    """Run every recipe (and each `compare` recipe) `seeds` times on `device`, each with `train_flags` added to
+    its `cnnlab train` command; the result is what `--json` prints."""
+    machine = this_machine()
+    progress(f"machine: {machine.describe()}")
+    torch_device = resolve_device(device)
+    peaks = dense_peaks(torch_device, machine)
+    progress(format_peaks(peaks))
     dataset = load_dataset(data)  # also fills the cache, so that no timed run pays for decoding
     height, width, channels = dataset.image_shape
-    peaks = matmul_peaks()
-    progress(f"matmul peaks: {peaks['fp32_matmul_gflops']:.0f} GFLOP/s fp32, {peaks['bf16_matmul_gflops']:.0f} bf16")
+    train_flags = ["--device", device, *train_flags]
     results = []
     for recipe in [*compare, *recipes]:
         model = resolve_run_config({"train": {"recipe": recipe}}).train.model
         flops = training_flops_per_image(model, (channels, height, width), len(dataset.classes))
         for seed in range(seeds):
             progress(f"training {recipe} (seed {seed})")
-            run = run_recipe(recipe, data, out / f"{recipe}-seed{seed}", seed, epochs)
+            run = run_recipe(recipe, data, out / f"{recipe}-seed{seed}", seed, epochs, train_flags)
             results.append(summarise(recipe, seed, run, flops, peaks))
             progress(format_result(results[-1]))
-    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
     summary = {
-        "machine": {**machine, **peaks},
+        "machine": {**machine.to_dict(), "cpu_count": os.cpu_count(), "device": str(torch_device), **peaks},
+        "train_flags": train_flags,
         "data": asdict(data),
         "results": results,
         "across_seeds": across_seeds(results) if seeds > 1 else [],
@@ -162,6 +199,15 @@ def across_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
+def format_peaks(peaks: dict[str, float]) -> str:
+    measured = [name for name in _DTYPES if f"{name}_peak_gflops" in peaks]
+    return "peaks: " + ", ".join(
+        f"{name} {peaks[f'{name}_peak_gflops']:,.0f} GFLOP/s (matmul {peaks[f'{name}_matmul_gflops']:,.0f}, "
+        f"3x3 conv {peaks[f'{name}_conv_gflops']:,.0f})"
+        for name in measured
+    )
+
+
 def format_result(result: dict[str, Any]) -> str:
     marks = "  ".join(
         f"{float(mark):.0%}@{'-' if seconds is None else f'{seconds:.0f}s'}"
@@ -172,5 +218,6 @@ def format_result(result: dict[str, Any]) -> str:
         f"{result['recipe']:>14} seed {result['seed']}: {result['final_accuracy']:.2%}"
         f"{'' if tta is None else f' ({tta:.2%} TTA)'} in {result['train_seconds']:.1f}s, "
         f"{result['images_per_s']:,.0f} img/s, {result['gflops']:.0f} GFLOP/s "
-        f"({result['fraction_of_bf16_peak']:.0%} of bf16 peak), peak RSS {result['peak_rss_mb']:,.0f} MB  {marks}"
+        f"({result['fraction_of_peak']:.0%} of the {result['precision']} peak), "
+        f"peak RSS {result['peak_rss_mb']:,.0f} MB  {marks}"
     )

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shlex
 import sys
 import tempfile
 from dataclasses import asdict
@@ -85,11 +86,13 @@ def handles_errors(command):
 def setup() -> None:
     """Library warnings (skipped files and the like) go to stderr as plain lines."""
     logger = logging.getLogger("cnnlab")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    for previous in [handler for handler in logger.handlers if handler.name == "cnnlab-cli"]:
+        logger.removeHandler(previous)
+    handler = logging.StreamHandler(sys.stderr)  # this invocation's stderr: a test runner swaps it per call
+    handler.name = "cnnlab-cli"
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 DATA_KEYS = frozenset(field.name for field in dataclasses.fields(DataConfig))
@@ -139,7 +142,12 @@ def train(
     flip: Annotated[str | None, typer.Option(help="none, random or alternating.")] = None,
     translate: Annotated[int | None, typer.Option(help="Random shift in pixels.")] = None,
     tta: Annotated[str | None, typer.Option(help="none, flip or flip-translate.")] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast).")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="auto (bf16 where native, else fp32), fp32 or bf16 (autocast).")
+    ] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training forward.")
+    ] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
     sync_bn: Annotated[
         bool | None, typer.Option("--sync-bn/--no-sync-bn", help="Distributed: BatchNorm over the global batch.")
@@ -402,10 +410,12 @@ def bench_command(
     cache_dir: CacheDir = None,
     seeds: Annotated[int, typer.Option(help="Runs per recipe, seeded 0..N-1.")] = 1,
     epochs: Epochs = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda, for every run and the peaks.")] = "auto",
+    train_args: Annotated[str, typer.Option(help="More `cnnlab train` flags for every run, e.g. '--compile'.")] = "",
     out: Annotated[Path | None, typer.Option(help="Folder for the runs (default runs/bench-<time>).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
-    """Time-to-accuracy of training recipes, side by side, with this machine's matmul peaks."""
+    """Time-to-accuracy of training recipes, side by side, with this machine's capability and dense peaks."""
     data_config = DataConfig(**given(locals(), DATA_KEYS))
     split = [name.strip() for name in recipe.split(",") if name.strip()]
     baselines = [name.strip() for name in compare_with.split(",") if name.strip()]
@@ -414,7 +424,7 @@ def bench_command(
     out = out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     report = errors.print if as_json else console.print
-    summary = bench(split, data_config, out, baselines, seeds, epochs, progress=report)
+    summary = bench(split, data_config, out, baselines, seeds, epochs, device, shlex.split(train_args), report)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:

@@ -73,7 +73,9 @@ class TrainConfig:
     flip: Literal["none", "random", "alternating"] = "none"  # alternating: each image flips every other epoch
     translate: int = 0  # random shift by up to this many pixels, reflect-padded
     tta: Literal["none", "flip", "flip-translate"] = "none"  # views averaged at evaluation
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for convolutions and matmuls
+    # bf16 autocast for convolutions and matmuls; "auto": bf16 where this machine has it natively, fp32 else
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the training forward (its first steps pay for the compilation)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints, besides each epoch's end; 0: none
     sync_bn: bool = False  # distributed runs: BatchNorm statistics over the global batch, not each shard
 

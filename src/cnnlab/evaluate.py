@@ -51,9 +51,9 @@ class Evaluation:
 
 def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cpu") -> Evaluation:
     """Evaluate on a split whose images already have the model's size and channel count."""
-    logits = predict_logits(
-        model.module, split.images, model.info.norm, torch.device(device), model.info.tta, model.info.bf16
-    )
+    device = torch.device(device)
+    bf16 = model.info.bf16_on(device)
+    logits = predict_logits(model.module, split.images, model.info.norm, device, model.info.tta, bf16)
     loss, accuracy = loss_and_accuracy(logits, split.labels)
     predicted = logits.argmax(1).numpy()
     indices = list(range(len(model.info.classes)))

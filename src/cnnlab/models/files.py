@@ -21,6 +21,7 @@ from torch import nn
 
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
+from cnnlab.machine import inference_precision
 from cnnlab.models.inference import predict_logits
 from cnnlab.models.registry import create_model
 
@@ -36,7 +37,7 @@ class ModelInfo:
     input_shape: list[int]  # [C, H, W]
     normalization: dict[str, list[float]]  # {"mean": [...], "std": [...]} after scaling to [0, 1]
     tta: str = "none"  # test-time augmentation used for evaluation and prediction
-    precision: str = "fp32"  # "bf16": inference under bfloat16 autocast, as trained
+    precision: str = "fp32"  # what training ran in; "bf16": inference under bf16 autocast where it is native
     metrics: dict[str, Any] = field(default_factory=dict)  # the final epoch's metrics
     config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
     cnnlab_version: str = ""
@@ -46,9 +47,9 @@ class ModelInfo:
     def norm(self) -> Normalization:
         return Normalization(tuple(self.normalization["mean"]), tuple(self.normalization["std"]))
 
-    @property
-    def bf16(self) -> bool:
-        return self.precision == "bf16"
+    def bf16_on(self, device: torch.device) -> bool:
+        """Whether inference on `device` runs under bf16 autocast: as trained, where that is native."""
+        return inference_precision(self.precision, device) == "bf16"
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -67,7 +68,8 @@ class TrainedModel:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C) uint8 at the model's input format -> (N, classes), with the model's TTA."""
         device = next(self.module.parameters()).device
-        logits = predict_logits(self.module, images, self.info.norm, device, self.info.tta, self.info.bf16)
+        bf16 = self.info.bf16_on(device)
+        logits = predict_logits(self.module, images, self.info.norm, device, self.info.tta, bf16)
         return torch.softmax(logits, 1).numpy()
 
 

@@ -1,6 +1,7 @@
 """The HTTP API and web page: `create_app(classifier)` returns a FastAPI app; `cnnlab serve` runs it.
 
-Safe under bad input and load: bodies over the limit are refused before they are read whole; only
+Safe under bad input and load: bodies over the limit are refused before they are read whole (and what
+the client keeps sending is drained, up to a bound, so that it can read the refusal); only
 allow-listed raster formats are decoded, and only after their header's pixel count is checked;
 inference runs in a bounded thread pool off the event loop, and a full queue answers 503 at once.
 """
@@ -26,6 +27,10 @@ ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"})
 @dataclass(frozen=True)
 class ServeConfig:
     max_upload_mb: float = 10.0  # whole request body
+    # After a 413, what the client still sends is read and discarded up to this much (MB) and this long (s),
+    # so that clients that send the whole body before reading (urllib, requests) get the 413, not a reset.
+    drain_mb: float = 64.0
+    drain_seconds: float = 10.0
     max_pixels: int = 4096 * 4096  # per image, checked on the header before decoding
     max_files: int = 64  # images per request
     workers: int = 2  # inference threads
@@ -35,17 +40,25 @@ class ServeConfig:
 
 class BodyLimit:
     """ASGI middleware: 413 for a body over `limit` bytes, by its Content-Length or as soon as the bytes
-    received pass it; the body read so far (at most `limit`) is then handed on to the app."""
+    received pass it; the body read so far (at most `limit`) is then handed on to the app.
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    A client that asked `Expect: 100-continue` gets the 413 before it sends the body. Any other client is
+    already sending it: the 413 goes out at once, then the rest of the body is drained (at most `drain`
+    bytes, for at most `drain_seconds`) before the connection closes, since closing a socket with unread
+    data resets it and the client would never read the answer."""
+
+    def __init__(self, app, limit: int, drain: int, drain_seconds: float):
+        self.app, self.limit, self.drain, self.drain_seconds = app, limit, drain, drain_seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            if headers.get(b"expect", b"").lower() == b"100-continue":
+                return await self._refuse(send, None)
+            return await self._refuse(send, receive)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -54,7 +67,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await self._refuse(send)
+                return await self._refuse(send, receive if message.get("more_body", False) else None)
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
@@ -68,16 +81,23 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, send, unread_body) -> None:
+        """Answer 413; then, when the client is still sending (`unread_body` is its receive), drain it."""
         body = json.dumps({"detail": f"request body over the {self.limit / 1e6:g} MB limit"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]})
+        # The response stays open while draining: the server stops reading a request once its response ends.
+        await send({"type": "http.response.body", "body": body, "more_body": unread_body is not None})
+        if unread_body is None:
+            return
+        drained = 0
+        with anyio.move_on_after(self.drain_seconds):
+            while drained <= self.drain:
+                message = await unread_body()
+                drained += len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    break
+        await send({"type": "http.response.body", "body": b""})
 
 
 class BadImage(Exception):
@@ -162,5 +182,10 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
             )
         return JSONResponse({"predictions": predictions})
 
-    app.add_middleware(BodyLimit, limit=int(config.max_upload_mb * 1_000_000))
+    app.add_middleware(
+        BodyLimit,
+        limit=int(config.max_upload_mb * 1_000_000),
+        drain=int(config.drain_mb * 1_000_000),
+        drain_seconds=config.drain_seconds,
+    )
     return app

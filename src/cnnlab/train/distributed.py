@@ -37,6 +37,7 @@ class Ranks:
     device: torch.device  # where this process trains
     rank: int = 0
     world_size: int = 1
+    grouped: bool = False  # in a torch.distributed process group (under torchrun, even as its only process)
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +46,7 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.grouped
 
     def shard(self, count: int) -> slice:
         """This process's contiguous part of `count` items."""
@@ -118,10 +119,6 @@ def shard(count: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def restarted_by_torchrun() -> bool:
     """True in a process that torchrun started again after a failure (`--max-restarts`)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -153,9 +150,9 @@ def check_restartable(out: str | None) -> None:
 @contextlib.contextmanager
 def joined(device: torch.device) -> Iterator[Ranks]:
     """This process's `Ranks`, with the process group set up for the job torchrun launched it into (gloo on
-    CPU, nccl on CUDA) and torn down at the end; one process outside torchrun gets the trivial `Ranks`."""
-    world_size = launched_world_size()
-    if world_size == 1:
+    CPU, nccl on CUDA) and torn down at the end; one process outside torchrun gets the trivial `Ranks`.
+    torchrun with a single process still gets a group and DDP: the path that several processes take."""
+    if "LOCAL_RANK" not in os.environ:  # torchrun sets it in every process it starts
         yield Ranks(device)
         return
     if device.type == "cuda":
@@ -165,7 +162,7 @@ def joined(device: torch.device) -> Iterator[Ranks]:
     if owned:
         _init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        yield Ranks(device, dist.get_rank(), dist.get_world_size())
+        yield Ranks(device, dist.get_rank(), dist.get_world_size(), grouped=True)
     finally:
         if owned:
             dist.destroy_process_group()

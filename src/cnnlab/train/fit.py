@@ -32,6 +32,7 @@ from cnnlab.data import Dataset, load_dataset
 from cnnlab.data.augment import alternating_flips, mirror, random_flips, random_shifts, translate
 from cnnlab.data.transforms import Normalization, to_input
 from cnnlab.errors import CnnlabError, first_line
+from cnnlab.machine import Precision, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import ModelInfo, TrainedModel, create_model, save_model
 from cnnlab.models.files import package_version
 from cnnlab.models.inference import loss_and_accuracy, predict_logits
@@ -79,9 +80,10 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
     with joined(resolve_device(config.train.device)) as ranks:
         run_dir = ranks.from_main(lambda: _new_run_dir(config))
         dataset = dataset if dataset is not None else load_dataset(config.data)
+        precision = resolve_precision(config.train.precision, ranks.device)
         if ranks.is_main:
-            (run_dir / CONFIG_FILE).write_text(to_toml(config))
-        return _train(config, dataset, run_dir, reporter or default_reporter(), None, ranks)
+            write_run_config(run_dir, config, precision)
+        return _train(config, precision, dataset, run_dir, reporter or default_reporter(), None, ranks)
 
 
 def resume(
@@ -96,26 +98,22 @@ def resume(
     if epochs is not None:
         config.train.epochs = epochs
     with joined(resolve_device(config.train.device)) as ranks:
+        # Re-resolved: a run checkpointed on a machine with native bf16 continues in fp32 on one without.
+        precision = resolve_precision(config.train.precision, ranks.device)
         if epochs is not None and ranks.is_main:
-            (run_dir / CONFIG_FILE).write_text(to_toml(config))
+            write_run_config(run_dir, config, precision)
         dataset = dataset if dataset is not None else load_dataset(config.data)
-        return _train(config, dataset, run_dir, reporter or default_reporter(), checkpoint, ranks)
+        return _train(config, precision, dataset, run_dir, reporter or default_reporter(), checkpoint, ranks)
+
+
+def write_run_config(run_dir: Path, config: RunConfig, precision: Precision) -> None:
+    """config.toml: the resolved config, headed by a comment with the precision it resolved to here."""
+    header = f"# precision {config.train.precision} ran as {precision} on {this_machine().describe()}\n"
+    (run_dir / CONFIG_FILE).write_text(header + to_toml(config))
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
     return build(RunConfig, load_toml(run_dir / CONFIG_FILE), str(run_dir / CONFIG_FILE))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CnnlabError(f"unknown device {name!r}; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CnnlabError("--device cuda asked for, but this torch sees no CUDA GPU")
-    return device
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -149,6 +147,7 @@ def _new_run_dir(config: RunConfig) -> Path:
 
 def _train(
     config: RunConfig,
+    precision: Precision,
     dataset: Dataset,
     run_dir: Path,
     reporter: Reporter,
@@ -164,7 +163,8 @@ def _train(
     if not ranks.is_main:
         reporter = LineReporter(Console(quiet=True))
     keep_freed_memory()
-    trainer = Trainer(settings, dataset, ranks)
+    trainer = Trainer(settings, precision, dataset, ranks)
+    reporter.message(f"precision {precision} ({settings.precision}; {this_machine().describe()})")
     if checkpoint is not None:
         _check_compatible(checkpoint, dataset, trainer.input_shape, run_dir)
         trainer.load_state_dict(checkpoint)
@@ -226,7 +226,7 @@ def _train(
         input_shape=list(trainer.input_shape),
         normalization={"mean": list(normalization.mean), "std": list(normalization.std)},
         tta=settings.tta,
-        precision=settings.precision,
+        precision=precision,
         metrics=trainer.history[-1] if trainer.history else {},
         config=dataclasses.asdict(config),
         cnnlab_version=package_version(),
@@ -239,19 +239,22 @@ def _train(
 class Trainer:
     """The state of one training run, and one epoch of it at a time."""
 
-    def __init__(self, settings: TrainConfig, dataset: Dataset, ranks: Ranks):
+    def __init__(self, settings: TrainConfig, precision: Precision, dataset: Dataset, ranks: Ranks):
         self.settings, self.dataset, self.ranks = settings, dataset, ranks
+        self.bf16 = precision == "bf16"  # autocast for the forward pass and evaluation
         self.device = device = ranks.device
         height, width, channels = dataset.image_shape
         self.input_shape = (channels, height, width)
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
         self.model = with_sync_bn(model, settings.sync_bn, ranks).to(device)
+        # The training forward, compiled when asked: it shares the model's parameters, which are what is saved.
+        self.compiled = torch.compile(self.model) if settings.compile else self.model
         self.normalization = channel_statistics(dataset.train.images, settings.normalize)
         self.images = torch.from_numpy(dataset.train.images).to(device)  # (N, H, W, C) uint8, all in memory
         self.labels = torch.from_numpy(dataset.train.labels).to(device)
         self.steps_per_epoch = -(-len(self.labels) // settings.batch_size)
         self.total_steps = math.ceil(self.steps_per_epoch * settings.epochs)
-        self.optimizer = make_optimizer(self.model, settings)
+        self.optimizer = make_optimizer(self.model, settings, torch.bfloat16 if self.bf16 else torch.float32)
         self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
         self.random = torch.Generator().manual_seed(settings.seed + 1)  # data order and augmentation
         # A fixed random half of the images, mirrored on odd epochs (the other half on even ones).
@@ -279,7 +282,7 @@ class Trainer:
         whiten = getattr(model, "whiten", None)
         if whiten is not None:
             whiten.bias.requires_grad_(epoch <= settings.whiten_bias_epochs)
-        forward = self.ranks.wrap(model)  # after the line above: DDP must see which parameters learn
+        forward = self.ranks.wrap(self.compiled)  # after the line above: DDP must see which parameters learn
         partial = self.partial if self.partial is not None and self.partial["epoch"] == epoch else None
         order_state = partial["order_state"] if partial else self.random.get_state()
         current_state = self.random.get_state()
@@ -315,7 +318,7 @@ class Trainer:
                 images = mirror(images, flip_mask[mine])
             if shifts is not None:
                 images = translate(images, shifts[mine])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = forward(to_input(images, self.normalization))
                 summed = F.cross_entropy(
                     logits.float(), labels, label_smoothing=settings.label_smoothing, reduction="sum"
@@ -353,11 +356,13 @@ class Trainer:
             self.lookahead.update(model, decay=1.0)  # end the epoch on the averaged weights
         self.ranks.copy_buffers_from_main(model)
         loss_sum, correct, seen = self._summed(loss_sum, correct, seen)
+        synchronize(self.device)
         seconds = time.perf_counter() - started
 
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen}
         metrics |= self.evaluate()
         metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
+        metrics["precision"] = "bf16" if self.bf16 else "fp32"
         self.history.append(metrics)
         return metrics
 
@@ -397,8 +402,7 @@ class Trainer:
     def _logits(self, images: np.ndarray, tta: str) -> torch.Tensor:
         """Every image's logits, each process computing its shard of them."""
         mine = self.ranks.shard(len(images))
-        bf16 = self.settings.precision == "bf16"
-        logits = predict_logits(self.model, images[mine], self.normalization, self.device, tta, bf16)
+        logits = predict_logits(self.model, images[mine], self.normalization, self.device, tta, self.bf16)
         return self.ranks.gather_rows(logits, len(images))
 
     def state_dict(self) -> dict[str, Any]:

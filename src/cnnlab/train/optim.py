@@ -12,9 +12,12 @@ LOOKAHEAD_EVERY = 5  # steps between averagings
 LOOKAHEAD_DECAY = 0.95  # per step; raised to the power (progress ** 3) so averaging strengthens late
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, matmul_dtype: torch.dtype = torch.float32
+) -> torch.optim.Optimizer:
     """SGD, Adam or Muon; BatchNorm biases get `bias_lr_scale` times the learning rate with the same decay per
-    step. Muon takes the convolution filters (at `muon_lr`) and updates the rest as Nesterov SGD does."""
+    step. Muon takes the convolution filters (at `muon_lr`) and updates the rest as Nesterov SGD does; it
+    orthogonalises in `matmul_dtype` (bf16 where that is native, as the forward pass runs)."""
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     filters = [p for p in trainable if p.ndim == 4] if config.optimizer == "muon" else []
@@ -32,7 +35,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         )
     groups = [group for group in groups if group["params"]]
     if config.optimizer == "muon":
-        return Muon(groups, momentum=config.momentum, nesterov=config.nesterov)
+        return Muon(groups, momentum=config.momentum, nesterov=config.nesterov, matmul_dtype=matmul_dtype)
     # Fused kernels update every parameter in one call: fewer passes over memory than the default loop.
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov, fused=True)
@@ -49,9 +52,10 @@ class Muon(torch.optim.Optimizer):
     with coupled weight decay, as torch.optim.SGD does.
     """
 
-    def __init__(self, groups: list[dict], momentum: float, nesterov: bool):
+    def __init__(self, groups: list[dict], momentum: float, nesterov: bool, matmul_dtype: torch.dtype):
         defaults = {"lr": 0.0, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0, "orthogonalize": False}
         super().__init__(groups, defaults)
+        self.matmul_dtype = matmul_dtype
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -67,7 +71,8 @@ class Muon(torch.optim.Optimizer):
                 update = gradient.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
                 if group["orthogonalize"]:
                     weight.mul_(len(weight) ** 0.5 / weight.norm())
-                    update = orthogonalized(update.reshape(len(update), -1)).view_as(weight).to(weight.dtype)
+                    matrix = update.reshape(len(update), -1)
+                    update = orthogonalized(matrix, self.matmul_dtype).view_as(weight).to(weight.dtype)
                 weight.add_(update, alpha=-group["lr"])
 
 
@@ -77,11 +82,11 @@ _NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 _NEWTON_SCHULZ_STEPS = 3
 
 
-def orthogonalized(matrix: torch.Tensor) -> torch.Tensor:
-    """An approximation of U V^T for matrix = U S V^T, computed in bf16 with matmuls only."""
+def orthogonalized(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An approximation of U V^T for matrix = U S V^T, computed in `dtype` with matmuls only."""
     a, b, c = _NEWTON_SCHULZ
     wide = matrix.shape[0] <= matrix.shape[1]
-    x = matrix.bfloat16() if wide else matrix.T.bfloat16()  # (rows <= cols): the Gram matrix is the small one
+    x = (matrix if wide else matrix.T).to(dtype)  # (rows <= cols): the Gram matrix is the small one
     x = x / (x.norm() + 1e-7)  # every singular value <= 1, where the iteration converges
     for _ in range(_NEWTON_SCHULZ_STEPS):
         gram = x @ x.T
