@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
@@ -174,7 +175,7 @@ def bench(
         "results": results,
         "across_seeds": across_seeds(results) if seeds > 1 else [],
     }
-    (out / "bench.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "bench.json", json.dumps(summary, indent=2))
     return summary
 
 

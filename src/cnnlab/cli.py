@@ -48,8 +48,10 @@ app = typer.Typer(
 console = Console(highlight=False, soft_wrap=True, markup=False)
 errors = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
-# Exit codes: 1 when some inputs failed (predict), 2 for a usage or input error, 130 when interrupted.
-EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+# Exit codes: 1 when some inputs failed (predict) or the reader of our output went away (click's own
+# handling of EPIPE), 2 for a usage or input error, 74 when a file system operation fails (WriteError's
+# code), 130 when interrupted.
+EXIT_PARTIAL, EXIT_ERROR, EXIT_IO, EXIT_INTERRUPTED = 1, 2, 74, 130
 
 Dataset = Annotated[str | None, typer.Option("--dataset", help="Named dataset: digits, cifar10, cifar100.")]
 Data = Annotated[str | None, typer.Option("--data", help="Image folder, .tar.gz/.zip of one, or a CIFAR archive.")]
@@ -78,6 +80,12 @@ def handles_errors(command):
         except KeyboardInterrupt:
             errors.print("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            raise  # click ends quietly with exit code 1: `cnnlab predict ... | head` closed our output
+        except OSError as error:  # a file system fault the library did not foresee: still one line
+            where = f"{error.filename}: " if error.filename else ""
+            errors.print(f"error: {where}{error.strerror or error}")
+            raise typer.Exit(EXIT_IO) from None
 
     return wrapper
 
@@ -251,7 +259,12 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
 ) -> None:
     """Predict the class of image files; exits 1 when any file could not be read."""
-    predictions = predict_files(load_classifier(model), expand_paths(paths), top_k)
+    files, skipped = expand_paths(paths)
+    if skipped:
+        logging.getLogger("cnnlab").warning(
+            "skipped %d entries of the folders given: %s", len(skipped), "; ".join(skipped[:3])
+        )
+    predictions = predict_files(load_classifier(model), files, top_k)
     if as_json:
         typer.echo(json.dumps([asdict(p) for p in predictions], indent=2))
     for prediction in predictions:

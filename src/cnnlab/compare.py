@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig, RunConfig
 from cnnlab.data import load_dataset
 from cnnlab.evaluate import Evaluation, evaluate, write_evaluation
@@ -69,9 +70,9 @@ def compare(
                 run_dir=str(result.run_dir),
             )
         )
-    (out / TABLE_FILES[0]).write_text(comparison_markdown(rows, dataset.name))
-    (out / TABLE_FILES[1]).write_text(
-        json.dumps({"dataset": dataset.name, "results": [asdict(r) for r in rows]}, indent=2)
+    write_text(out / TABLE_FILES[0], comparison_markdown(rows, dataset.name))
+    write_text(
+        out / TABLE_FILES[1], json.dumps({"dataset": dataset.name, "results": [asdict(r) for r in rows]}, indent=2)
     )
     write_comparison_report(out, rows, evaluations, histories, dataset)
     return rows

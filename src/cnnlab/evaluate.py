@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
+from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig, build
 from cnnlab.data import Dataset, Split, load_dataset, match_channels, resize_images
 from cnnlab.errors import CnnlabError
@@ -103,9 +105,10 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path) -> None:
-    (folder / REPORT_FILE).write_text(json.dumps(evaluation.to_dict(), indent=2))
-    with open(folder / CONFUSION_FILE, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["true \\ predicted", *evaluation.classes])
-        for name, row in zip(evaluation.classes, evaluation.confusion.tolist(), strict=True):
-            writer.writerow([name, *row])
+    write_text(folder / REPORT_FILE, json.dumps(evaluation.to_dict(), indent=2))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["true \\ predicted", *evaluation.classes])
+    for name, row in zip(evaluation.classes, evaluation.confusion.tolist(), strict=True):
+        writer.writerow([name, *row])
+    write_text(folder / CONFUSION_FILE, table.getvalue())

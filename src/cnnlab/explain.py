@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.atomic import write_text
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError
 from cnnlab.models import TrainedModel
@@ -166,5 +167,5 @@ def write_explanation(explanation: Explanation, image: np.ndarray, out: Path, ti
         "predicted": explanation.predicted,
         "probabilities": explanation.probabilities,
     }
-    (out / "explanation.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "explanation.json", json.dumps(summary, indent=2))
     return paths

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnlab.atomic import write_text
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.models import ModelInfo, TrainedModel
@@ -72,7 +73,7 @@ def export_onnx(model: TrainedModel, out: Path, sample: np.ndarray) -> Verificat
         )
     except Exception as error:  # the exporter raises many types; report any in one line
         raise CnnlabError(f"ONNX export of {model.info.architecture} failed: {error}") from None
-    out.with_suffix(".json").write_text(json.dumps(asdict(model.info), indent=2))
+    write_text(out.with_suffix(".json"), json.dumps(asdict(model.info), indent=2))
     verification = verify(model, out, sample)
     if verification.max_abs_difference > TOLERANCE:
         raise CnnlabError(

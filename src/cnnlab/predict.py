@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from cnnlab.data import images as image_io
+from cnnlab.data.walk import walk_files
 from cnnlab.models import ModelInfo, load_model
 
 _BATCH = 256  # images decoded and predicted together
@@ -29,17 +30,19 @@ class Prediction:
     error: str | None = None
 
 
-def expand_paths(paths: list[Path]) -> list[Path]:
-    """Files as given; folders replaced by the non-hidden files below them, sorted."""
+def expand_paths(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Files as given; folders replaced by the non-hidden files below them, sorted (see `walk_files`); and
+    the entries of those folders that were skipped, each with its reason."""
     files: list[Path] = []
+    skipped: list[str] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(
-                p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
-            )
+            listing = walk_files(path)
+            files += [Path(found.path) for found in listing.files]
+            skipped += listing.skipped
         else:
             files.append(path)
-    return files
+    return files, skipped
 
 
 def load_classifier(path: Path) -> Classifier:

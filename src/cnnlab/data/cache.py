@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cnnlab.atomic import WriteError, atomic_write
+
 # Bump when decoding changes, so that arrays decoded by older code are not reused.
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: image folders keep the reasons of the files they left out
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -38,7 +39,8 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically, so that a crash mid-write never leaves a half file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        np.savez(handle, **arrays)
-    os.replace(handle.name, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError.of(path.parent, error) from None
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))

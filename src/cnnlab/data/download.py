@@ -8,9 +8,11 @@ import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
+from typing import BinaryIO
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from cnnlab.atomic import WriteError
 from cnnlab.errors import CnnlabError
 
 _BLOCK = 1 << 20
@@ -32,10 +34,14 @@ def download(url: str, destination: Path, *, md5: str, timeout: float = 60.0) ->
     """
     if destination.is_file() and file_digest(destination, "md5") == md5:
         return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        out = open(partial, "wb")  # noqa: SIM115 (closed below, before the checksum is read)
+    except OSError as error:
+        raise WriteError.of(partial, error) from None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with Progress(
                 TextColumn(f"downloading {destination.name}"),
@@ -46,8 +52,11 @@ def download(url: str, destination: Path, *, md5: str, timeout: float = 60.0) ->
             ) as progress:
                 task = progress.add_task("download", total=total)
                 while block := response.read(_BLOCK):
-                    out.write(block)
+                    _write_block(out, block, partial)
                     progress.advance(task, len(block))
+    except WriteError:
+        partial.unlink(missing_ok=True)
+        raise
     except urllib.error.HTTPError as error:
         partial.unlink(missing_ok=True)
         raise CnnlabError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
@@ -61,3 +70,11 @@ def download(url: str, destination: Path, *, md5: str, timeout: float = 60.0) ->
         raise CnnlabError(f"download of {url} is corrupt or truncated: md5 {actual}, expected {md5}")
     os.replace(partial, destination)
     return destination
+
+
+def _write_block(out: BinaryIO, block: bytes, path: Path) -> None:
+    """Write failures (a full disk) are ours to report, apart from the network's."""
+    try:
+        out.write(block)
+    except OSError as error:
+        raise WriteError.of(path, error) from None

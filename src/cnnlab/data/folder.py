@@ -22,6 +22,7 @@ import numpy as np
 from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
 from cnnlab.data.dataset import Dataset, Split, split_stratified
+from cnnlab.data.walk import walk_files
 from cnnlab.errors import CnnlabError
 
 log = logging.getLogger("cnnlab")
@@ -51,12 +52,13 @@ def load_image_folder(
     if not path.exists():
         raise CnnlabError(f"{path}: no such file or folder")
     cache_key = {"source": str(path.resolve()), "image_size": image_size, "strict": strict}
+    skipped: list[str] = []  # entries of a folder that the walk left out, with their reasons
     if is_archive(path):
         stat = path.stat()
         cache_key |= {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         entries = None
     elif path.is_dir():
-        entries, cache_key["listing"] = _scan_folder(path)
+        entries, cache_key["listing"], skipped = _scan_folder(path)
     else:
         raise CnnlabError(f"{path}: expected an image folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive of one")
 
@@ -65,8 +67,11 @@ def load_image_folder(
     if arrays is None:
         if entries is None:
             entries = _archive_entries(path)
-        arrays = _decode_dataset(path, entries, image_size, strict)
+        arrays = _decode_dataset(path, entries, skipped, image_size, strict)
         save_arrays(cache_file, arrays)
+    # The same warning on every load: the walk's skips now, the decoding's failures as the cache kept them.
+    failures = [*skipped, *arrays["failures"].tolist()]
+    _report_failures(path, failures, len(arrays["labels"]) + len(failures), strict)
 
     classes = tuple(str(name) for name in arrays["classes"])
     everything = Split(arrays["images"], arrays["labels"].astype(np.int64))
@@ -78,25 +83,13 @@ def load_image_folder(
     return Dataset(name=path.name, classes=classes, train=train, test=test)
 
 
-def _scan_folder(root: Path) -> tuple[list[Entry], str]:
-    """Every non-hidden file below root, sorted, and a signature that changes when any file is
-    added, removed, resized or touched. Kept lean: it runs on every cached load."""
-    entries: list[Entry] = []
-    stamps: list[str] = []
-
-    def visit(folder: str, parts: tuple[str, ...]) -> None:
-        with os.scandir(folder) as listing:
-            children = sorted((child for child in listing if not _hidden(child.name)), key=lambda c: c.name)
-        for child in children:
-            if child.is_dir():
-                visit(child.path, (*parts, child.name))
-            elif child.is_file():
-                stat = child.stat()
-                entries.append(Entry((*parts, child.name), child.path))
-                stamps.append(f"{child.path}\0{stat.st_size}\0{stat.st_mtime_ns}")
-
-    visit(str(root), ())
-    return entries, hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+def _scan_folder(root: Path) -> tuple[list[Entry], str, list[str]]:
+    """Every non-hidden file below root, sorted; a signature that changes when any file is added, removed,
+    resized or touched (it runs on every cached load); and the entries skipped, with their reasons."""
+    listing = walk_files(root)
+    stamps = "\n".join(f"{found.path}\0{found.size}\0{found.mtime_ns}" for found in listing.files)
+    entries = [Entry(found.parts, found.path) for found in listing.files]
+    return entries, hashlib.sha256(stamps.encode()).hexdigest(), listing.skipped
 
 
 def _archive_entries(path: Path) -> list[Entry]:
@@ -132,7 +125,11 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _decode_dataset(path: Path, entries: list[Entry], image_size: int | None, strict: bool) -> dict[str, np.ndarray]:
+def _decode_dataset(
+    path: Path, entries: list[Entry], skipped: list[str], image_size: int | None, strict: bool
+) -> dict[str, np.ndarray]:
+    if strict:  # refused before any decoding
+        _report_failures(path, skipped, len(entries) + len(skipped), strict)
     labelled = _assign_labels(path, entries)
     entries = [entry for entry, _, _ in labelled]
 
@@ -147,8 +144,9 @@ def _decode_dataset(path: Path, entries: list[Entry], image_size: int | None, st
         if actual != (size, channels):
             size, channels = actual
             decoded = _decode_all(entries, size, channels)
-    failures = [(e.name, result) for e, result in zip(entries, decoded, strict=True) if isinstance(result, str)]
-    _report_failures(path, failures, len(entries), strict)
+    failures = [result for result in decoded if isinstance(result, str)]
+    if strict:
+        _report_failures(path, failures, len(entries), strict)
     if not kept:
         raise CnnlabError(f"{path}: none of its {len(entries)} files is a readable image")
 
@@ -159,6 +157,7 @@ def _decode_dataset(path: Path, entries: list[Entry], image_size: int | None, st
         "labels": np.array([index[labelled[i][1]] for i in kept], dtype=np.int64),
         "is_test": np.array([labelled[i][2] == "test" for i in kept], dtype=bool),
         "classes": np.array(classes),
+        "failures": np.array(failures, dtype=str),  # why each left-out file is not a readable image
     }
 
 
@@ -201,13 +200,15 @@ def _assign_labels(path: Path, entries: list[Entry]) -> list[tuple[Entry, str, s
     return placed
 
 
-def _report_failures(path: Path, failures: list[tuple[str, str]], total: int, strict: bool) -> None:
+def _report_failures(path: Path, failures: list[str], total: int, strict: bool) -> None:
+    """One warning line (or, with --strict, one error) for every entry left out, with a few of the reasons."""
     if not failures:
         return
-    examples = "; ".join(reason for _, reason in failures[:3])
+    examples = "; ".join(failures[:3])
+    what = "entries that are not readable images or regular files inside the folder"
     if strict:
-        raise CnnlabError(f"{path}: {len(failures)} of {total} files are not readable images (--strict): {examples}")
-    log.warning("%s: skipped %d of %d files that are not readable images: %s", path, len(failures), total, examples)
+        raise CnnlabError(f"{path}: {len(failures)} of {total} {what} (--strict): {examples}")
+    log.warning("%s: skipped %d of %d %s: %s", path, len(failures), total, what, examples)
 
 
 def _chunks(entries: list[Entry]) -> list[list[Entry]]:

@@ -1,8 +1,10 @@
 """Decoding one image file into a uint8 array, the same way for training folders and for prediction.
 
-Every Pillow raster mode is brought to L (grayscale) or RGB: alpha is dropped, palettes and CMYK are
-converted, 16-bit and 32-bit integer images are scaled (not clipped) to 8 bits, EXIF orientation is
-applied, and a multi-frame file (GIF, TIFF, APNG) contributes its first frame.
+Only the raster formats people train on are opened (ALLOWED_FORMATS), for every decode: training
+folders, archives, predict, serve and explain. Every Pillow raster mode is brought to L (grayscale) or
+RGB: alpha is dropped, palettes and CMYK are converted, 16-bit and 32-bit integer images are scaled (not
+clipped) to 8 bits, EXIF orientation is applied, and a multi-frame file (GIF, TIFF, APNG) contributes its
+first frame.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
 
 
+# The formats opened, by content (never by file name). Each is decoded by Pillow's own long-used code or the
+# libraries photos pass through every day (libjpeg, libpng, zlib, libtiff, libwebp). Everything else is
+# refused before any plugin parses it, as Pillow's security notes advise: EPS and PS would be rendered by
+# Ghostscript, and PSD, FITS, PDF and the other plugins are no photo formats. A camera JPEG that carries a
+# second picture opens as "MPO": the same JPEG decoder.
+ALLOWED_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
+# Formats that Pillow cannot read at all, so that its plugins' signatures cannot name them.
+_OTHER_SIGNATURES = {b"%PDF": "PDF", b"PK\x03\x04": "ZIP", b"\x1f\x8b": "gzip"}
+
+
 class ImageError(CnnlabError):
     """A file that is not a readable image."""
 
@@ -35,15 +47,41 @@ def _open(source: Source, name: str) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=ALLOWED_FORMATS)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
             raise ImageError(f"{name}: refused, too many pixels ({error})") from None
         except UnidentifiedImageError:
-            raise ImageError(f"{name}: not a recognised image format") from None
+            found = _sniffed_format(source)
+            accepted = ", ".join(ALLOWED_FORMATS)
+            if found is None:
+                raise ImageError(f"{name}: not a recognised image format (accepted: {accepted})") from None
+            raise ImageError(f"{name}: refused, a {found} file is not an accepted format ({accepted})") from None
         except OSError as error:
             raise ImageError(f"{name}: cannot read ({error.strerror or error})") from None
         except Exception as error:  # a malformed header can raise anything from inside a format plugin
             raise ImageError(f"{name}: malformed image header ({type(error).__name__})") from None
+
+
+def _sniffed_format(source: Source) -> str | None:
+    """The format a file's first bytes announce, by the signature checks of Pillow's plugins (which read
+    only those bytes) and a few others; None when nothing recognises it."""
+    try:
+        if isinstance(source, bytes):
+            prefix = source[:16]
+        else:
+            with open(source, "rb") as handle:
+                prefix = handle.read(16)
+    except OSError:
+        return None
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a signature check that trips on a short prefix recognises nothing
+            continue
+    return next((name for signature, name in _OTHER_SIGNATURES.items() if prefix.startswith(signature)), None)
 
 
 @dataclass(frozen=True)

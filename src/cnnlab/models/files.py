@@ -7,7 +7,6 @@ in the JSON, and weights are never unpickled.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from cnnlab.atomic import atomic_write, write_text
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.machine import inference_precision
@@ -81,17 +82,10 @@ def package_version() -> str:
 
 
 def save_model(model: nn.Module, info: ModelInfo, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """model.safetensors, then model.json: each replaced atomically, the description last."""
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(weights, str(path)))
-    text = json.dumps(asdict(info), indent=2)
-    _write_atomically(folder / INFO_FILE, lambda path: path.write_text(text))
-
-
-def _write_atomically(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    write(partial)
-    os.replace(partial, path)
+    atomic_write(folder / WEIGHTS_FILE, safetensors_bytes(weights))
+    write_text(folder / INFO_FILE, json.dumps(asdict(info), indent=2))
 
 
 def model_folder(path: Path) -> Path:

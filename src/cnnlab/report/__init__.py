@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnlab.atomic import atomic_write, write_text
 from cnnlab.data import Dataset, Split
 from cnnlab.evaluate import Evaluation, evaluate, test_split_for, write_evaluation
 from cnnlab.models import load_model
@@ -64,7 +65,7 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
     history = read_history(run_dir)
     pngs = run_figures(history, evaluation, split)
     for name, data in pngs.items():
-        (run_dir / name).write_bytes(data)
+        atomic_write(run_dir / name, data)
 
     metric_keys = [key for key in (history[0] if history else {}) if key != "epoch"]
     config = (run_dir / CONFIG_FILE).read_text() if (run_dir / CONFIG_FILE).is_file() else ""
@@ -82,7 +83,7 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
     ]
     summary = f"test accuracy {evaluation.accuracy:.2%}, loss {evaluation.loss:.4f}, on {len(split)} images"
     title = f"{model.info.architecture} on {model.info.config.get('data', {}).get('dataset') or run_dir.name}"
-    (run_dir / REPORT_HTML).write_text(html.page(title, sections, summary))
+    write_text(run_dir / REPORT_HTML, html.page(title, sections, summary))
     return run_dir / REPORT_HTML
 
 
@@ -147,5 +148,5 @@ def write_comparison_report(
     ]
     best = max(rows, key=lambda r: r.test_accuracy)
     summary = f"best: {best.model} at {best.test_accuracy:.2%} test accuracy on {dataset.name}"
-    (out / REPORT_HTML).write_text(html.page(f"Comparison on {dataset.name}", sections, summary))
+    write_text(out / REPORT_HTML, html.page(f"Comparison on {dataset.name}", sections, summary))
     return out / REPORT_HTML

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from cnnlab.atomic import atomic_write
+
 STYLE = {
     "figure.dpi": 100,
     "savefig.dpi": 100,
@@ -32,8 +34,7 @@ TRAIN_COLOR, TEST_COLOR, VAL_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
 
 def save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, format="png", bbox_inches="tight")
-    plt.close(figure)
+    atomic_write(path, png_bytes(figure))
     return path
 
 

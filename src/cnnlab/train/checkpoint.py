@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cnnlab.atomic import atomic_write
 from cnnlab.errors import CnnlabError, first_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync it, rename it over the old checkpoint and
-    fsync the folder: a crash at any moment leaves either the previous checkpoint or the new one."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-        try:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """Replace the checkpoint atomically: a crash at any moment leaves either the previous one or the new one.
+
+    The state is serialised in memory first, so that a write failure surfaces as the operating system's
+    reason (a WriteError: "No space left on device") rather than as a serialiser's internal error."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from cnnlab.atomic import WriteError, append_line, remove_temporaries, write_text
 from cnnlab.config import RunConfig, TrainConfig, build, load_toml, to_toml
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.data.augment import alternating_flips, mirror, random_flips, random_shifts, translate
@@ -34,7 +35,7 @@ from cnnlab.data.transforms import Normalization, to_input
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import Precision, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import ModelInfo, TrainedModel, create_model, save_model
-from cnnlab.models.files import package_version
+from cnnlab.models.files import INFO_FILE, WEIGHTS_FILE, package_version
 from cnnlab.models.inference import loss_and_accuracy, predict_logits
 from cnnlab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cnnlab.train.distributed import (
@@ -109,7 +110,7 @@ def resume(
 def write_run_config(run_dir: Path, config: RunConfig, precision: Precision) -> None:
     """config.toml: the resolved config, headed by a comment with the precision it resolved to here."""
     header = f"# precision {config.train.precision} ran as {precision} on {this_machine().describe()}\n"
-    (run_dir / CONFIG_FILE).write_text(header + to_toml(config))
+    write_text(run_dir / CONFIG_FILE, header + to_toml(config))
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -165,50 +166,54 @@ def _train(
     keep_freed_memory()
     trainer = Trainer(settings, precision, dataset, ranks)
     reporter.message(f"precision {precision} ({settings.precision}; {this_machine().describe()})")
+    intact = None  # the last checkpoint on disk, as "epoch E" or "epoch E step S"
     if checkpoint is not None:
         _check_compatible(checkpoint, dataset, trainer.input_shape, run_dir)
         trainer.load_state_dict(checkpoint)
+        partial = checkpoint.get("partial_epoch")
+        intact = f"epoch {partial['epoch']} step {partial['step']}" if partial else f"epoch {checkpoint['epoch']}"
     else:
         trainer.init_from_data()
-    if ranks.is_main:
-        remove_stray_temporaries(run_dir)
-        # The metrics log is rebuilt from the checkpoint, dropping any epoch logged after it was written.
-        with open(run_dir / METRICS_FILE, "w") as log:
-            log.writelines(json.dumps(metrics) + "\n" for metrics in trainer.history)
 
-    def checkpoint(epoch: int, step: int) -> None:
+    def save(epoch: int, step: int) -> None:
+        nonlocal intact
         if not all(torch.isfinite(p).all() for p in trainer.model.parameters()):
             raise NonFiniteLoss(f"non-finite weights at epoch {epoch} step {step}; the last checkpoint is kept")
         state = trainer.state_dict()  # on every process: it sums the epoch's running totals over them
         if ranks.is_main:
-            save_checkpoint(
-                run_dir / CHECKPOINT_FILE,
-                {
-                    **state,
-                    "classes": list(dataset.classes),
-                    "input_shape": list(trainer.input_shape),
-                    "config": dataclasses.asdict(config),
-                },
-            )
+            extra = {"classes": list(dataset.classes), "input_shape": list(trainer.input_shape)}
+            save_checkpoint(run_dir / CHECKPOINT_FILE, {**state, **extra, "config": dataclasses.asdict(config)})
+            whole_epoch = step == trainer.steps_in_epoch(epoch)
+            intact = f"epoch {epoch}" if whole_epoch else f"epoch {epoch} step {step}"
 
     def after_step(epoch: int, step: int) -> None:
         # Every process stops at the same step, so that the checkpoint's collectives line up.
         if ranks.any(stop.signal is not None):
-            checkpoint(epoch, step)
+            save(epoch, step)
             raise TrainingStopped(stop.signal or signal.SIGTERM, run_dir, epoch, step)
         if settings.checkpoint_every and trainer.global_step(epoch, step) % settings.checkpoint_every == 0:
-            checkpoint(epoch, step)
+            save(epoch, step)
 
     try:
+        if ranks.is_main:
+            remove_temporaries(run_dir, CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, INFO_FILE)
+            # The metrics log is rebuilt from the checkpoint, dropping any epoch logged after it was written.
+            write_text(run_dir / METRICS_FILE, "".join(json.dumps(metrics) + "\n" for metrics in trainer.history))
         with StopOnSignal() as stop:
             for epoch in range(len(trainer.history) + 1, math.ceil(settings.epochs) + 1):
                 reporter.epoch_started(epoch, settings.epochs, trainer.steps_in_epoch(epoch))
                 metrics = trainer.train_epoch(epoch, reporter, after_step)
-                checkpoint(epoch, trainer.steps_in_epoch(epoch))
+                save(epoch, trainer.steps_in_epoch(epoch))
                 if ranks.is_main:
-                    with open(run_dir / METRICS_FILE, "a") as log:
-                        log.write(json.dumps(metrics) + "\n")
+                    append_line(run_dir / METRICS_FILE, json.dumps(metrics))
                 reporter.epoch_done(metrics)
+        info = _model_info(config, precision, dataset, trainer)
+        if ranks.is_main:
+            save_model(trainer.model, info, run_dir)
+    except WriteError as error:
+        kept = f"the checkpoint of {intact} in {run_dir} is intact" if intact else "no checkpoint was written yet"
+        then = f"; once there is room: cnnlab train --resume {run_dir}" if intact else ""
+        raise WriteError(error.path, error.reason, f"{kept}{then}") from None
     except Exception as error:
         if lost_contact(error, ranks):
             raise CnnlabError(
@@ -218,22 +223,22 @@ def _train(
         raise
     finally:
         reporter.stop()
+    return TrainingResult(TrainedModel(trainer.model.eval(), info), trainer.history, run_dir, dataset, ranks.is_main)
 
+
+def _model_info(config: RunConfig, precision: Precision, dataset: Dataset, trainer: Trainer) -> ModelInfo:
     normalization = trainer.normalization
-    info = ModelInfo(
-        architecture=settings.model,
+    return ModelInfo(
+        architecture=config.train.model,
         classes=list(dataset.classes),
         input_shape=list(trainer.input_shape),
         normalization={"mean": list(normalization.mean), "std": list(normalization.std)},
-        tta=settings.tta,
+        tta=config.train.tta,
         precision=precision,
         metrics=trainer.history[-1] if trainer.history else {},
         config=dataclasses.asdict(config),
         cnnlab_version=package_version(),
     )
-    if ranks.is_main:
-        save_model(trainer.model, info, run_dir)
-    return TrainingResult(TrainedModel(trainer.model.eval(), info), trainer.history, run_dir, dataset, ranks.is_main)
 
 
 class Trainer:
@@ -495,12 +500,6 @@ def restore_global_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-def remove_stray_temporaries(run_dir: Path) -> None:
-    """Delete half-written checkpoints left by a crash during a write; the last complete one stays."""
-    for stray in run_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
-        stray.unlink(missing_ok=True)
 
 
 def channel_statistics(images: np.ndarray, mode: str) -> Normalization:
