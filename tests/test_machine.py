@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import cnnlab.machine
 from cnnlab.bench import dense_peaks
 from cnnlab.cli import app
+from cnnlab.errors import CnnlabError
 from cnnlab.machine import Machine, _cpuinfo, inference_precision, resolve_precision
 from cnnlab.models import load_model
 from cnnlab.recipes import resolve_run_config
@@ -185,3 +186,9 @@ def test_bench_prints_the_capability_line_and_carries_it_in_json(tmp_path):
     assert f"machine: {machine['summary']}" in result.stderr
     (run,) = summary["results"]
     assert run["precision"] in ("fp32", "bf16") and run["fraction_of_peak"] > 0
+
+
+def test_compiling_bf16_training_on_the_cpu_is_refused_in_one_line(tmp_path, monkeypatch):
+    on_machine(monkeypatch, ZEN4)
+    with pytest.raises(CnnlabError, match="--compile with bf16 on the CPU gives non-finite gradients"):
+        fit(fast_digits(tmp_path / "run", compile=True), reporter=LineReporter())

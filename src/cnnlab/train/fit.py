@@ -252,6 +252,11 @@ class Trainer:
         self.input_shape = (channels, height, width)
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
         self.model = with_sync_bn(model, settings.sync_bn, ranks).to(device)
+        if settings.compile and self.bf16 and device.type == "cpu":
+            raise CnnlabError(
+                "--compile with bf16 on the CPU gives non-finite gradients with this torch's inductor (seen with "
+                "torch 2.13 on the fast nets); add --precision fp32, or train without --compile"
+            )
         # The training forward, compiled when asked: it shares the model's parameters, which are what is saved.
         self.compiled = torch.compile(self.model) if settings.compile else self.model
         self.normalization = channel_statistics(dataset.train.images, settings.normalize)
