@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -36,8 +36,10 @@ def atomic_write(path: Path, data: bytes | memoryview | Callable[[IO[bytes]], No
     The bytes go to a temporary file in the same folder (`.NAME.*.tmp`), which is flushed, fsynced and
     renamed over `path`; then the folder is fsynced: a crash at any moment leaves the old file or the
     new one, never a mix. On any OSError the temporary is removed and a WriteError names `path`."""
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+        # O_EXCL: never another's file; mode 0o666 less the umask, as a plain open gives (mkstemp's is 0o600)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as error:
         raise WriteError.of(path, error) from None
     try:

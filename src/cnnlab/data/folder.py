@@ -205,10 +205,10 @@ def _report_failures(path: Path, failures: list[str], total: int, strict: bool) 
     if not failures:
         return
     examples = "; ".join(failures[:3])
-    what = "entries that are not readable images or regular files inside the folder"
+    what = "not readable images or regular files inside the folder"
     if strict:
-        raise CnnlabError(f"{path}: {len(failures)} of {total} {what} (--strict): {examples}")
-    log.warning("%s: skipped %d of %d %s: %s", path, len(failures), total, what, examples)
+        raise CnnlabError(f"{path}: {len(failures)} of {total} entries are {what} (--strict): {examples}")
+    log.warning("%s: skipped %d of %d entries that are %s: %s", path, len(failures), total, what, examples)
 
 
 def _chunks(entries: list[Entry]) -> list[list[Entry]]:

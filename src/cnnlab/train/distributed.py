@@ -163,6 +163,10 @@ def joined(device: torch.device) -> Iterator[Ranks]:
         _init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Ranks(device, dist.get_rank(), dist.get_world_size(), grouped=True)
+        # Leave together: a process that tore its group down while the main one still wrote the model
+        # was seen aborting at exit ("terminate called without an active exception") now and then.
+        if owned:
+            dist.barrier()
     finally:
         if owned:
             dist.destroy_process_group()
