@@ -131,6 +131,13 @@ def test_every_decode_refuses_other_formats_by_content_naming_what_it_found(tmp_
         image_io.header(path.read_bytes(), path.name)  # serve's path: the bytes of an upload
 
 
+def test_a_camera_jpeg_with_a_second_picture_still_opens(tmp_path):
+    picture = Image.fromarray(pattern_image(0))
+    picture.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[picture])
+    assert image_io.header(tmp_path / "camera.jpg", "camera.jpg").format == "MPO"
+    assert image_io.decode(tmp_path / "camera.jpg", "camera.jpg", (6, 6), 3).shape == (6, 6, 3)
+
+
 def test_training_on_the_faulty_folder_skips_every_fault_in_one_warning(faulty, trained):
     # `trained` trained on it already; train again to read its output
     result = cnnlab("train", "--model", "tutorial-cnn", "--data", faulty, "--epochs", "1", "--no-report", "-q")

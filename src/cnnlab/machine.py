@@ -1,8 +1,8 @@
 """What this machine can compute fast, and the precision that follows from it.
 
 bf16 pays only where the hardware multiplies bf16 natively: on CPUs with AVX-512 BF16 or AMX (and Arm's
-BF16 extension), and on CUDA GPUs that support it. Elsewhere oneDNN emulates it, several times (up to ~75x
-for matmuls on AVX2-only CPUs) slower than fp32, so `auto` picks fp32 there.
+BF16 extension), and on CUDA GPUs that support it. Elsewhere oneDNN emulates it, several times slower than
+fp32 (a matmul 75-190x slower on AVX2-only kernels), so `auto` picks fp32 there.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import platform
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from cnnlab.errors import CnnlabError
 
-Precision = str  # "fp32" or "bf16": what training and inference actually run in
+Precision = Literal["fp32", "bf16"]  # what training and inference actually run in
 
 _NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512 BF16, AMX; Arm's BF16
 _REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16", "asimd", "sve")
@@ -107,7 +108,7 @@ def resolve_precision(requested: str, device: torch.device, machine: Machine | N
             f"bf16 is not native on this {where}: it runs several times slower than fp32 here; "
             "--precision auto picks fp32"
         )
-    return requested
+    return "bf16" if requested == "bf16" else "fp32"
 
 
 def inference_precision(trained_in: str, device: torch.device, machine: Machine | None = None) -> Precision:
