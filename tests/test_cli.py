@@ -116,3 +116,14 @@ def test_resume_takes_only_epochs(trained_run):
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "cnnlab", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_train_and_evaluate_report_the_same_delivered_accuracy(tmp_path):
+    run = tmp_path / "run"
+    args = ("--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "256", "--out", run)
+    trained = invoke("train", "--recipe", "fast70", *args, "-q", "--no-report")
+    assert trained.exit_code == 0, trained.output
+    delivered = trained.output.split("test accuracy: ")[1].split()[0]
+    assert "(with TTA;" in trained.output
+    evaluated = json.loads(invoke("evaluate", run, "--json").output)
+    assert f"{evaluated['accuracy']:.4f}" == delivered

@@ -201,9 +201,18 @@ def train(
     if not result.is_main:
         return
     final = result.history[-1] if result.history else {}
-    console.print(f"run folder: {result.run_dir}  test accuracy: {final.get('test_acc', float('nan')):.4f}")
+    console.print(f"run folder: {result.run_dir}  {delivered_accuracy(final)}")
     if report:
         console.print(f"report: {write_run_report(result.run_dir, result.dataset.test)}")
+
+
+def delivered_accuracy(metrics: dict[str, Any]) -> str:
+    """The test accuracy the model delivers (with the recipe's TTA, as evaluate, predict and serve use it), and the
+    plain one beside it."""
+    plain = metrics.get("test_acc", float("nan"))
+    if "test_acc_tta" not in metrics:
+        return f"test accuracy: {plain:.4f}"
+    return f"test accuracy: {metrics['test_acc_tta']:.4f} (with TTA; {plain:.4f} without)"
 
 
 def _launch_new_run(run_config: RunConfig, worker_flags: list[str], nproc: int, max_restarts: int) -> None:

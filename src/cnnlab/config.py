@@ -55,7 +55,7 @@ class TrainConfig:
     adam_eps: float = 1e-7  # Keras' default, not torch's 1e-8
     muon_lr: float = 0.24  # Muon only: the filters' learning rate (the update is orthogonal: no batch scaling)
     muon_momentum: float = 0.6  # Muon only: the filters' Nesterov momentum
-    batch_size: int = 32
+    batch_size: int = 32  # images per step, across all processes (the global batch)
     epochs: float = 10  # a fraction trains part of the last epoch; the schedule spans exactly that
     seed: int = 0  # seeds weight init, data order and augmentation
     device: str = "auto"  # "auto" picks cuda when present, else cpu
@@ -67,7 +67,7 @@ class TrainConfig:
     lr_end: float = 0.07
     label_smoothing: float = 0.0
     bias_lr_scale: float = 1.0  # BatchNorm biases learn this much faster, with unchanged decay per step
-    lookahead: bool = False  # average weights into an EMA every 5 steps from epoch 3, copied back each time
+    lookahead: bool = False  # average weights into an EMA every 5 steps from epoch 4, copied back each time
     whiten_bias_epochs: int = 0  # epochs during which the frozen whitening layer's bias still learns
     normalize: Literal["unit", "standardize"] = "unit"  # [0, 1] pixels, or per-channel mean 0 std 1
     flip: Literal["none", "random", "alternating"] = "none"  # alternating: each image flips every other epoch

@@ -9,7 +9,9 @@ from cnnlab.config import TrainConfig
 
 LOOKAHEAD_START_EPOCH = 4  # 1-based: the first three epochs move fast, unaveraged
 LOOKAHEAD_EVERY = 5  # steps between averagings
-LOOKAHEAD_DECAY = 0.95  # per step; raised to the power (progress ** 3) so averaging strengthens late
+# Per step. Each averaging keeps LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * progress**3 of the average (progress: the
+# share of all steps done), so the average follows the weights early on and holds more of its past late.
+LOOKAHEAD_DECAY = 0.95
 
 
 def make_optimizer(
