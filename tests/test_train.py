@@ -29,6 +29,20 @@ def test_recipes_reproduce_the_tutorial_and_flags_override_them():
     assert resolve_run_config({"train": {"model": "tutorial-mlp"}}, {"train": {"epochs": 2}}).train.epochs == 2
 
 
+@pytest.mark.parametrize(
+    ("model", "recipe", "optimizer"),
+    [
+        ("fast-tiny", "fast70", "sgd"),
+        ("fast-small", "fast70", "sgd"),
+        ("fast-mid", "fast90", "muon"),
+        ("fast", "fast94", "muon"),
+    ],
+)
+def test_a_bare_model_trains_with_its_family_recipe(model, recipe, optimizer):
+    config = resolve_run_config({"train": {"model": model}}).train
+    assert (config.model, config.recipe, config.optimizer, config.tta) == (model, recipe, optimizer, "flip-translate")
+
+
 def test_config_refuses_unknown_keys_and_wrong_types():
     with pytest.raises(CnnlabError, match="unknown key"):
         resolve_run_config({"train": {"learning_rate": 0.1}})

@@ -462,10 +462,10 @@ def bench_command(
 @handles_errors
 def models() -> None:
     """List the registered models with their parameter counts at CIFAR-10's input (32x32 RGB, 10 classes)."""
-    table = Table("model", "parameters (CIFAR-10)", "min input", "description")
+    table = Table("model", "parameters (CIFAR-10)", "min input", "default recipe", "description")
     for spec in MODELS.values():
         count = parameter_count(create_model(spec.name, (3, 32, 32), 10))
-        table.add_row(spec.name, f"{count:,}", f"{spec.min_input_size}px", spec.summary)
+        table.add_row(spec.name, f"{count:,}", f"{spec.min_input_size}px", spec.default_recipe or "-", spec.summary)
     console.print(table)
 
 

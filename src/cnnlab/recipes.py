@@ -1,7 +1,7 @@
 """Named training recipes: the TrainConfig values that reproduce a published result.
 
 A recipe only sets defaults; a TOML file and CLI flags override any of its values. When only a model
-is named, the recipe of the same name (if there is one) applies.
+is named, its registered default recipe applies (the fast nets train with their speed-run recipe).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 from cnnlab.config import RunConfig, TrainConfig, build, merge
 from cnnlab.errors import CnnlabError
+from cnnlab.models import model_spec
 
 # The speed-run recipes follow airbench94's training, restated for PyTorch's batch-mean loss: its
 # "lr 11.5 per 1024 examples" with Nesterov momentum 0.85 is lr 1.5 at batch 1024 (scaled linearly with
@@ -111,8 +112,8 @@ def resolve_run_config(*layers: dict[str, Any]) -> RunConfig:
     for layer in layers:
         layered = merge(layered, layer)
     train = layered.get("train", {})
-    name = train.get("recipe") or train.get("model", TrainConfig.model)
-    if train.get("recipe") is None and name not in RECIPES:
+    name = train.get("recipe") or model_spec(train.get("model", TrainConfig.model)).default_recipe
+    if name is None:
         return build(RunConfig, layered, "config")
     recipe = {"train": {**recipe_values(name), "recipe": name}}
     return build(RunConfig, merge(recipe, layered), "config")

@@ -21,6 +21,7 @@ class ModelSpec:
     name: str
     build: Callable[[InputShape, int, torch.Generator], nn.Module]  # (input shape, classes, init RNG)
     summary: str
+    default_recipe: str | None = None  # the recipe a bare `--model NAME` trains with (see cnnlab.recipes)
     min_input_size: int = 1  # pixels per side
 
     def check_input(self, input_shape: InputShape) -> None:
@@ -52,11 +53,13 @@ MODELS: dict[str, ModelSpec] = {
             "tutorial-mlp",
             lambda shape, classes, rng: keras_init(TutorialMLP(shape, classes), rng),
             "the tutorial's MLP: Flatten, Dense 3000, Dense 1000, Dense classes",
+            default_recipe="tutorial-mlp",
         ),
         ModelSpec(
             "tutorial-cnn",
             lambda shape, classes, rng: keras_init(TutorialCNN(shape, classes), rng),
             "the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
+            default_recipe="tutorial-cnn",
             min_input_size=TutorialCNN.min_input_size,
         ),
         *(
@@ -65,13 +68,15 @@ MODELS: dict[str, ModelSpec] = {
                 functools.partial(_fast, widths=widths),
                 f"speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, widths))}"
                 f"{note}",
+                default_recipe=recipe,
                 min_input_size=FastNet.min_input_size,
             )
-            for name, widths, note in (
-                ("fast-tiny", (16, 64, 128), ": the full-resolution first block kept thin"),
-                ("fast-small", (32, 64, 128), ""),
-                ("fast-mid", (64, 192, 256), ": airbench94 with a cheaper middle block"),
-                ("fast", (64, 256, 256), ": airbench94's"),
+            # Each with the speed-run recipe made for it; fast-small takes the thin net's SGD recipe.
+            for name, widths, recipe, note in (
+                ("fast-tiny", (16, 64, 128), "fast70", ": the full-resolution first block kept thin"),
+                ("fast-small", (32, 64, 128), "fast70", ""),
+                ("fast-mid", (64, 192, 256), "fast90", ": airbench94 with a cheaper middle block"),
+                ("fast", (64, 256, 256), "fast94", ": airbench94's"),
             )
         ),
     )
