@@ -65,6 +65,14 @@ def atomic_write(path: Path, data: bytes | memoryview | Callable[[IO[bytes]], No
             os.close(folder)
 
 
+def make_folder(folder: Path) -> None:
+    """Create `folder` and its parents if missing; a failure is a WriteError naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError.of(folder, error) from None
+
+
 def write_text(path: Path, text: str) -> None:
     """A small text file (report, JSON, CSV), written atomically."""
     atomic_write(path, text.encode())

@@ -26,12 +26,11 @@ from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.machine import Machine, resolve_device, resolve_precision, synchronize, this_machine
+from cnnlab.machine import DTYPES, Machine, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import create_model
 from cnnlab.recipes import resolve_run_config
 
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def dense_peaks(device: torch.device, machine: Machine | None = None, budget_s: float = 0.4) -> dict[str, float]:
@@ -43,7 +42,7 @@ def dense_peaks(device: torch.device, machine: Machine | None = None, budget_s: 
     precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", device, machine) == "bf16" else [])
     peaks = {}
     for name in precisions:
-        dtype = _DTYPES[name]
+        dtype = DTYPES[name]
         a, b = (torch.randn(2048, 2048, device=device).to(dtype) for _ in range(2))
         matmul = _gflops(lambda a=a, b=b: torch.mm(a, b), 2 * 2048**3, device, budget_s)
         images = torch.randn(32, 256, 16, 16, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -201,7 +200,7 @@ def across_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_peaks(peaks: dict[str, float]) -> str:
-    measured = [name for name in _DTYPES if f"{name}_peak_gflops" in peaks]
+    measured = [name for name in DTYPES if f"{name}_peak_gflops" in peaks]
     return "peaks: " + ", ".join(
         f"{name} {peaks[f'{name}_peak_gflops']:,.0f} GFLOP/s (matmul {peaks[f'{name}_matmul_gflops']:,.0f}, "
         f"3x3 conv {peaks[f'{name}_conv_gflops']:,.0f})"

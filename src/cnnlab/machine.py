@@ -19,6 +19,7 @@ import torch
 from cnnlab.errors import CnnlabError
 
 Precision = Literal["fp32", "bf16"]  # what training and inference actually run in
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 _NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512 BF16, AMX; Arm's BF16
 _REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16", "asimd", "sve")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab.atomic import WriteError, atomic_write
+from cnnlab.atomic import atomic_write, make_folder
 
 # Bump when decoding changes, so that arrays decoded by older code are not reused.
 DECODER_VERSION = 2  # 2: image folders keep the reasons of the files they left out
@@ -39,8 +39,5 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically, so that a crash mid-write never leaves a half file under the final name."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise WriteError.of(path.parent, error) from None
+    make_folder(path.parent)
     atomic_write(path, lambda handle: np.savez(handle, **arrays))

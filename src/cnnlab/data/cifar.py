@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cnnlab.atomic import WriteError, atomic_write
+from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.data.dataset import Dataset, Split
 from cnnlab.data.download import download
 from cnnlab.errors import CnnlabError
@@ -109,10 +109,7 @@ def identify(path: Path) -> CifarSource | None:
 def extract_members(source: CifarSource, archive: Path, folder: Path) -> None:
     """Write only the expected members, by their base names, into `folder`; links and other names are
     never written, so no member can land outside it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise WriteError.of(folder, error) from None
+    make_folder(folder)
     for member, data in _read_members(source, archive).items():
         atomic_write(folder / member, data)
 

@@ -33,7 +33,7 @@ from cnnlab.data import Dataset, load_dataset
 from cnnlab.data.augment import alternating_flips, mirror, random_flips, random_shifts, translate
 from cnnlab.data.transforms import Normalization, to_input
 from cnnlab.errors import CnnlabError, first_line
-from cnnlab.machine import Precision, resolve_device, resolve_precision, synchronize, this_machine
+from cnnlab.machine import DTYPES, Precision, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import ModelInfo, TrainedModel, create_model, save_model
 from cnnlab.models.files import INFO_FILE, WEIGHTS_FILE, package_version
 from cnnlab.models.inference import loss_and_accuracy, predict_logits
@@ -246,6 +246,7 @@ class Trainer:
 
     def __init__(self, settings: TrainConfig, precision: Precision, dataset: Dataset, ranks: Ranks):
         self.settings, self.dataset, self.ranks = settings, dataset, ranks
+        self.precision = precision
         self.bf16 = precision == "bf16"  # autocast for the forward pass and evaluation
         self.device = device = ranks.device
         height, width, channels = dataset.image_shape
@@ -264,7 +265,7 @@ class Trainer:
         self.labels = torch.from_numpy(dataset.train.labels).to(device)
         self.steps_per_epoch = -(-len(self.labels) // settings.batch_size)
         self.total_steps = math.ceil(self.steps_per_epoch * settings.epochs)
-        self.optimizer = make_optimizer(self.model, settings, torch.bfloat16 if self.bf16 else torch.float32)
+        self.optimizer = make_optimizer(self.model, settings, DTYPES[precision])
         self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
         self.random = torch.Generator().manual_seed(settings.seed + 1)  # data order and augmentation
         # A fixed random half of the images, mirrored on odd epochs (the other half on even ones).
@@ -372,7 +373,7 @@ class Trainer:
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen}
         metrics |= self.evaluate()
         metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
-        metrics["precision"] = "bf16" if self.bf16 else "fp32"
+        metrics["precision"] = self.precision
         self.history.append(metrics)
         return metrics
 
