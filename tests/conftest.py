@@ -16,8 +16,8 @@ from PIL import Image
 
 from cnnlab.config import RunConfig
 from cnnlab.recipes import resolve_run_config
+from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
-from cnnlab.train.checkpoint import CHECKPOINT_FILE
 from cnnlab.train.progress import LineReporter
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -57,7 +57,7 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float) -> None:
     """Return once `process` has written its first checkpoint into `run_dir` (or ended, or `timeout` passed)."""
     deadline = time.time() + timeout
-    while not (run_dir / CHECKPOINT_FILE).exists() and process.poll() is None and time.time() < deadline:
+    while not (run_dir / RunDir.CHECKPOINT).exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
 
 

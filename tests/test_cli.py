@@ -123,7 +123,8 @@ def test_train_and_evaluate_report_the_same_delivered_accuracy(tmp_path):
     args = ("--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "256", "--out", run)
     trained = invoke("train", "--recipe", "fast70", *args, "-q", "--no-report")
     assert trained.exit_code == 0, trained.output
-    delivered = trained.output.split("test accuracy: ")[1].split()[0]
-    assert "(with TTA;" in trained.output
+    line = trained.output.split("test accuracy ")[1].split(")")[0] + ")"
+    assert "with flip-translate TTA;" in line and "without" in line
     evaluated = json.loads(invoke("evaluate", run, "--json").output)
-    assert f"{evaluated['accuracy']:.4f}" == delivered
+    assert f"{evaluated['accuracy']:.4f} (with flip-translate TTA; {evaluated['plain_accuracy']:.4f} without)" == line
+    assert f"test accuracy {line}" in invoke("evaluate", run).output

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from cnnlab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import shard
 from tests.conftest import wait_for_checkpoint
 
@@ -182,9 +182,9 @@ def test_a_killed_rank_without_restarts_stops_every_process_with_the_checkpoint_
     out = tmp_path / "run"
     result = kill_rank_one_after_first_checkpoint(out, "--epochs", "20", "--checkpoint-every", "10")
     assert result.returncode != 0
-    assert f"the last checkpoint in {out} is intact: cnnlab train --resume {out} --nproc 2" in result.stdout
+    assert f"the last checkpoint in {out} is intact; continue with: cnnlab train --resume {out} --nproc 2" in result.stdout
     assert "Traceback" not in result.stdout
-    assert load_checkpoint(out / CHECKPOINT_FILE)["epoch"] >= 0
+    assert RunDir(out).load_checkpoint()["epoch"] >= 0
     assert not list(out.glob(".*.tmp")) and not (out / "model.safetensors").exists()
 
 
@@ -208,9 +208,9 @@ def test_a_process_whose_peer_dies_says_so_in_one_line(tmp_path):
     output = processes[0].communicate(timeout=120)[0]
     assert processes[0].returncode != 0, output
     assert "error: rank 0: another process of this run stopped (" in output
-    assert f"the last checkpoint in {out} is intact: cnnlab train --resume {out}" in output
+    assert f"the last checkpoint in {out} is intact; continue with: cnnlab train --resume {out}" in output
     assert "Traceback" not in output
-    assert load_checkpoint(out / CHECKPOINT_FILE)["epoch"] >= 0
+    assert RunDir(out).load_checkpoint()["epoch"] >= 0
 
 
 def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_to_resume_from(tmp_path):
@@ -225,7 +225,7 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_to_resume_from
     assert launcher.returncode == 128 + signal.SIGINT, output
     assert f"continue with: cnnlab train --resume {out} --nproc 2" in output
     assert "Traceback" not in output
-    stopped_at = load_checkpoint(out / CHECKPOINT_FILE)["epoch"]
+    stopped_at = RunDir(out).load_checkpoint()["epoch"]
     resumed = cnnlab("--resume", str(out), "--nproc", "2", "--epochs", str(stopped_at + 2), "-q", "--no-report")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert [row["epoch"] for row in metrics(out)] == list(range(1, stopped_at + 3))

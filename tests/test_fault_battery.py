@@ -222,7 +222,7 @@ def test_a_read_only_folder_is_one_line_for_evaluate_report_and_the_cache(traine
 
 def test_a_write_failure_in_process_names_the_file_and_the_intact_checkpoint(tmp_path, monkeypatch):
     """The same as the full tmpfs, with the second checkpoint's write failing by monkeypatch."""
-    import cnnlab.train.checkpoint as checkpoint_module
+    import cnnlab.run_dir as checkpoint_module
 
     real_write, calls = checkpoint_module.atomic_write, []
 

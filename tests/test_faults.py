@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from cnnlab.errors import CnnlabError
 from cnnlab.recipes import resolve_run_config
+from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
-from cnnlab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from cnnlab.train.progress import LineReporter
 from tests.conftest import wait_for_checkpoint
 
@@ -92,7 +92,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     )
     with pytest.raises(CnnlabError, match=r"non-finite (loss|weights) at epoch 1 step \d+"):
         fit(config, reporter=LineReporter())
-    state = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)
+    state = RunDir(tmp_path / "run").load_checkpoint()
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
@@ -122,7 +122,7 @@ def test_a_planted_pickle_never_runs_in_predict_evaluate_serve_or_resume(trained
     image = tmp_path / "x.png"
     image.write_bytes(b"\x89PNG\r\n\x1a\n")
     (run / "model.safetensors").write_bytes(pickle.dumps(Payload(marker)))
-    torch.save({"model": Payload(marker), "epoch": 1}, run / CHECKPOINT_FILE)
+    torch.save({"model": Payload(marker), "epoch": 1}, run / RunDir.CHECKPOINT)
     runner = CliRunner()
     for args in (["predict", run, image], ["evaluate", run], ["train", "--resume", run], ["serve", run]):
         result = runner.invoke(app, [str(a) for a in args])

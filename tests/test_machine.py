@@ -122,6 +122,7 @@ def test_bench_times_only_the_precisions_this_machine_would_train_in():
 def on_machine(monkeypatch, machine: Machine) -> None:
     monkeypatch.setattr(cnnlab.machine, "this_machine", lambda: machine)
     monkeypatch.setattr(sys.modules["cnnlab.train.fit"], "this_machine", lambda: machine)
+    monkeypatch.setattr(sys.modules["cnnlab.run_dir"], "this_machine", lambda: machine)
 
 
 def fast_digits(out, **train):
@@ -190,5 +191,5 @@ def test_bench_prints_the_capability_line_and_carries_it_in_json(tmp_path):
 
 def test_compiling_bf16_training_on_the_cpu_is_refused_in_one_line(tmp_path, monkeypatch):
     on_machine(monkeypatch, ZEN4)
-    with pytest.raises(CnnlabError, match="--compile with bf16 on the CPU gives non-finite gradients"):
+    with pytest.raises(CnnlabError, match="train.compile with bf16 on the CPU gives non-finite gradients"):
         fit(fast_digits(tmp_path / "run", compile=True), reporter=LineReporter())

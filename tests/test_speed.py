@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from cnnlab.data.augment import alternating_flips, mirror, random_shifts, translate
-from cnnlab.models import create_model
+from cnnlab.data.transforms import channel_statistics
+from cnnlab.models import create_model, model_spec
 from cnnlab.models.fast import WHITEN_KERNEL
 from cnnlab.models.inference import tta_logits
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit
-from cnnlab.train.fit import channel_statistics
 from cnnlab.train.optim import Muon, make_optimizer, make_schedule, orthogonalized
 from cnnlab.train.progress import LineReporter
 
@@ -82,7 +82,7 @@ def test_tta_is_the_weighted_mean_of_its_views():
 def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
     config = resolve_run_config({"train": {"recipe": "airbench94"}}).train
     model = create_model("fast-tiny", (3, 16, 16), 10)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, model_spec("fast-tiny").parameter_groups(model), config)
     schedule = make_schedule(optimizer, config, total_steps=100)
     factors = []
     for _ in range(100):
@@ -116,7 +116,7 @@ def test_orthogonalized_updates_have_all_singular_values_near_one(dtype):
 def test_muon_orthogonalises_the_filters_and_steps_the_rest_as_sgd():
     config = resolve_run_config({"train": {"recipe": "fast90", "optimizer": "muon", "momentum": 0.0}}).train
     model = create_model("fast-tiny", (3, 16, 16), 10)
-    optimizer = make_optimizer(model, config, torch.bfloat16)
+    optimizer = make_optimizer(model, model_spec("fast-tiny").parameter_groups(model), config, torch.bfloat16)
     assert isinstance(optimizer, Muon)
     conv, head = model.blocks[0].conv1.weight, model.head.weight
     for parameter in model.parameters():

@@ -29,6 +29,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.machine import DTYPES, Machine, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import create_model
 from cnnlab.recipes import resolve_run_config
+from cnnlab.run_dir import RunDir
 
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
 
@@ -98,7 +99,7 @@ def run_recipe(
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise CnnlabError(f"benchmark run of {recipe} failed: {output.strip().splitlines()[-1] if output else status}")
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = RunDir(out).read_metrics()
     return {"history": history, "peak_rss_mb": usage.ru_maxrss / 1024}  # Linux reports KiB
 
 
@@ -214,9 +215,10 @@ def format_result(result: dict[str, Any]) -> str:
         for mark, seconds in result["time_to"].items()
     )
     tta = result["final_accuracy_tta"]
+    plain = result["final_accuracy"]
+    accuracy = f"{plain:.2%}" if tta is None else f"{tta:.2%} with TTA ({plain:.2%} without)"
     return (
-        f"{result['recipe']:>14} seed {result['seed']}: {result['final_accuracy']:.2%}"
-        f"{'' if tta is None else f' ({tta:.2%} TTA)'} in {result['train_seconds']:.1f}s, "
+        f"{result['recipe']:>14} seed {result['seed']}: {accuracy} in {result['train_seconds']:.1f}s, "
         f"{result['images_per_s']:,.0f} img/s, {result['gflops']:.0f} GFLOP/s "
         f"({result['fraction_of_peak']:.0%} of the {result['precision']} peak), "
         f"peak RSS {result['peak_rss_mb']:,.0f} MB  {marks}"

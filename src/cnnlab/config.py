@@ -19,16 +19,21 @@ import tomli_w
 from cnnlab.errors import CnnlabError
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its help text, said once: the CLI's flags and their help are built from it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    dataset: str | None = None  # a named dataset: "digits", "cifar10", "cifar100"
-    data: str | None = None  # a path: image folder, .tar.gz/.zip of one, or a CIFAR python archive
-    image_size: int | None = None  # pixels per side; None keeps the source's (most common) size
-    val_fraction: float = 0.0  # share of train held out for validation (stratified)
-    test_fraction: float = 0.2  # share held out for test when the source has no test split
-    split_seed: int = 0  # seeds the validation and test splits, independent of the training seed
-    cache_dir: str | None = None  # None: $CNNLAB_CACHE or ~/.cache/cnnlab
-    strict: bool = False  # unreadable images are an error instead of being skipped
+    dataset: str | None = setting(None, "Named dataset: digits, cifar10 or cifar100.")
+    data: str | None = setting(None, "Image folder, .tar.gz/.zip of one, or a CIFAR archive.")
+    image_size: int | None = setting(None, "Resize images to this many pixels per side (default: the source's).")
+    val_fraction: float = setting(0.0, "Share of train held out for validation, stratified (0 to 1).")
+    test_fraction: float = setting(0.2, "Test share when the data has no test split (0 to 1).")
+    split_seed: int = setting(0, "Seed of the validation/test splits, independent of the training seed.")
+    cache_dir: str | None = setting(None, "Cache folder (default $CNNLAB_CACHE or ~/.cache/cnnlab).")
+    strict: bool = setting(False, "Unreadable images are an error instead of being skipped.")
 
     @property
     def label(self) -> str:
@@ -45,46 +50,56 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "tutorial-cnn"
-    recipe: str | None = None  # None: the model's own recipe
-    optimizer: Literal["sgd", "adam", "muon"] = "adam"  # muon: orthogonalised updates for conv filters, SGD else
-    lr: float = 1e-3  # peak learning rate per step, for the batch-mean loss
-    momentum: float = 0.0  # SGD only
-    nesterov: bool = False  # SGD only
-    weight_decay: float = 0.0  # L2 added to the gradient (torch's coupled form)
-    adam_eps: float = 1e-7  # Keras' default, not torch's 1e-8
-    muon_lr: float = 0.24  # Muon only: the filters' learning rate (the update is orthogonal: no batch scaling)
-    muon_momentum: float = 0.6  # Muon only: the filters' Nesterov momentum
-    batch_size: int = 32  # images per step, across all processes (the global batch)
-    epochs: float = 10  # a fraction trains part of the last epoch; the schedule spans exactly that
-    seed: int = 0  # seeds weight init, data order and augmentation
-    device: str = "auto"  # "auto" picks cuda when present, else cpu
-    # Schedule: "constant", or "triangle": linear from lr*lr_start up to lr at peak_fraction of all
-    # steps, then linear down to lr*lr_end at the last step.
-    schedule: Literal["constant", "triangle"] = "constant"
-    peak_fraction: float = 0.23
-    lr_start: float = 0.2
-    lr_end: float = 0.07
-    label_smoothing: float = 0.0
-    bias_lr_scale: float = 1.0  # BatchNorm biases learn this much faster, with unchanged decay per step
-    lookahead: bool = False  # average weights into an EMA every 5 steps from epoch 4, copied back each time
-    whiten_bias_epochs: int = 0  # epochs during which the frozen whitening layer's bias still learns
-    normalize: Literal["unit", "standardize"] = "unit"  # [0, 1] pixels, or per-channel mean 0 std 1
-    flip: Literal["none", "random", "alternating"] = "none"  # alternating: each image flips every other epoch
-    translate: int = 0  # random shift by up to this many pixels, reflect-padded
-    tta: Literal["none", "flip", "flip-translate"] = "none"  # views averaged at evaluation
-    # bf16 autocast for convolutions and matmuls; "auto": bf16 where this machine has it natively, fp32 else
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False  # torch.compile the training forward (its first steps pay for the compilation)
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints, besides each epoch's end; 0: none
-    sync_bn: bool = False  # distributed runs: BatchNorm statistics over the global batch, not each shard
+    model: str = setting("tutorial-cnn", "Model name; see `cnnlab models`.")
+    recipe: str | None = setting(None, "Training recipe (default: the model's own).")
+    optimizer: Literal["sgd", "adam", "muon"] = setting(
+        "adam", "muon: orthogonalised updates for conv filters, Nesterov SGD for the rest."
+    )
+    lr: float = setting(1e-3, "Peak learning rate per step, for the batch-mean loss.")
+    momentum: float = setting(0.0, "SGD and muon: momentum of the other parameters.")
+    nesterov: bool = setting(False, "SGD and muon: Nesterov momentum.")
+    weight_decay: float = setting(0.0, "L2 weight decay added to the gradient (torch's coupled form).")
+    adam_eps: float = setting(1e-7, "Adam epsilon (Keras' default, not torch's 1e-8).")
+    muon_lr: float = setting(0.24, "Muon: the conv filters' learning rate (orthogonal update: no batch scaling).")
+    muon_momentum: float = setting(0.6, "Muon: the conv filters' Nesterov momentum.")
+    batch_size: int = setting(32, "Images per step, across all processes (the global batch).")
+    epochs: float = setting(10, "Epochs; a fraction trains part of the last one, the schedule spanning exactly that.")
+    seed: int = setting(0, "Seed of weight init, data order and augmentation.")
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu or cuda.")
+    schedule: Literal["constant", "triangle"] = setting(
+        "constant", "triangle: linear from lr*lr_start up to lr at peak_fraction of the steps, then down to lr*lr_end."
+    )
+    peak_fraction: float = setting(0.23, "Triangle: share of all steps before the peak.")
+    lr_start: float = setting(0.2, "Triangle: first learning rate, as a share of --lr.")
+    lr_end: float = setting(0.07, "Triangle: last learning rate, as a share of --lr.")
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy loss (0 to 1).")
+    bias_lr_scale: float = setting(1.0, "BatchNorm biases learn this many times faster, with the same decay per step.")
+    lookahead: bool = setting(False, "Average weights into an EMA every 5 steps from epoch 4, copied back each time.")
+    whiten_bias_epochs: int = setting(0, "Epochs during which the fast nets' frozen whitening layer's bias learns.")
+    normalize: Literal["unit", "standardize"] = setting(
+        "unit", "unit: pixels on [0, 1]; standardize: per-channel mean 0, std 1 (from a sample of train)."
+    )
+    flip: Literal["none", "random", "alternating"] = setting(
+        "none", "Mirroring: random, or alternating (each image flips every other epoch)."
+    )
+    translate: int = setting(0, "Random shift by up to this many pixels, reflect-padded.")
+    tta: Literal["none", "flip", "flip-translate"] = setting("none", "Test-time views averaged at evaluation.")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto", "bf16 autocast for convolutions and matmuls; auto: bf16 where this machine has it natively."
+    )
+    compile: bool = setting(False, "torch.compile the training forward (its first steps pay for compiling).")
+    loader: Literal["memory", "disk"] = setting(
+        "memory", "Where training batches come from: memory, or a uint8 .npy in the cache read as a memmap."
+    )
+    checkpoint_every: int = setting(0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.")
+    sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")
 
 
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    out: str | None = None  # run folder; None: runs/<model>-<dataset>-<timestamp>
+    out: str | None = setting(None, "Run folder (default runs/<model>-<data>-<time>).")
 
 
 def build(cls: type, values: dict[str, Any], where: str) -> Any:

@@ -16,24 +16,32 @@ from sklearn.metrics import classification_report, confusion_matrix
 from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig, build
 from cnnlab.data import Dataset, Split, load_dataset, match_channels, resize_images
+from cnnlab.data.loader import in_order
 from cnnlab.errors import CnnlabError
 from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.files import model_folder
-from cnnlab.models.inference import loss_and_accuracy, predict_logits
-
-REPORT_FILE = "report.json"
-CONFUSION_FILE = "confusion_matrix.csv"
+from cnnlab.models.inference import Scores
+from cnnlab.models.inference import evaluate as score
+from cnnlab.run_dir import RunDir
 
 
 @dataclass
 class Evaluation:
-    accuracy: float
-    loss: float
+    scores: Scores  # plain and delivered (with the model's TTA) accuracy and loss
     classes: list[str]
     report: dict[str, Any]  # scikit-learn's classification_report(output_dict=True)
     confusion: np.ndarray  # (K, K) counts, rows true class, columns predicted class
     labels: np.ndarray  # (N,) true class per image
-    probabilities: np.ndarray  # (N, K) softmax per image
+    probabilities: np.ndarray  # (N, K) softmax per image, as delivered
+
+    @property
+    def accuracy(self) -> float:
+        """The delivered accuracy: with the model's TTA when it has one, as predict and serve answer."""
+        return self.scores.delivered_accuracy
+
+    @property
+    def loss(self) -> float:
+        return self.scores.delivered_loss
 
     @property
     def macro_f1(self) -> float:
@@ -43,6 +51,9 @@ class Evaluation:
         return {
             "accuracy": self.accuracy,
             "loss": self.loss,
+            "tta": self.scores.tta,
+            "plain_accuracy": self.scores.accuracy,
+            "plain_loss": self.scores.loss,
             "images": len(self.labels),
             "per_class": {name: self.report[name] for name in self.classes},
             "macro avg": self.report["macro avg"],
@@ -54,22 +65,22 @@ class Evaluation:
 def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cpu") -> Evaluation:
     """Evaluate on a split whose images already have the model's size and channel count."""
     device = torch.device(device)
-    bf16 = model.info.bf16_on(device)
-    logits = predict_logits(model.module, split.images, model.info.norm, device, model.info.tta, bf16)
-    loss, accuracy = loss_and_accuracy(logits, split.labels)
-    predicted = logits.argmax(1).numpy()
+    info = model.info
+    scores, logits = score(
+        model.module, in_order(split.images), split.labels, info.norm, device, info.tta, info.bf16_on(device)
+    )
+    predicted = logits.delivered.argmax(1).numpy()
     indices = list(range(len(model.info.classes)))
     report = classification_report(
         split.labels, predicted, labels=indices, target_names=model.info.classes, output_dict=True, zero_division=0
     )
     return Evaluation(
-        accuracy=accuracy,
-        loss=loss,
+        scores=scores,
         classes=list(model.info.classes),
         report=report,
         confusion=confusion_matrix(split.labels, predicted, labels=indices),
         labels=split.labels,
-        probabilities=torch.softmax(logits, 1).numpy(),
+        probabilities=torch.softmax(logits.delivered, 1).numpy(),
     )
 
 
@@ -105,10 +116,10 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path) -> None:
-    write_text(folder / REPORT_FILE, json.dumps(evaluation.to_dict(), indent=2))
+    write_text(folder / RunDir.EVALUATION, json.dumps(evaluation.to_dict(), indent=2))
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(["true \\ predicted", *evaluation.classes])
     for name, row in zip(evaluation.classes, evaluation.confusion.tolist(), strict=True):
         writer.writerow([name, *row])
-    write_text(folder / CONFUSION_FILE, table.getvalue())
+    write_text(folder / RunDir.CONFUSION, table.getvalue())

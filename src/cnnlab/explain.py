@@ -19,7 +19,7 @@ from torch import nn
 from cnnlab.atomic import write_text
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError
-from cnnlab.models import TrainedModel
+from cnnlab.models import TrainedModel, model_spec
 from cnnlab.report import figures
 
 
@@ -33,15 +33,19 @@ class Explanation:
     first_filters: np.ndarray  # (K, kh, kw, 3) for RGB input, (K, kh, kw) for grayscale
 
 
-def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
 def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = None) -> Explanation:
     """Explain the model's view of one (H, W, C) uint8 image at its input size."""
     layers = conv_layers(model.module)
-    if not layers:
+    target_layer = model_spec(model.info.architecture).gradcam_layer(model.module)  # the family's choice
+    if not layers or target_layer is None:
         raise CnnlabError(f"{model.info.architecture} has no convolutional layers to explain")
+    if not any(layer is target_layer for _, layer in layers):
+        layers.append(("grad-cam layer", target_layer))
+    target_name = next(name for name, layer in layers if layer is target_layer)
     classes = model.info.classes
     if class_name is not None and class_name not in classes:
         raise CnnlabError(f"unknown class {class_name!r}; the model's classes: {', '.join(classes)}")
@@ -57,7 +61,7 @@ def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = Non
         with torch.enable_grad():
             logits = module(x)[0]  # (classes,)
             target = classes.index(class_name) if class_name else int(logits.argmax())
-            last = activations[layers[-1][0]]  # (1, K, h, w)
+            last = activations[target_name]  # (1, K, h, w)
             (gradient,) = torch.autograd.grad(logits[target], last)
     finally:
         for hook in hooks:
@@ -67,7 +71,7 @@ def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = Non
     # The maps are taken after a ReLU, as Keras' conv layers (activation included) would give them;
     # for the tutorial CNN, whose ReLU runs after the pool, that is exactly what the next layer sees.
     cam = F.relu((weights * F.relu(last)).sum(1, keepdim=True)).detach()  # (1, 1, h, w)
-    centres = receptive_field_centres(module, layers[-1][1], x, tuple(last.shape[-2:]))
+    centres = receptive_field_centres(module, target_layer, x, tuple(last.shape[-2:]))
     cam = onto_input(cam, centres, image.shape[:2])
     cam = cam / cam.max() if cam.max() > 0 else cam
     probabilities = torch.softmax(logits.detach().float(), 0)

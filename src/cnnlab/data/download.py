@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from cnnlab.atomic import WriteError
+from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.errors import CnnlabError
 
 _BLOCK = 1 << 20
@@ -29,52 +28,44 @@ def file_digest(path: Path, algorithm: str) -> str:
 def download(url: str, destination: Path, *, md5: str, timeout: float = 60.0) -> Path:
     """Fetch `url` to `destination` unless a file with the right checksum is already there.
 
-    The bytes go to `destination.part` first and are renamed only once their MD5 matches, so a
-    truncated or tampered download never takes the final name.
+    The bytes are written with `atomic_write`, whose temporary takes the final name only once the whole
+    body has arrived and its MD5 matches: a truncated or tampered download never takes the final name.
     """
     if destination.is_file() and file_digest(destination, "md5") == md5:
         return destination
-    partial = destination.with_name(destination.name + ".part")
+    make_folder(destination.parent)
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        out = open(partial, "wb")  # noqa: SIM115 (closed below, before the checksum is read)
-    except OSError as error:
-        raise WriteError.of(partial, error) from None
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with Progress(
-                TextColumn(f"downloading {destination.name}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                transient=True,
-            ) as progress:
-                task = progress.add_task("download", total=total)
-                while block := response.read(_BLOCK):
-                    _write_block(out, block, partial)
-                    progress.advance(task, len(block))
-    except WriteError:
-        partial.unlink(missing_ok=True)
-        raise
-    except urllib.error.HTTPError as error:
-        partial.unlink(missing_ok=True)
-        raise CnnlabError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
+        response = urllib.request.urlopen(url, timeout=timeout)
     except (urllib.error.URLError, HTTPException, OSError) as error:
-        partial.unlink(missing_ok=True)
-        reason = getattr(error, "reason", None) or error
-        raise CnnlabError(f"download of {url} failed: {reason}") from None
-    actual = file_digest(partial, "md5")
-    if actual != md5:
-        partial.unlink()
-        raise CnnlabError(f"download of {url} is corrupt or truncated: md5 {actual}, expected {md5}")
-    os.replace(partial, destination)
+        raise _failed(url, error) from None
+    with response:
+        atomic_write(destination, lambda out: _receive(response, out, url, md5, destination.name))
     return destination
 
 
-def _write_block(out: BinaryIO, block: bytes, path: Path) -> None:
-    """Write failures (a full disk) are ours to report, apart from the network's."""
-    try:
-        out.write(block)
-    except OSError as error:
-        raise WriteError.of(path, error) from None
+def _receive(response: Any, out: BinaryIO, url: str, md5: str, name: str) -> None:
+    """Copy the response body into `out`, checking its MD5. Network failures are a CnnlabError (not an OSError,
+    which `atomic_write` reports as a failure to write), so that the two are told apart."""
+    digest = hashlib.md5()
+    total = int(response.headers.get("Content-Length") or 0) or None
+    columns = (TextColumn(f"downloading {name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("download", total=total)
+        while True:
+            try:
+                block = response.read(_BLOCK)
+            except (urllib.error.URLError, HTTPException, OSError) as error:
+                raise _failed(url, error) from None
+            if not block:
+                break
+            out.write(block)
+            digest.update(block)
+            progress.advance(task, len(block))
+    if digest.hexdigest() != md5:
+        raise CnnlabError(f"download of {url} is corrupt or truncated: md5 {digest.hexdigest()}, expected {md5}")
+
+
+def _failed(url: str, error: BaseException) -> CnnlabError:
+    if isinstance(error, urllib.error.HTTPError):
+        return CnnlabError(f"download of {url} failed: HTTP {error.code} {error.reason}")
+    return CnnlabError(f"download of {url} failed: {getattr(error, 'reason', None) or error}")

@@ -11,11 +11,14 @@ conv -> BatchNorm -> GELU, then a global max-pool and a scaled linear head. What
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cnnlab.models.registry import InputShape, ModelSpec, register, standard_groups
 
 WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4  # added to the covariance eigenvalues: caps the gain on near-constant directions
@@ -127,3 +130,36 @@ class FastNet(nn.Module):
         filters = (eigenvectors / torch.sqrt(eigenvalues + WHITEN_EPS)).T.float()  # rows: whitening directions
         filters = filters.reshape(-1, channels, WHITEN_KERNEL, WHITEN_KERNEL)
         self.whiten.weight.copy_(torch.cat((filters, -filters)))
+
+
+def train_whitening_bias(model: nn.Module, epoch: int, whiten_bias_epochs: int) -> None:
+    """The whitening layer's bias learns in the first `whiten_bias_epochs` epochs only (its filters never)."""
+    model.whiten.bias.requires_grad_(epoch <= whiten_bias_epochs)
+
+
+def _build(shape: InputShape, classes: int, generator: torch.Generator, widths: tuple[int, int, int]) -> nn.Module:
+    return FastNet(shape, classes, widths, generator)
+
+
+# Each with the speed-run recipe made for it; fast-small takes the thin net's recipe.
+for _name, _widths, _recipe, _note in (
+    ("fast-tiny", (16, 64, 128), "fast70", ": the full-resolution first block kept thin"),
+    ("fast-small", (32, 64, 128), "fast70", ""),
+    ("fast-mid", (64, 192, 256), "fast90", ": airbench94 with a cheaper middle block"),
+    ("fast", (64, 256, 256), "fast94", ": airbench94's"),
+):
+    register(
+        ModelSpec(
+            _name,
+            functools.partial(_build, widths=_widths),
+            f"speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, _widths))}{_note}",
+            default_recipe=_recipe,
+            min_input_size=FastNet.min_input_size,
+            input_size=32,
+            gradcam_layer=lambda model: model.blocks[-1].conv2,
+            init_from_data=lambda model, images: model.init_from_data(images),
+            start_epoch=train_whitening_bias,
+            # Muon orthogonalises the blocks' 3x3 filter banks; the whitening filters are fixed.
+            parameter_groups=functools.partial(standard_groups, filter_type=Conv),
+        )
+    )

@@ -25,9 +25,8 @@ from cnnlab.errors import CnnlabError
 from cnnlab.machine import inference_precision
 from cnnlab.models.inference import predict_logits
 from cnnlab.models.registry import create_model
+from cnnlab.run_dir import RunDir
 
-WEIGHTS_FILE = "model.safetensors"
-INFO_FILE = "model.json"
 FORMAT_VERSION = 1
 
 
@@ -84,8 +83,8 @@ def package_version() -> str:
 def save_model(model: nn.Module, info: ModelInfo, folder: Path) -> None:
     """model.safetensors, then model.json: each replaced atomically, the description last."""
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    atomic_write(folder / WEIGHTS_FILE, safetensors_bytes(weights))
-    write_text(folder / INFO_FILE, json.dumps(asdict(info), indent=2))
+    atomic_write(folder / RunDir.WEIGHTS, safetensors_bytes(weights))
+    write_text(folder / RunDir.INFO, json.dumps(asdict(info), indent=2))
 
 
 def model_folder(path: Path) -> Path:
@@ -93,17 +92,17 @@ def model_folder(path: Path) -> Path:
     if not path.exists():
         raise CnnlabError(f"{path}: no such run folder or model file")
     folder = path if path.is_dir() else path.parent
-    if not (folder / INFO_FILE).is_file():
-        raise CnnlabError(f"{path}: no {INFO_FILE} there; expected a finished run folder or its model files")
+    if not (folder / RunDir.INFO).is_file():
+        raise CnnlabError(f"{path}: no {RunDir.INFO} there; expected a finished run folder or its model files")
     return folder
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> TrainedModel:
     """Rebuild a model from a run folder or its model files; any mismatch is a one-line error."""
     folder = model_folder(path)
-    info = read_info(folder / INFO_FILE)
+    info = read_info(folder / RunDir.INFO)
     module = create_model(info.architecture, tuple(info.input_shape), len(info.classes))
-    weights_path = folder / WEIGHTS_FILE
+    weights_path = folder / RunDir.WEIGHTS
     if not weights_path.is_file():
         raise CnnlabError(f"{weights_path}: missing; the model folder is incomplete")
     try:

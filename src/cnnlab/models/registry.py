@@ -1,19 +1,48 @@
-"""Models registered by name: `create_model("tutorial-cnn", (3, 32, 32), 10)`."""
+"""The model registry: each family module registers its variants, each with the spec that the rest of cnnlab
+reads instead of probing the network (`create_model("tutorial-cnn", (3, 32, 32), 10)`).
+
+A family is one file in cnnlab/models/ that calls `register(ModelSpec(...))` for each variant and is
+imported by cnnlab.models; nothing else needs to change to add one.
+"""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
-from cnnlab.models.fast import FastNet
-from cnnlab.models.tutorial import TutorialCNN, TutorialMLP
 
 InputShape = tuple[int, int, int]  # (C, H, W)
+
+
+@dataclass
+class ParameterGroups:
+    """A model's trainable parameters as the optimizers treat them, each list in the model's parameter order."""
+
+    filters: list[nn.Parameter]  # filter banks that Muon orthogonalises (SGD/Adam treat them as `others`)
+    norm_biases: list[nn.Parameter]  # normalisation biases: learn `bias_lr_scale` times faster
+    others: list[nn.Parameter]
+
+
+def standard_groups(model: nn.Module, filter_type: type[nn.Module] = nn.Conv2d) -> ParameterGroups:
+    """BatchNorm biases apart; the weights of the `filter_type` layers (any convolution by default) are filters."""
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    banks = {id(m.weight) for m in model.modules() if isinstance(m, filter_type)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return ParameterGroups(
+        filters=[p for p in trainable if id(p) in banks],
+        norm_biases=[p for p in trainable if id(p) in norm_biases],
+        others=[p for p in trainable if id(p) not in norm_biases and id(p) not in banks],
+    )
+
+
+def last_conv(model: nn.Module) -> nn.Module | None:
+    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    return convs[-1] if convs else None
 
 
 @dataclass(frozen=True)
@@ -23,6 +52,16 @@ class ModelSpec:
     summary: str
     default_recipe: str | None = None  # the recipe a bare `--model NAME` trains with (see cnnlab.recipes)
     min_input_size: int = 1  # pixels per side
+    input_size: int | None = None  # pixels per side it was designed for; None: any size above the minimum
+    # Fixed input statistics (a pretrained network's); None: from the training data, as the recipe says.
+    normalization: Normalization | None = None
+    weights: str | None = None  # where pretrained weights come from; None: trained from scratch
+    gradcam_layer: Callable[[nn.Module], nn.Module | None] = last_conv  # the layer Grad-CAM weighs; None: none
+    # Data-dependent initialisation from up to 5,000 normalised (N, C, H, W) training images.
+    init_from_data: Callable[[nn.Module, torch.Tensor], None] | None = None
+    # Before each epoch (1-based) with the run's whiten_bias_epochs: parameters that learn only for a while.
+    start_epoch: Callable[[nn.Module, int, int], None] | None = None
+    parameter_groups: Callable[[nn.Module], ParameterGroups] = standard_groups
 
     def check_input(self, input_shape: InputShape) -> None:
         _, height, width = input_shape
@@ -33,54 +72,14 @@ class ModelSpec:
             )
 
 
-def keras_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Keras' defaults: glorot-uniform kernels, zero biases."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            nn.init.xavier_uniform_(module.weight, generator=generator)
-            nn.init.zeros_(module.bias)
-    return model
+MODELS: dict[str, ModelSpec] = {}
 
 
-def _fast(shape: InputShape, classes: int, rng: torch.Generator, widths: tuple[int, int, int]) -> nn.Module:
-    return FastNet(shape, classes, widths, rng)
-
-
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            "tutorial-mlp",
-            lambda shape, classes, rng: keras_init(TutorialMLP(shape, classes), rng),
-            "the tutorial's MLP: Flatten, Dense 3000, Dense 1000, Dense classes",
-            default_recipe="tutorial-mlp",
-        ),
-        ModelSpec(
-            "tutorial-cnn",
-            lambda shape, classes, rng: keras_init(TutorialCNN(shape, classes), rng),
-            "the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
-            default_recipe="tutorial-cnn",
-            min_input_size=TutorialCNN.min_input_size,
-        ),
-        *(
-            ModelSpec(
-                name,
-                functools.partial(_fast, widths=widths),
-                f"speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, widths))}"
-                f"{note}",
-                default_recipe=recipe,
-                min_input_size=FastNet.min_input_size,
-            )
-            # Each with the speed-run recipe made for it; fast-small takes the thin net's SGD recipe.
-            for name, widths, recipe, note in (
-                ("fast-tiny", (16, 64, 128), "fast70", ": the full-resolution first block kept thin"),
-                ("fast-small", (32, 64, 128), "fast70", ""),
-                ("fast-mid", (64, 192, 256), "fast90", ": airbench94 with a cheaper middle block"),
-                ("fast", (64, 256, 256), "fast94", ": airbench94's"),
-            )
-        ),
-    )
-}
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in MODELS:
+        raise ValueError(f"model {spec.name!r} is registered twice")
+    MODELS[spec.name] = spec
+    return spec
 
 
 def model_spec(name: str) -> ModelSpec:

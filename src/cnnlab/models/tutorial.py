@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.models.registry import InputShape, ModelSpec, register
+
 
 class TutorialMLP(nn.Module):
     """Flatten -> Dense 3000 ReLU -> Dense 1000 ReLU -> Dense classes."""
@@ -51,3 +53,42 @@ class TutorialCNN(nn.Module):
         x = F.relu(F.max_pool2d(self.conv2(x), 2))  # (B, 64, h, w)
         x = F.relu(self.dense(x.flatten(1)))  # (B, 64)
         return self.classifier(x)  # (B, classes)
+
+
+def keras_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Keras' defaults: glorot-uniform kernels, zero biases."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight, generator=generator)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def _mlp(shape: InputShape, classes: int, generator: torch.Generator) -> nn.Module:
+    return keras_init(TutorialMLP(shape, classes), generator)
+
+
+def _cnn(shape: InputShape, classes: int, generator: torch.Generator) -> nn.Module:
+    return keras_init(TutorialCNN(shape, classes), generator)
+
+
+register(
+    ModelSpec(
+        "tutorial-mlp",
+        _mlp,
+        "the tutorial's MLP: Flatten, Dense 3000, Dense 1000, Dense classes",
+        default_recipe="tutorial-mlp",
+        input_size=32,
+    )
+)
+register(
+    ModelSpec(
+        "tutorial-cnn",
+        _cnn,
+        "the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
+        default_recipe="tutorial-cnn",
+        min_input_size=TutorialCNN.min_input_size,
+        input_size=32,
+        gradcam_layer=lambda model: model.conv2,
+    )
+)

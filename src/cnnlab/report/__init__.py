@@ -15,15 +15,9 @@ from cnnlab.data import Dataset, Split
 from cnnlab.evaluate import Evaluation, evaluate, test_split_for, write_evaluation
 from cnnlab.models import load_model
 from cnnlab.report import figures, html
-from cnnlab.train.fit import CONFIG_FILE, METRICS_FILE
+from cnnlab.run_dir import RunDir
 
-REPORT_HTML = "report.html"
 GALLERY_SIZE = 18
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def confidently_wrong(evaluation: Evaluation, split: Split, count: int = GALLERY_SIZE) -> tuple[np.ndarray, list[str]]:
@@ -62,13 +56,14 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
     split = split if split is not None else test_split_for(model, None)
     evaluation = evaluate(model, split)
     write_evaluation(evaluation, run_dir)
-    history = read_history(run_dir)
+    folder = RunDir(run_dir)
+    history = folder.read_metrics()
     pngs = run_figures(history, evaluation, split)
     for name, data in pngs.items():
         atomic_write(run_dir / name, data)
 
     metric_keys = [key for key in (history[0] if history else {}) if key != "epoch"]
-    config = (run_dir / CONFIG_FILE).read_text() if (run_dir / CONFIG_FILE).is_file() else ""
+    config = folder.config_text()
     sections = [
         ("Configuration", f"<pre>{escape(config)}</pre>"),
         (
@@ -81,10 +76,10 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
             for name, data in pngs.items()
         ),
     ]
-    summary = f"test accuracy {evaluation.accuracy:.2%}, loss {evaluation.loss:.4f}, on {len(split)} images"
+    summary = f"test {evaluation.scores.describe()}, loss {evaluation.loss:.4f}, on {len(split)} images"
     title = f"{model.info.architecture} on {model.info.config.get('data', {}).get('dataset') or run_dir.name}"
-    write_text(run_dir / REPORT_HTML, html.page(title, sections, summary))
-    return run_dir / REPORT_HTML
+    write_text(folder / RunDir.REPORT, html.page(title, sections, summary))
+    return folder / RunDir.REPORT
 
 
 def write_data_overview(dataset: Dataset, out: Path, per_class: int) -> tuple[Path, Path, dict[str, list[int]]]:
@@ -116,6 +111,7 @@ def write_comparison_report(
             r.recipe or "-",
             r.epochs,
             r.test_accuracy,
+            r.plain_accuracy,
             r.macro_f1,
             r.parameters,
             r.train_seconds,
@@ -137,7 +133,17 @@ def write_comparison_report(
         (
             "Models",
             html.table(
-                ["model", "recipe", "epochs", "test accuracy", "macro F1", "parameters", "training s", "s / epoch"],
+                [
+                    "model",
+                    "recipe",
+                    "epochs",
+                    "test accuracy (delivered)",
+                    "without TTA",
+                    "macro F1",
+                    "parameters",
+                    "training s",
+                    "s / epoch",
+                ],
                 table_rows,
             ),
         ),
@@ -148,5 +154,5 @@ def write_comparison_report(
     ]
     best = max(rows, key=lambda r: r.test_accuracy)
     summary = f"best: {best.model} at {best.test_accuracy:.2%} test accuracy on {dataset.name}"
-    write_text(out / REPORT_HTML, html.page(f"Comparison on {dataset.name}", sections, summary))
-    return out / REPORT_HTML
+    write_text(out / RunDir.REPORT, html.page(f"Comparison on {dataset.name}", sections, summary))
+    return out / RunDir.REPORT

@@ -11,10 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # no display: figures are only ever written to files
-
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -41,8 +37,14 @@ def save(figure: Figure, path: Path) -> Path:
 def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
+
+
+def subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **options: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, made without pyplot: no backend is chosen and no global figure list kept (a
+    figure is only ever written to PNG, through the Agg canvas that `savefig` makes for it)."""
+    figure = Figure(figsize=figsize, layout=layout)
+    return figure, figure.subplots(*grid, **options)
 
 
 def _show_image(axis, image: np.ndarray) -> None:
@@ -64,8 +66,8 @@ def sample_grid(
 ) -> Figure:
     """A row per class with up to `per_class` random examples, labelled by class name."""
     rng = np.random.default_rng(seed)
-    with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(
+    with matplotlib.rc_context(STYLE):
+        figure, axes = subplots(
             len(classes), per_class, figsize=(1.1 * per_class + 1, 1.1 * len(classes)), squeeze=False
         )
         for row, name in enumerate(classes):
@@ -85,8 +87,8 @@ def sample_grid(
 
 def class_counts(counts: dict[str, np.ndarray], classes: Sequence[str]) -> Figure:
     """Grouped bars: images per class in each split."""
-    with plt.rc_context(STYLE):
-        figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(classes) * len(counts)), 3.5))
+    with matplotlib.rc_context(STYLE):
+        figure, axis = subplots(figsize=(max(6, 0.6 * len(classes) * len(counts)), 3.5))
         width = 0.8 / len(counts)
         positions = np.arange(len(classes))
         for i, (split, values) in enumerate(counts.items()):
@@ -101,8 +103,8 @@ def class_counts(counts: dict[str, np.ndarray], classes: Sequence[str]) -> Figur
 def training_curves(history: list[dict[str, Any]], title: str = "") -> Figure:
     """Loss and accuracy per epoch: train against validation and test."""
     epochs = [m["epoch"] for m in history]
-    with plt.rc_context(STYLE):
-        figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    with matplotlib.rc_context(STYLE):
+        figure, (loss_axis, accuracy_axis) = subplots(1, 2, figsize=(10, 3.6))
         for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR), ("test", TEST_COLOR)):
             if f"{split}_loss" in history[0]:
                 loss_axis.plot(epochs, [m[f"{split}_loss"] for m in history], "o-", color=color, label=split)
@@ -126,8 +128,8 @@ def confusion_heatmaps(confusion: np.ndarray, classes: Sequence[str], title: str
     rows = confusion.sum(1, keepdims=True)
     normalised = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
     size = max(5.0, 0.45 * len(classes) + 2)
-    with plt.rc_context({**STYLE, "axes.grid": False}):
-        figure, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
+    with matplotlib.rc_context({**STYLE, "axes.grid": False}):
+        figure, axes = subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
         for axis, values, name, fmt in (
             (axes[0], confusion, "counts", "d"),
             (axes[1], normalised, "row-normalised", ".2f"),
@@ -156,8 +158,8 @@ def confusion_heatmaps(confusion: np.ndarray, classes: Sequence[str], title: str
 
 def per_class_scores(report: dict[str, Any], classes: Sequence[str], title: str = "") -> Figure:
     """Precision, recall and F1 per class, as grouped bars."""
-    with plt.rc_context(STYLE):
-        figure, axis = plt.subplots(figsize=(max(7, 0.8 * len(classes)), 3.8))
+    with matplotlib.rc_context(STYLE):
+        figure, axis = subplots(figsize=(max(7, 0.8 * len(classes)), 3.8))
         positions = np.arange(len(classes))
         for i, metric in enumerate(("precision", "recall", "f1-score")):
             axis.bar(positions + (i - 1) * 0.27, [report[name][metric] for name in classes], 0.27, label=metric)
@@ -169,8 +171,8 @@ def per_class_scores(report: dict[str, Any], classes: Sequence[str], title: str 
 
 def f1_side_by_side(reports: dict[str, dict[str, Any]], classes: Sequence[str]) -> Figure:
     """Per-class F1 of several models, grouped by class."""
-    with plt.rc_context(STYLE):
-        figure, axis = plt.subplots(figsize=(max(7, 0.8 * len(classes)), 3.8))
+    with matplotlib.rc_context(STYLE):
+        figure, axis = subplots(figsize=(max(7, 0.8 * len(classes)), 3.8))
         width = 0.8 / len(reports)
         positions = np.arange(len(classes))
         for i, (model, report) in enumerate(reports.items()):
@@ -184,8 +186,8 @@ def f1_side_by_side(reports: dict[str, dict[str, Any]], classes: Sequence[str]) 
 def image_gallery(images: np.ndarray, captions: Sequence[str], title: str, columns: int = 6) -> Figure:
     """Images with a caption under each (e.g. the most confidently wrong predictions)."""
     rows = max(1, -(-len(images) // columns))
-    with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows), squeeze=False)
+    with matplotlib.rc_context(STYLE):
+        figure, axes = subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows), squeeze=False)
         for axis in axes.flat:
             axis.axis("off")
         for axis, image, caption in zip(axes.flat, images, captions, strict=False):
@@ -198,8 +200,8 @@ def image_gallery(images: np.ndarray, captions: Sequence[str], title: str, colum
 
 def heatmap_overlay(image: np.ndarray, heat: np.ndarray, title: str) -> Figure:
     """The image, and the image under a (H, W) heat map in [0, 1]."""
-    with plt.rc_context(STYLE):
-        figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3.6))
+    with matplotlib.rc_context(STYLE):
+        figure, (left, right) = subplots(1, 2, figsize=(7, 3.6))
         _show_image(left, image)
         left.set_title("input")
         _show_image(right, image)
@@ -214,8 +216,8 @@ def channel_grid(maps: np.ndarray, title: str, limit: int = 64) -> Figure:
     maps = maps[:limit]
     columns = min(8, len(maps))
     rows = -(-len(maps) // columns)
-    with plt.rc_context({**STYLE, "axes.grid": False}):
-        figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.2 * rows + 0.5), squeeze=False)
+    with matplotlib.rc_context({**STYLE, "axes.grid": False}):
+        figure, axes = subplots(rows, columns, figsize=(1.2 * columns, 1.2 * rows + 0.5), squeeze=False)
         for axis in axes.flat:
             axis.axis("off")
         for axis, values in zip(axes.flat, maps, strict=False):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import numpy as np
@@ -19,6 +19,7 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from cnnlab.data import images as image_io
+from cnnlab.models import ModelInfo
 from cnnlab.predict import Classifier
 
 
@@ -115,6 +116,29 @@ def decode_upload(data: bytes, name: str, classifier: Classifier, config: ServeC
         raise BadImage(str(error)) from None
 
 
+def describe(info: ModelInfo) -> dict[str, Any]:
+    """GET /model: what the model is, and its delivered test accuracy (with its TTA, as /predict answers)
+    with the plain one (each image once) beside it."""
+    return {
+        "architecture": info.architecture,
+        "classes": info.classes,
+        "input_shape": info.input_shape,
+        "test_accuracy": info.metrics.get("test_acc_tta", info.metrics.get("test_acc")),
+        "test_accuracy_without_tta": info.metrics.get("test_acc"),
+        "tta": info.tta,
+    }
+
+
+def top_classes(names: list[str], probabilities: np.ndarray, classes: list[str], top_k: int) -> list[dict[str, Any]]:
+    """Each file's `top_k` most probable classes, most probable first."""
+    predictions = []
+    for name, row in zip(names, probabilities, strict=True):
+        best = np.argsort(-row)[: min(top_k, len(classes))]
+        top = [{"class": classes[c], "probability": float(row[c])} for c in best]
+        predictions.append({"filename": name, "top": top})
+    return predictions
+
+
 def create_app(classifier: Classifier, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     info = classifier.info
@@ -140,14 +164,8 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         return {"status": "ok"}
 
     @app.get("/model")
-    async def model() -> dict:
-        return {
-            "architecture": info.architecture,
-            "classes": info.classes,
-            "input_shape": info.input_shape,
-            "test_accuracy": info.metrics.get("test_acc_tta", info.metrics.get("test_acc")),
-            "tta": info.tta,
-        }
+    async def model() -> dict[str, Any]:
+        return describe(info)
 
     @app.post("/predict")
     async def predict(file: Annotated[list[UploadFile], File(description="One or more images")]) -> JSONResponse:
@@ -166,17 +184,8 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
             probabilities = await anyio.to_thread.run_sync(decode_and_classify, limiter=workers)
         finally:
             waiting["requests"] -= 1
-        top_k = min(config.top_k, len(info.classes))
-        predictions = []
-        for (name, _), row in zip(uploads, probabilities, strict=True):
-            best = np.argsort(-row)[:top_k]
-            predictions.append(
-                {
-                    "filename": name,
-                    "top": [{"class": info.classes[c], "probability": float(row[c])} for c in best],
-                }
-            )
-        return JSONResponse({"predictions": predictions})
+        names = [name for name, _ in uploads]
+        return JSONResponse({"predictions": top_classes(names, probabilities, info.classes, config.top_k)})
 
     app.add_middleware(
         BodyLimit,

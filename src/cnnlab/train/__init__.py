@@ -1,5 +1,6 @@
 """Training: fit a registered model to a dataset, with checkpoints, exact resume and metric logs."""
 
-from cnnlab.train.fit import TrainingResult, fit, read_run_config, resume
+from cnnlab.train.fit import TrainingResult, fit, resume
+from cnnlab.train.orchestrate import run
 
-__all__ = ["TrainingResult", "fit", "read_run_config", "resume"]
+__all__ = ["TrainingResult", "fit", "resume", "run"]

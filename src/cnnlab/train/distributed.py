@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cnnlab.errors import CnnlabError
-from cnnlab.train.checkpoint import CHECKPOINT_FILE
+from cnnlab.data.loader import shard
+from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.run_dir import RunDir
 
 T = TypeVar("T")
 
@@ -112,13 +113,6 @@ class Ranks:
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
-def shard(count: int, rank: int, world_size: int) -> slice:
-    """Rank `rank`'s contiguous part of `count` items split `world_size` ways; sizes differ by at most one."""
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
-
-
 def restarted_by_torchrun() -> bool:
     """True in a process that torchrun started again after a failure (`--max-restarts`)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -144,7 +138,9 @@ def _init_process_group(backend: str) -> None:
 def check_restartable(out: str | None) -> None:
     """A job that torchrun may restart needs a fixed run folder for the restarted processes to resume."""
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not out:
-        raise CnnlabError("torchrun --max-restarts needs --out DIR: a restarted process resumes the run there")
+        raise ConfigError(
+            "torchrun --max-restarts needs an output folder, out: a restarted process resumes the run there", "out"
+        )
 
 
 @contextlib.contextmanager
@@ -175,7 +171,7 @@ def joined(device: torch.device) -> Iterator[Ranks]:
 def with_sync_bn(model: nn.Module, enabled: bool, ranks: Ranks) -> nn.Module:
     """BatchNorm layers that normalise over the global batch instead of each process's shard."""
     if enabled and ranks.distributed and ranks.device.type != "cuda":
-        raise CnnlabError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
+        raise ConfigError("train.sync_bn needs CUDA: torch's SyncBatchNorm has no CPU implementation", "train.sync_bn")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled and ranks.distributed else model
 
 
@@ -190,29 +186,23 @@ def launch(worker_args: list[str], nproc: int, max_restarts: int, run_dir: str) 
     try:
         run(get_args_parser().parse_args([*options, "-m", "cnnlab", *worker_args]))
     except SignalException as stopped:  # Ctrl-C or SIGTERM: torchrun passed SIGTERM on, and each process saved
-        error = CnnlabError(
-            f"stopped by {signal.Signals(stopped.sigval).name}; continue with: "
-            f"cnnlab train --resume {run_dir} --nproc {nproc}"
-        )
+        error = CnnlabError(f"stopped by {signal.Signals(stopped.sigval).name}; checkpoint saved in {run_dir}")
         error.exit_code = 128 + stopped.sigval
-        raise error from None
+        raise error.resumable(Path(run_dir), nproc) from None
     except ChildFailedError as failure:
         # The cause is the earliest failure, preferring one that torchrun's own SIGTERM did not end.
         rank, first = min(
             failure.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -signal.SIGTERM)
         )
         # Said here as well as by the surviving processes: torchrun's SIGTERM may end them before they print.
-        resumable = (
-            f"; the last checkpoint in {run_dir} is intact: cnnlab train --resume {run_dir} --nproc {nproc}"
-            if (Path(run_dir) / CHECKPOINT_FILE).is_file()
-            else ""
-        )
+        intact = RunDir(Path(run_dir)).has_checkpoint
         error = CnnlabError(
             f"{len(failure.failures)} of {nproc} processes failed (first rank {rank}, exit code {first.exitcode}"
-            f"{f' after {max_restarts} restarts' if max_restarts else ''}); see their messages above{resumable}"
+            f"{f' after {max_restarts} restarts' if max_restarts else ''}); see their messages above"
+            + (f"; the last checkpoint in {run_dir} is intact" if intact else "")
         )
         error.exit_code = first.exitcode if first.exitcode > 0 else 1
-        raise error from None
+        raise (error.resumable(Path(run_dir), nproc) if intact else error) from None
 
 
 def lost_contact(error: BaseException, ranks: Ranks) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from cnnlab.config import TrainConfig
+from cnnlab.models.registry import ParameterGroups
 
 LOOKAHEAD_START_EPOCH = 4  # 1-based: the first three epochs move fast, unaveraged
 LOOKAHEAD_EVERY = 5  # steps between averagings
@@ -15,33 +18,33 @@ LOOKAHEAD_DECAY = 0.95
 
 
 def make_optimizer(
-    model: nn.Module, config: TrainConfig, matmul_dtype: torch.dtype = torch.float32
+    model: nn.Module, groups: ParameterGroups, config: TrainConfig, matmul_dtype: torch.dtype = torch.float32
 ) -> torch.optim.Optimizer:
-    """SGD, Adam or Muon; BatchNorm biases get `bias_lr_scale` times the learning rate with the same decay per
-    step. Muon takes the convolution filters (at `muon_lr`) and updates the rest as Nesterov SGD does; it
-    orthogonalises in `matmul_dtype` (bf16 where that is native, as the forward pass runs)."""
-    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    filters = [p for p in trainable if p.ndim == 4] if config.optimizer == "muon" else []
-    filter_ids = {id(p) for p in filters}
-    biases = [p for p in trainable if id(p) in norm_biases]
-    others = [p for p in trainable if id(p) not in norm_biases and id(p) not in filter_ids]
+    """SGD, Adam or Muon over a model's parameter groups (its family says which are filters and norm biases).
+
+    Normalisation biases get `bias_lr_scale` times the learning rate with the same decay per step. Muon takes
+    the filter banks (at `muon_lr`) and updates the rest as Nesterov SGD does; it orthogonalises in
+    `matmul_dtype` (bf16 where that is native, as the forward pass runs). SGD and Adam treat filters as the
+    other weights."""
+    muon = config.optimizer == "muon"
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    others = sorted(groups.others + ([] if muon else groups.filters), key=lambda p: position[id(p)])
     scale = config.bias_lr_scale
-    groups = [
+    param_groups: list[dict[str, Any]] = [
         {"params": others, "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": biases, "lr": config.lr * scale, "weight_decay": config.weight_decay / scale},
+        {"params": groups.norm_biases, "lr": config.lr * scale, "weight_decay": config.weight_decay / scale},
     ]
-    if filters:
-        groups.append(
-            {"params": filters, "lr": config.muon_lr, "momentum": config.muon_momentum, "orthogonalize": True}
+    if muon and groups.filters:
+        param_groups.append(
+            {"params": groups.filters, "lr": config.muon_lr, "momentum": config.muon_momentum, "orthogonalize": True}
         )
-    groups = [group for group in groups if group["params"]]
-    if config.optimizer == "muon":
-        return Muon(groups, momentum=config.momentum, nesterov=config.nesterov, matmul_dtype=matmul_dtype)
+    param_groups = [group for group in param_groups if group["params"]]
+    if muon:
+        return Muon(param_groups, momentum=config.momentum, nesterov=config.nesterov, matmul_dtype=matmul_dtype)
     # Fused kernels update every parameter in one call: fewer passes over memory than the default loop.
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov, fused=True)
-    return torch.optim.Adam(groups, eps=config.adam_eps, fused=True)
+        return torch.optim.SGD(param_groups, momentum=config.momentum, nesterov=config.nesterov, fused=True)
+    return torch.optim.Adam(param_groups, eps=config.adam_eps, fused=True)
 
 
 class Muon(torch.optim.Optimizer):

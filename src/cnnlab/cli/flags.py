@@ -1,0 +1,111 @@
+"""Command-line flags generated from the config dataclasses: each field's help text is said once, on the field.
+
+`takes_config(DATA, TRAIN)` adds one `--field-name` option per field to a typer command and hands the
+command the values given, as a `Flags` of {field: value} per section; flags left out are not in it, so
+that a recipe's or a TOML file's value stands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import typer
+
+from cnnlab.config import DataConfig, RunConfig, TrainConfig
+from cnnlab.errors import CnnlabError, ConfigError
+
+DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataConfig))
+TRAIN_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig))
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig}
+
+
+@dataclass
+class Flags:
+    """The config values given on the command line, by section."""
+
+    data: dict[str, Any]
+    train: dict[str, Any]
+    out: str | None = None
+
+    def layer(self) -> dict[str, Any]:
+        """As a config layer for `resolve_run_config`."""
+        return {"data": self.data, "train": self.train, **({"out": self.out} if self.out else {})}
+
+
+def flag_name(key: str) -> str:
+    """`train.batch_size` -> `--batch-size`."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _option(config: type, name: str) -> inspect.Parameter:
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    hint = typing.get_type_hints(config)[name]
+    options = [option for option in typing.get_args(hint) if option is not type(None)]
+    kind = options[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    flag = flag_name(name)
+    if typing.get_origin(kind) is Literal:  # typer lists an Enum's values as the flag's choices
+        kind = enum.Enum(name, {str(choice): str(choice) for choice in typing.get_args(kind)}, type=str)
+        option = typer.Option(flag, help=field.metadata["help"])
+    elif kind is bool:
+        option = typer.Option(f"{flag}/--no-{flag[2:]}", help=field.metadata["help"])
+    else:
+        option = typer.Option(flag, help=field.metadata["help"])
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+def takes_config(
+    data: Iterable[str] = (), train: Iterable[str] = (), out: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one flag per named DataConfig / TrainConfig field (and RunConfig.out), delivered to it
+    as its `flags: Flags` argument."""
+    chosen = {"data": tuple(data), "train": tuple(train)}
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [parameter for parameter in signature.parameters.values() if parameter.name != "flags"]
+        added = [_option(SECTIONS[section], name) for section, names in chosen.items() for name in names]
+        added += [_option(RunConfig, "out")] if out else []
+
+        @functools.wraps(command)
+        def with_flags(**values: Any) -> Any:
+            config_values = {name: _plain(values.pop(name)) for names in chosen.values() for name in names}
+            given = {
+                section: {name: config_values[name] for name in names if config_values[name] is not None}
+                for section, names in chosen.items()
+            }
+            flags = Flags(given["data"], given["train"], values.pop("out", None) if out else None)
+            return command(**values, flags=flags)
+
+        parameters = own + added
+        with_flags.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        with_flags.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        return with_flags
+
+    return decorate
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def render(error: CnnlabError) -> str:
+    """An error as the command line says it: config keys as flags, and how to continue a resumable run."""
+    text = str(error)
+    if isinstance(error, ConfigError):
+        for key in error.keys:
+            text = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w-])", flag_name(key), text)
+    if error.resume_from is not None:
+        nproc = f" --nproc {error.processes}" if error.processes > 1 else ""
+        text += f"; continue with: cnnlab train --resume {error.resume_from}{nproc}"
+    return text

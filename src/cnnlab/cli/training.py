@@ -1,0 +1,131 @@
+"""Commands that train: train, compare, bench, and the list of models."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cnnlab.bench import bench
+from cnnlab.cli import app, console, errors, handles_errors
+from cnnlab.cli.flags import DATA_FIELDS, TRAIN_FIELDS, Flags, takes_config
+from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
+from cnnlab.config import DataConfig, load_toml
+from cnnlab.errors import CnnlabError
+from cnnlab.models import MODELS, create_model, model_spec, parameter_count
+from cnnlab.models.inference import describe_accuracy
+from cnnlab.recipes import recipe_values, resolve_run_config
+from cnnlab.report import write_run_report
+from cnnlab.train import run
+from cnnlab.train.progress import default_reporter
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")]
+DATA_SOURCE = ("dataset", "data", "cache_dir")
+
+
+@app.command()
+@handles_errors
+@takes_config(data=DATA_FIELDS, train=TRAIN_FIELDS, out=True)
+def train(
+    flags: Flags,
+    config: Annotated[Path | None, typer.Option(help="TOML file: data and train tables of flag values.")] = None,
+    resume_dir: Annotated[Path | None, typer.Option("--resume", help="Continue this run folder.")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end.")] = True,
+    nproc: Annotated[int, typer.Option(help="Train in this many processes on this machine (torchrun, DDP).")] = 1,
+    max_restarts: Annotated[int, typer.Option(help="With --nproc: restarts from the last checkpoint.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Train a model; writes config, metrics, checkpoints and the final model into a run folder."""
+    worker_flags = (*(["-q"] if quiet else []), *([] if report else ["--no-report"]))
+    options = {"nproc": nproc, "max_restarts": max_restarts, "worker_flags": worker_flags}
+    if resume_dir is not None:
+        conflicting = sorted({*flags.data, *flags.train} - {"epochs"} | ({"config"} if config else set()))
+        conflicting += ["out"] if flags.out else []
+        if conflicting:
+            given = ", ".join(f"--{name.replace('_', '-')}" for name in conflicting)
+            raise CnnlabError(f"--resume continues a run as configured; it takes only --epochs, not: {given}")
+        epochs = flags.train.get("epochs")
+        result = run(resume_from=resume_dir, epochs=epochs, reporter=default_reporter(quiet), **options)
+    else:
+        run_config = resolve_run_config(load_toml(config) if config else {}, flags.layer())
+        result = run(run_config, reporter=default_reporter(quiet), **options)
+    if result is None or not result.is_main:  # launched processes report for themselves
+        return
+    final = result.history[-1] if result.history else {}
+    test = describe_accuracy(
+        final.get("test_acc_tta", float("nan")), final.get("test_acc", float("nan")), result.model.info.tta
+    )
+    console.print(f"run folder: {result.run_dir}  test {test}")
+    if report:
+        console.print(f"report: {write_run_report(result.run_dir, result.dataset.test)}")
+
+
+@app.command(name="compare")
+@handles_errors
+@takes_config(data=DATA_FIELDS, train=("epochs",))
+def compare_command(
+    flags: Flags,
+    models: Annotated[str, typer.Option(help="Comma-separated model names.")] = "tutorial-mlp,tutorial-cnn",
+    out: Annotated[Path | None, typer.Option(help="Folder (default runs/compare-<data>-<time>).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train each model with its default recipe on one dataset and print a comparison table."""
+    data_config = DataConfig(**flags.data)
+    names = [name.strip() for name in models.split(",") if name.strip()]
+    for name in names:
+        model_spec(name)  # fail on a misspelt name before any training starts
+    out = out or Path("runs") / f"compare-{data_config.label}-{datetime.now():%Y%m%d-%H%M%S}"
+    rows = compare(names, data_config, out, flags.train, default_reporter(quiet))
+    console.print(comparison_markdown(rows, data_config.label))
+    console.print(f"wrote {', '.join(str(out / name) for name in TABLE_FILES)}")
+
+
+@app.command(name="bench")
+@handles_errors
+@takes_config(data=DATA_SOURCE, train=("epochs",))
+def bench_command(
+    flags: Flags,
+    recipe: Annotated[str, typer.Option(help="Comma-separated recipes to time.")] = "fast70",
+    compare_with: Annotated[str, typer.Option("--compare", help="Comma-separated baseline recipes.")] = "",
+    seeds: Annotated[int, typer.Option(help="Runs per recipe, seeded 0..N-1.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda, for every run and the peaks.")] = "auto",
+    train_args: Annotated[str, typer.Option(help="More `cnnlab train` flags for every run, e.g. '--compile'.")] = "",
+    out: Annotated[Path | None, typer.Option(help="Folder for the runs (default runs/bench-<time>).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Time-to-accuracy of training recipes, side by side, with this machine's capability and dense peaks."""
+    data_config = DataConfig(**flags.data)
+    split = [name.strip() for name in recipe.split(",") if name.strip()]
+    baselines = [name.strip() for name in compare_with.split(",") if name.strip()]
+    for name in [*split, *baselines]:
+        recipe_values(name)  # fail on a misspelt name before anything runs
+    out = out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = errors.print if as_json else console.print
+    epochs = flags.train.get("epochs")
+    summary = bench(split, data_config, out, baselines, seeds, epochs, device, shlex.split(train_args), report)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for row in summary["across_seeds"]:
+        console.print(
+            f"{row['recipe']}: delivered accuracy {row['accuracy_mean']:.2%} ± {row['accuracy_std']:.2%}, "
+            f"{row['seconds_mean']:.1f} ± {row['seconds_std']:.1f} s over {row['seeds']} seeds"
+        )
+    console.print(f"wrote {out / 'bench.json'}")
+
+
+@app.command()
+@handles_errors
+def models() -> None:
+    """List the registered models with their parameter counts at CIFAR-10's input (32x32 RGB, 10 classes)."""
+    table = Table("model", "parameters (CIFAR-10)", "min input", "default recipe", "description")
+    for spec in MODELS.values():
+        count = parameter_count(create_model(spec.name, (3, 32, 32), 10))
+        table.add_row(spec.name, f"{count:,}", f"{spec.min_input_size}px", spec.default_recipe or "-", spec.summary)
+    console.print(table)

@@ -1,0 +1,188 @@
+"""Commands that use a trained model or look at data: evaluate, predict, report, explain, data show, serve, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cnnlab.cli import EXIT_PARTIAL, app, console, errors, handles_errors
+from cnnlab.cli.flags import DATA_FIELDS, Flags, takes_config
+from cnnlab.config import DataConfig
+from cnnlab.data import images as image_io
+from cnnlab.data import load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import Evaluation, evaluate_saved, test_split_for
+from cnnlab.explain import explain as explain_image
+from cnnlab.explain import write_explanation
+from cnnlab.export import export_onnx, require
+from cnnlab.models import load_model
+from cnnlab.models.files import model_folder
+from cnnlab.predict import expand_paths, load_classifier, predict_files
+from cnnlab.report import write_data_overview, write_run_report
+from cnnlab.run_dir import RunDir
+
+ModelPath = Annotated[Path, typer.Argument(help="A run folder, or its model.json / model.safetensors.")]
+AnyModelPath = Annotated[Path, typer.Argument(help="A run folder, its model files, or an exported .onnx file.")]
+TEST_DATA = ("dataset", "data", "test_fraction", "split_seed", "cache_dir", "strict")
+
+
+@app.command()
+@handles_errors
+@takes_config(data=TEST_DATA)
+def evaluate(
+    flags: Flags,
+    model: ModelPath,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix on a test split."""
+    data_config = DataConfig(**flags.data) if flags.data.get("dataset") or flags.data.get("data") else None
+    evaluation, folder = evaluate_saved(model, data_config)
+    if as_json:
+        typer.echo(json.dumps(evaluation.to_dict(), indent=2))
+        return
+    console.print(report_table(evaluation))
+    console.print(f"test {evaluation.scores.describe()}  loss {evaluation.loss:.4f}  ({len(evaluation.labels)} images)")
+    console.print(f"wrote {folder / RunDir.EVALUATION} and the confusion matrix beside it")
+
+
+def report_table(evaluation: Evaluation) -> Table:
+    table = Table("class", "precision", "recall", "f1-score", "support", title="classification report")
+    for name in [*evaluation.classes, "macro avg", "weighted avg"]:
+        row = evaluation.report[name]
+        table.add_row(name, *(f"{row[k]:.4f}" for k in ("precision", "recall", "f1-score")), f"{row['support']:.0f}")
+    return table
+
+
+@app.command()
+@handles_errors
+def predict(
+    model: AnyModelPath,
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
+) -> None:
+    """Predict the class of image files; exits 1 when any file could not be read."""
+    files, skipped = expand_paths(paths)
+    if skipped:
+        logging.getLogger("cnnlab").warning(
+            "skipped %d entries of the folders given: %s", len(skipped), "; ".join(skipped[:3])
+        )
+    predictions = predict_files(load_classifier(model), files, top_k)
+    if as_json:
+        typer.echo(json.dumps([asdict(p) for p in predictions], indent=2))
+    for prediction in predictions:
+        if prediction.error:
+            errors.print(f"error: {prediction.error}")
+        elif not as_json:
+            console.print(prediction.path + "  " + "  ".join(f"{name} {p:.3f}" for name, p in prediction.top))
+    if any(p.error for p in predictions):
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+@handles_errors
+@takes_config(data=("dataset", "data", "cache_dir"))
+def report(
+    flags: Flags,
+    run: Annotated[Path, typer.Argument(help="A finished run folder.")],
+) -> None:
+    """Write a run's figures and a self-contained report.html into its folder."""
+    if not run.is_dir():
+        raise CnnlabError(f"{run}: no such run folder")
+    split = None
+    if flags.data.get("dataset") or flags.data.get("data"):
+        split = test_split_for(load_model(run), DataConfig(**flags.data))
+    console.print(f"wrote {write_run_report(run, split)}")
+
+
+@app.command()
+@handles_errors
+def explain(
+    model: ModelPath,
+    image: Annotated[Path, typer.Argument(help="The image file to explain.")],
+    class_name: Annotated[
+        str | None, typer.Option("--class", help="Explain this class (default: the predicted one).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("explain"),
+) -> None:
+    """Grad-CAM heat map, feature maps of every conv layer and the first layer's filters for one image."""
+    trained = load_model(model)
+    pixels = image_io.decode(image, str(image), trained.info.image_size, trained.info.channels)
+    explanation = explain_image(trained, pixels, class_name)
+    paths = write_explanation(explanation, pixels, out, image.name)
+    console.print(
+        f"{image}: predicted {explanation.predicted}, explained {explanation.target} "
+        f"({explanation.probabilities[explanation.target]:.3f})"
+    )
+    console.print(f"wrote {len(paths)} figures into {out}")
+
+
+data_app = typer.Typer(help="Look at a dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("show")
+@handles_errors
+@takes_config(data=DATA_FIELDS)
+def data_show(
+    flags: Flags,
+    out: Annotated[Path, typer.Option(help="PNG file for the sample grid; the counts chart goes beside it.")],
+    per_class: Annotated[int, typer.Option(help="Samples shown per class.")] = 8,
+) -> None:
+    """A labelled grid of sample images per class, and the class counts of each split."""
+    config = DataConfig(**flags.data)
+    loaded = load_dataset(config)
+    grid, chart, counts = write_data_overview(loaded, out, per_class)
+    table = Table("class", *counts, title=f"{loaded.name}: images per class")
+    for i, name in enumerate(loaded.classes):
+        table.add_row(name, *(f"{values[i]:,}" for values in counts.values()))
+    table.add_row("total", *(f"{sum(values):,}" for values in counts.values()))
+    console.print(table)
+    console.print(f"wrote {grid} and {chart}")
+
+
+@app.command()
+@handles_errors
+def serve(
+    model: AnyModelPath,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
+) -> None:
+    """A web page and HTTP API for predictions (POST /predict, GET /model, GET /health, /docs)."""
+    require("fastapi", "serve")
+    uvicorn = require("uvicorn", "serve")
+    from cnnlab.serve.app import ServeConfig, create_app  # needs the serve extra
+
+    app = create_app(load_classifier(model), ServeConfig(max_upload_mb=max_upload_mb))
+    console.print(f"serving {model} on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@app.command(name="export")
+@handles_errors
+def export_command(
+    model: ModelPath,
+    export_format: Annotated[str, typer.Option("--format", help="Only onnx for now.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file (default: model.onnx in the model's folder).")] = None,
+) -> None:
+    """Export to ONNX (opset 17, dynamic batch) and verify it against PyTorch on 100 test images."""
+    if export_format != "onnx":
+        raise CnnlabError(f"unknown export format {export_format!r}; supported: onnx")
+    trained = load_model(model)
+    sample = test_split_for(trained, None).images[:100]
+    out = out or model_folder(model) / "model.onnx"
+    verification = export_onnx(trained, out, sample)
+    console.print(
+        f"wrote {out} and {out.with_suffix('.json').name}; verified on {verification.images} test images at batch "
+        f"sizes {', '.join(map(str, verification.batch_sizes))}: max |onnxruntime - PyTorch| = "
+        f"{verification.max_abs_difference:.1e}"
+    )

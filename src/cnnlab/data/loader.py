@@ -1,0 +1,176 @@
+"""Batch loaders: what a training step or an evaluation reads, in what order, from memory or from disk.
+
+A training epoch is fixed by the loader's generator alone: its permutation of the train split, the
+alternating-flip half, and the flip and shift draws, all drawn for the global batch so that the run does
+not depend on how many processes share it; each process then takes its contiguous shard. The generator's
+state (and the state it had when the epoch's permutation was drawn) is what a checkpoint keeps.
+
+Two sources of pixels give the same batches, bit for bit: the split held in memory (moved to the training
+device once), and a uint8 .npy copy in the cache read as a memmap by a thread that gathers the next batch
+while the current one trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from cnnlab.atomic import atomic_write, make_folder
+from cnnlab.data.augment import alternating_flips, mirror, random_flips, random_shifts, translate
+from cnnlab.data.dataset import Split
+
+LoaderKind = Literal["memory", "disk"]
+
+
+def shard(count: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s contiguous part of `count` items split `world_size` ways; sizes differ by at most one."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # (b, H, W, C) uint8 on the training device: this process's shard, augmented
+    labels: torch.Tensor  # (b,) int64
+    count: int  # images of the global batch in this shard; 0: a one-image placeholder that must count for nothing
+    size: int  # images in the global batch
+
+
+class PixelSource(Protocol):
+    def stream(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images (b, H, W, C) uint8, labels (b,)) on the device for each tensor of train-split indices."""
+        ...
+
+
+class InMemory:
+    """The split moved to the training device once; a batch is one gather there."""
+
+    def __init__(self, split: Split, device: torch.device):
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+
+    def stream(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for indices in batches:
+            on_device = indices.to(self.images.device)
+            yield self.images[on_device], self.labels[on_device]
+
+
+class OnDisk:
+    """The split's uint8 pixels in a .npy file, memory-mapped: the page cache, not the process, holds them.
+    A reader thread gathers each batch (in file order, then put back in batch order) one step ahead."""
+
+    def __init__(self, path: Path, labels: np.ndarray, device: torch.device):
+        self.pixels = np.load(path, mmap_mode="r")  # (N, H, W, C) uint8
+        self.labels = torch.from_numpy(labels)
+        self.device = device
+
+    def _gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wanted = indices.numpy()
+        in_file_order, back = np.unique(wanted, return_inverse=True)
+        images = torch.from_numpy(np.ascontiguousarray(self.pixels[in_file_order][back]))
+        return images.to(self.device), self.labels[indices].to(self.device)
+
+    def stream(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-reader") as reader:
+            ahead: Future[tuple[torch.Tensor, torch.Tensor]] | None = None
+            for position in range(len(batches)):
+                current = ahead.result() if ahead is not None else self._gather(batches[position])
+                ahead = reader.submit(self._gather, batches[position + 1]) if position + 1 < len(batches) else None
+                yield current
+
+
+def disk_copy(split: Split, cache_root: Path) -> Path:
+    """The split's pixels as an uncompressed .npy in the cache, named by their SHA-256: written once."""
+    digest = hashlib.sha256(np.ascontiguousarray(split.images).data).hexdigest()[:32]
+    path = cache_root / "arrays" / f"{digest}.npy"
+    if not path.is_file():
+        make_folder(path.parent)
+        atomic_write(path, lambda handle: np.save(handle, split.images))
+    return path
+
+
+class TrainBatches:
+    """The training batches of each epoch, for one process of `world_size`."""
+
+    def __init__(
+        self,
+        split: Split,
+        source: PixelSource,
+        batch_size: int,
+        seed: int,
+        flip: str = "none",
+        max_shift: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.source, self.batch_size, self.flip, self.max_shift = source, batch_size, flip, max_shift
+        self.rank, self.world_size = rank, world_size
+        self.size = len(split)
+        self.steps_per_epoch = -(-self.size // batch_size)
+        self.random = torch.Generator().manual_seed(seed + 1)  # data order and augmentation
+        # A fixed random half of the images, mirrored on odd epochs (the other half on even ones).
+        self.flip_half = torch.rand(self.size, generator=torch.Generator().manual_seed(seed + 2)) < 0.5
+        self.order_state = self.random.get_state()  # the generator's state when this epoch's order was drawn
+
+    def epoch(self, epoch: int, steps: int, done: int = 0) -> Iterator[tuple[int, Batch]]:
+        """Steps done+1 .. `steps` of `epoch` (1-based). With `done` > 0 this continues the epoch that a
+        checkpoint stopped in: the permutation is redrawn from `order_state`, the draws go on from `random`."""
+        if done:
+            current = self.random.get_state()
+            self.random.set_state(self.order_state)
+            order = torch.randperm(self.size, generator=self.random)
+            self.random.set_state(current)
+        else:
+            self.order_state = self.random.get_state()
+            order = torch.randperm(self.size, generator=self.random)
+        flips = alternating_flips(self.flip_half, epoch) if self.flip == "alternating" else None
+        batches = [order[start : start + self.batch_size] for start in range(0, self.size, self.batch_size)]
+        shares = [self._share(len(batch)) for batch in batches[done:steps]]
+        pixels = self.source.stream([batch[mine] for batch, (mine, _) in zip(batches[done:steps], shares, strict=True)])
+        for step, batch, (mine, count), (images, labels) in zip(
+            range(done + 1, steps + 1), batches[done:steps], shares, pixels, strict=True
+        ):
+            # Drawn for the whole global batch, so the generator moves the same way whatever the processes.
+            flip_mask = flips[batch] if flips is not None else None
+            if self.flip == "random":
+                flip_mask = random_flips(len(batch), self.random)
+            shifts = random_shifts(len(batch), self.max_shift, self.random) if self.max_shift else None
+            if flip_mask is not None:
+                images = mirror(images, flip_mask[mine])
+            if shifts is not None:
+                images = translate(images, shifts[mine])
+            yield step, Batch(images, labels, count, len(batch))
+
+    def _share(self, size: int) -> tuple[slice, int]:
+        """This process's slice of a global batch of `size`, and how many images it really holds."""
+        mine = shard(size, self.rank, self.world_size)
+        count = mine.stop - mine.start
+        # Fewer images than processes: DDP still needs this process's step, on one image worth nothing.
+        return (mine if count else slice(0, 1)), count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.random.get_state(), "order_state": self.order_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.random.set_state(state["generator"])
+        self.order_state = state["order_state"]
+
+
+def make_source(kind: LoaderKind, split: Split, device: torch.device, cache_root: Path) -> PixelSource:
+    if kind == "disk":
+        return OnDisk(disk_copy(split, cache_root), split.labels, device)
+    return InMemory(split, device)
+
+
+def in_order(images: np.ndarray, batch_size: int = 1000) -> Iterator[torch.Tensor]:
+    """(b, H, W, C) uint8 CPU tensors of consecutive images: how evaluation reads a split."""
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))

@@ -1,0 +1,172 @@
+"""A run folder: the one place that knows its file names, how each is written and read, and what may resume.
+
+    config.toml          the resolved RunConfig, headed by the precision it ran in
+    metrics.jsonl        a JSON line per finished epoch
+    checkpoint.pt        the whole training state, replaced atomically at each epoch end (and every N steps)
+    model.safetensors    the final weights, and model.json describing them (see cnnlab.models.files)
+    report.json, confusion_matrix.csv, report.html, *.png   written by evaluate and report
+
+Every file is written through `cnnlab.atomic` (temporary in the same folder, fsync, rename, fsync the
+folder), so a crash leaves the previous version or the new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnlab.atomic import append_line, atomic_write, remove_temporaries, write_text
+from cnnlab.config import RunConfig, build, load_toml, to_toml
+from cnnlab.errors import CnnlabError, first_line
+from cnnlab.machine import this_machine
+
+# Bump when the checkpoint's contents change shape; a checkpoint of another format is refused, not misread.
+CHECKPOINT_FORMAT = 2  # 2: the data order lives in the batch loader's state; 1 (unversioned) before
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    CONFIG = "config.toml"
+    METRICS = "metrics.jsonl"
+    CHECKPOINT = "checkpoint.pt"
+    WEIGHTS = "model.safetensors"
+    INFO = "model.json"
+    EVALUATION = "report.json"
+    CONFUSION = "confusion_matrix.csv"
+    REPORT = "report.html"
+
+    @classmethod
+    def create(cls, config: RunConfig) -> RunDir:
+        """A new run's folder: `config.out`, or runs/<model>-<data>-<time>; refuses one that holds a run."""
+        if not config.out:
+            return cls._writable(cls.default_path(config), parents=True)
+        path = Path(config.out).expanduser()
+        if not path.parent.is_dir():
+            raise CnnlabError(f"{path.parent}: the output folder's parent does not exist")
+        if (path / cls.CHECKPOINT).exists():
+            raise CnnlabError(f"{path}: already holds a run; resume it, or choose another output folder").resumable(
+                path
+            )
+        return cls._writable(path, parents=False)
+
+    @classmethod
+    def default_path(cls, config: RunConfig) -> Path:
+        """runs/<model>-<data>-<time>, numbered when that name is taken."""
+        stem = f"{config.train.model}-{config.data.label}-{datetime.now():%Y%m%d-%H%M%S}"
+        path, suffix = Path("runs") / stem, 1
+        while path.exists():
+            suffix += 1
+            path = path.with_name(f"{stem}-{suffix}")
+        return path
+
+    @classmethod
+    def _writable(cls, path: Path, parents: bool) -> RunDir:
+        try:
+            path.mkdir(parents=parents, exist_ok=True)
+            (path / ".write-test").touch()
+            (path / ".write-test").unlink()
+        except OSError as error:
+            raise CnnlabError(f"{path}: cannot write the run folder ({error.strerror})") from None
+        return cls(path)
+
+    @classmethod
+    def existing(cls, path: Path) -> RunDir:
+        if not path.is_dir():
+            raise CnnlabError(f"{path}: no such run folder")
+        return cls(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self / self.CHECKPOINT).is_file()
+
+    def write_config(self, config: RunConfig, precision: str) -> None:
+        """config.toml: the resolved config, headed by a comment with the precision it resolved to here."""
+        header = f"# precision {config.train.precision} ran as {precision} on {this_machine().describe()}\n"
+        write_text(self / self.CONFIG, header + to_toml(config))
+
+    def read_config(self) -> RunConfig:
+        path = self / self.CONFIG
+        return build(RunConfig, load_toml(path), str(path))
+
+    def config_text(self) -> str:
+        path = self / self.CONFIG
+        return path.read_text() if path.is_file() else ""
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Replace the checkpoint atomically. The state is serialised in memory first, so that a write failure
+        surfaces as the operating system's reason (a WriteError: "No space left on device")."""
+        buffer = io.BytesIO()
+        torch.save({**state, "format_version": CHECKPOINT_FORMAT}, buffer)
+        atomic_write(self / self.CHECKPOINT, buffer.getbuffer())
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint, read without running any pickled code (weights_only: tensors and plain containers)."""
+        path = self / self.CHECKPOINT
+        if not path.is_file():
+            raise CnnlabError(f"{path}: no checkpoint there; nothing to resume")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+            raise CnnlabError(f"{path}: not a readable cnnlab checkpoint ({first_line(error)})") from None
+        if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+            raise CnnlabError(f"{path}: not a cnnlab checkpoint")
+        found = state.get("format_version", 1)
+        if found != CHECKPOINT_FORMAT:
+            raise CnnlabError(
+                f"{path}: checkpoint format {found}, and this cnnlab resumes format {CHECKPOINT_FORMAT}; "
+                "resume it with the cnnlab that wrote it, or train anew"
+            )
+        return state
+
+    def restart_metrics(self, history: list[dict[str, Any]]) -> None:
+        """Clear what a crash left (stray temporaries) and rewrite the metrics log from a checkpoint's history,
+        dropping any epoch logged after that checkpoint was written."""
+        remove_temporaries(self.path, self.CHECKPOINT, self.METRICS, self.WEIGHTS, self.INFO)
+        write_text(self / self.METRICS, "".join(json.dumps(metrics) + "\n" for metrics in history))
+
+    def append_metrics(self, metrics: dict[str, Any]) -> None:
+        append_line(self / self.METRICS, json.dumps(metrics))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self / self.METRICS
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    def check_same_run(self, config: RunConfig, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume when config.toml no longer describes the checkpointed run (epochs may change)."""
+        saved = checkpoint.get("config", {})
+        current = dataclasses.asdict(config)
+        conflicts = [
+            f"{section}.{key}"
+            for section in ("data", "train")
+            for key in sorted(set(saved.get(section, {})) | set(current[section]))
+            if key != "epochs" and saved.get(section, {}).get(key) != current[section].get(key)
+        ]
+        if conflicts:
+            raise CnnlabError(
+                f"{self.path}: {self.CONFIG} differs from the checkpointed run in {', '.join(conflicts)}; "
+                "only epochs may change on resume"
+            )
+
+    def check_compatible(self, checkpoint: dict[str, Any], classes: list[str], input_shape: list[int]) -> None:
+        """Refuse a checkpoint whose classes or input shape differ from what the data gives now."""
+        if checkpoint.get("classes") != classes or checkpoint.get("input_shape") != input_shape:
+            raise CnnlabError(
+                f"{self.path}: the checkpoint was trained on classes {checkpoint.get('classes')} at input "
+                f"{checkpoint.get('input_shape')}, but the data now gives {classes} at {input_shape}"
+            )

@@ -1,0 +1,157 @@
+"""The step and the epoch: what one training step does, and one epoch of them, top to bottom."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.data import Dataset
+from cnnlab.data.loader import Batch, in_order
+from cnnlab.data.transforms import to_input
+from cnnlab.machine import synchronize
+from cnnlab.models.inference import Logits, Scores, predict
+from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay
+from cnnlab.train.progress import Reporter
+from cnnlab.train.signals import StopOnSignal, TrainingStopped
+from cnnlab.train.state import NonFiniteLoss, PartialEpoch, Recorder, TrainState
+
+REPORT_EVERY = 25  # steps between progress-bar updates; each update reads the loss back from the device
+
+
+def train_epochs(state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter) -> None:
+    """Every epoch still to train, each checkpointed and logged. SIGINT and SIGTERM stop training at the next
+    step, on every process, after a checkpoint."""
+    settings, ranks = state.settings, state.ranks
+    with StopOnSignal() as stop:
+
+        def after_step(epoch: int, step: int) -> None:
+            # Every process stops at the same step, so that the checkpoint's collectives line up.
+            if ranks.any(stop.signal is not None):
+                recorder.save_checkpoint(epoch, step)
+                raise TrainingStopped(stop.signal or signal.SIGTERM, recorder.run_dir.path, epoch, step)
+            if settings.checkpoint_every and state.global_step(epoch, step) % settings.checkpoint_every == 0:
+                recorder.save_checkpoint(epoch, step)
+
+        for epoch in range(len(state.history) + 1, math.ceil(settings.epochs) + 1):
+            reporter.epoch_started(epoch, settings.epochs, state.steps_in_epoch(epoch))
+            metrics = epoch_metrics(state, dataset, train_epoch(state, epoch, reporter, after_step))
+            state.history.append(metrics)
+            recorder.save_checkpoint(epoch, state.steps_in_epoch(epoch))
+            recorder.log_epoch(metrics)
+            reporter.epoch_done(metrics)
+
+
+def train_step(state: TrainState, forward: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this process's shard of a global batch; returns its summed loss and its logits."""
+    settings = state.settings
+    with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
+        logits = forward(to_input(batch.images, state.normalization))
+        summed = F.cross_entropy(
+            logits.float(), batch.labels, label_smoothing=settings.label_smoothing, reduction="sum"
+        )
+    # DDP averages the processes' gradients: scaled so, the step is that of the global batch's mean loss.
+    loss = summed * (state.ranks.world_size / batch.size if batch.count else 0.0)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss("non-finite loss")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.schedule.step()
+    return summed.detach(), logits.detach()
+
+
+def train_epoch(
+    state: TrainState, epoch: int, reporter: Reporter, after_step: Callable[[int, int], None]
+) -> dict[str, Any]:
+    """Train one epoch, or finish the one a mid-epoch checkpoint stopped in; `after_step(epoch, step)` runs
+    after every step with the state complete (it may checkpoint, or raise to stop). Returns the training
+    metrics, summed over the processes."""
+    model, ranks = state.model, state.ranks
+    model.train()
+    if state.spec.start_epoch is not None:
+        state.spec.start_epoch(model, epoch, state.settings.whiten_bias_epochs)
+    forward = ranks.wrap(state.compiled)  # after start_epoch: DDP must see which parameters learn
+    resumed = state.partial if state.partial is not None and state.partial.epoch == epoch else None
+    progress = resumed or PartialEpoch(
+        epoch, 0, torch.tensor(0.0, device=ranks.device), torch.tensor(0, device=ranks.device), 0, 0.0
+    )
+    started = time.perf_counter() - progress.seconds
+    steps = state.steps_in_epoch(epoch)
+    for step, batch in state.batches.epoch(epoch, steps, done=progress.step):
+        try:
+            summed, logits = train_step(state, forward, batch)
+        except NonFiniteLoss:
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept") from None
+        average_weights(state, epoch, state.global_step(epoch, step))
+        if batch.count:
+            progress.loss_sum += summed
+            progress.correct += (logits.argmax(1) == batch.labels).sum()
+            progress.seen += batch.count
+        progress.step, progress.seconds = step, time.perf_counter() - started
+        state.partial = progress
+        if step % REPORT_EVERY == 0:  # this process's share: close enough for a progress bar
+            seen = max(progress.seen, 1)
+            speed = progress.seen * ranks.world_size / progress.seconds
+            reporter.steps_done(step, progress.loss_sum.item() / seen, progress.correct.item() / seen, speed)
+        after_step(epoch, step)
+    state.partial = None
+    if state.lookahead is not None:
+        state.lookahead.update(model, decay=1.0)  # end the epoch on the averaged weights
+    ranks.copy_buffers_from_main(model)
+    loss_sum, correct, seen = state.summed(progress.loss_sum, progress.correct, progress.seen)
+    synchronize(ranks.device)
+    seconds = time.perf_counter() - started
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "seconds": seconds,
+        "images": seen,
+    }
+
+
+def average_weights(state: TrainState, epoch: int, global_step: int) -> None:
+    """Lookahead: from LOOKAHEAD_START_EPOCH, every LOOKAHEAD_EVERY steps, pull the weights to their average."""
+    if not state.settings.lookahead or epoch < LOOKAHEAD_START_EPOCH or global_step % LOOKAHEAD_EVERY:
+        return
+    if state.lookahead is None:
+        state.lookahead = Lookahead(state.model)
+    else:
+        state.lookahead.update(state.model, lookahead_decay(global_step, state.total_steps))
+
+
+def evaluate_splits(state: TrainState, dataset: Dataset) -> dict[str, float]:
+    """Validation and test scores, plain and with the recipe's TTA; each process scores its shard."""
+    metrics: dict[str, float] = {}
+    for name, split in (("val", dataset.val), ("test", dataset.test)):
+        if split is None:
+            continue
+        mine = state.ranks.shard(len(split))
+        images = in_order(split.images[mine])
+        shard = predict(state.model, images, state.normalization, state.ranks.device, state.settings.tta, state.bf16)
+        gathered = Logits(
+            state.ranks.gather_rows(shard.plain, len(split)),
+            state.ranks.gather_rows(shard.delivered, len(split)),
+            shard.tta,
+        )
+        metrics |= Scores.of(gathered, split.labels).metrics(name)
+    return metrics
+
+
+def epoch_metrics(state: TrainState, dataset: Dataset, training: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl line: training figures, then validation and test scores, learning rate and speed."""
+    seconds = training["seconds"]
+    metrics = {key: training[key] for key in ("epoch", "train_loss", "train_acc")} | evaluate_splits(state, dataset)
+    return metrics | {
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "images_per_s": training["images"] / seconds,
+        "precision": state.precision,
+    }

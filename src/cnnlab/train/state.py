@@ -1,0 +1,221 @@
+"""A training run's state: the model and what trains it, the batch loader, the history, and how all of it
+goes into a checkpoint and comes back bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnlab.config import RunConfig, TrainConfig
+from cnnlab.data import Dataset
+from cnnlab.data.loader import TrainBatches, make_source
+from cnnlab.data.transforms import channel_statistics, to_input
+from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.machine import DTYPES, Precision
+from cnnlab.models import ModelInfo, create_model, model_spec
+from cnnlab.models.files import package_version
+from cnnlab.run_dir import RunDir
+from cnnlab.train.distributed import Ranks, with_sync_bn
+from cnnlab.train.optim import Lookahead, make_optimizer, make_schedule
+
+INIT_SAMPLE = 5000  # images a family's data-dependent initialisation sees
+
+
+class NonFiniteLoss(CnnlabError):
+    pass
+
+
+@dataclass
+class PartialEpoch:
+    """The epoch in progress, for mid-epoch checkpoints: its last finished step and this process's totals."""
+
+    epoch: int
+    step: int
+    loss_sum: torch.Tensor  # summed cross-entropy of the images seen, on the device (read back only to report)
+    correct: torch.Tensor
+    seen: int
+    seconds: float
+
+
+class TrainState:
+    """Everything a run carries from step to step. Built the same on every process of a distributed run."""
+
+    def __init__(self, settings: TrainConfig, precision: Precision, dataset: Dataset, ranks: Ranks, cache_root: Path):
+        self.settings, self.precision, self.ranks = settings, precision, ranks
+        self.bf16 = precision == "bf16"  # autocast for the forward pass and evaluation
+        self.spec = model_spec(settings.model)
+        height, width, channels = dataset.image_shape
+        self.input_shape = (channels, height, width)
+        model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
+        self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
+        if settings.compile and self.bf16 and ranks.device.type == "cpu":
+            raise ConfigError(
+                "train.compile with bf16 on the CPU gives non-finite gradients with this torch's inductor (seen "
+                "with torch 2.13 on the fast nets); set train.precision to fp32, or train without train.compile",
+                "train.compile",
+                "train.precision",
+            )
+        # The training forward, compiled when asked: it shares the model's parameters, which are what is saved.
+        self.compiled: nn.Module = torch.compile(self.model) if settings.compile else self.model  # type: ignore[assignment]
+        fixed = self.spec.normalization
+        self.normalization = (
+            fixed if fixed is not None else channel_statistics(dataset.train.images, settings.normalize)
+        )
+        source = make_source(settings.loader, dataset.train, ranks.device, cache_root)
+        self.batches = TrainBatches(
+            dataset.train,
+            source,
+            settings.batch_size,
+            settings.seed,
+            settings.flip,
+            settings.translate,
+            ranks.rank,
+            ranks.world_size,
+        )
+        self.total_steps = math.ceil(self.batches.steps_per_epoch * settings.epochs)
+        self.optimizer = make_optimizer(self.model, self.spec.parameter_groups(self.model), settings, DTYPES[precision])
+        self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
+        self.lookahead: Lookahead | None = None
+        self.history: list[dict[str, Any]] = []
+        self.partial: PartialEpoch | None = None
+
+    def init_from_data(self, dataset: Dataset) -> None:
+        """The family's data-dependent initialisation (the fast nets' whitening), from a seeded sample."""
+        if self.spec.init_from_data is None:
+            return
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        sample = torch.randperm(len(dataset.train), generator=generator)[:INIT_SAMPLE].numpy()
+        images = torch.from_numpy(dataset.train.images[sample]).to(self.ranks.device)
+        self.spec.init_from_data(self.model, to_input(images, self.normalization))
+
+    def global_step(self, epoch: int, step: int) -> int:
+        return (epoch - 1) * self.batches.steps_per_epoch + step
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """All steps of an epoch, or fewer in a fractional last epoch."""
+        steps_per_epoch = self.batches.steps_per_epoch
+        return min(steps_per_epoch, self.total_steps - (epoch - 1) * steps_per_epoch)
+
+    def summed(self, loss_sum: torch.Tensor | float, correct: torch.Tensor | int, seen: int) -> tuple[float, int, int]:
+        """An epoch's running totals summed over the processes."""
+        device = self.ranks.device
+        totals = torch.tensor([float(loss_sum), float(correct), float(seen)], dtype=torch.float64, device=device)
+        loss, right, count = self.ranks.sum(totals).tolist()
+        return loss, int(right), int(count)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's state, the same on every process (the epoch's running totals are summed over them)."""
+        partial = None
+        if self.partial is not None:
+            loss_sum, correct, seen = self.summed(self.partial.loss_sum, self.partial.correct, self.partial.seen)
+            partial = {**dataclasses.asdict(self.partial), "loss_sum": loss_sum, "correct": correct, "seen": seen}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+            "loader": self.batches.state_dict(),
+            "global_rng": global_rng_states(),
+            "epoch": len(self.history),
+            "history": self.history,
+            "partial_epoch": partial,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state["lookahead"] is not None:
+            self.lookahead = Lookahead.from_state_dict(self.model, state["lookahead"])
+        self.batches.load_state_dict(state["loader"])
+        restore_global_rng_states(state["global_rng"])
+        self.history = state["history"]
+        partial = state["partial_epoch"]
+        if partial is not None:
+            # The sums a checkpoint holds are carried on by one process; the others start their share at zero.
+            carried = self.ranks.is_main
+            self.partial = PartialEpoch(
+                partial["epoch"],
+                partial["step"],
+                torch.tensor(partial["loss_sum"] if carried else 0.0, device=self.ranks.device),
+                torch.tensor(partial["correct"] if carried else 0, device=self.ranks.device),
+                partial["seen"] if carried else 0,
+                partial["seconds"],
+            )
+
+    def model_info(self, config: RunConfig, classes: list[str]) -> ModelInfo:
+        normalization = self.normalization
+        return ModelInfo(
+            architecture=config.train.model,
+            classes=classes,
+            input_shape=list(self.input_shape),
+            normalization={"mean": list(normalization.mean), "std": list(normalization.std)},
+            tta=config.train.tta,
+            precision=self.precision,
+            metrics=self.history[-1] if self.history else {},
+            config=dataclasses.asdict(config),
+            cnnlab_version=package_version(),
+        )
+
+
+class Recorder:
+    """What a run writes as it goes: checkpoints and the metrics log, on the main process (every process takes
+    part in a checkpoint's sums). It remembers the last checkpoint on disk, to say what a failure left intact."""
+
+    def __init__(self, state: TrainState, run_dir: RunDir, config: RunConfig, classes: list[str]):
+        self.state, self.run_dir, self.config, self.classes = state, run_dir, config, classes
+        self.intact: str | None = None  # the last checkpoint on disk, as "epoch E" or "epoch E step S"
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.run_dir.check_compatible(checkpoint, self.classes, list(self.state.input_shape))
+        self.state.load_state_dict(checkpoint)
+        partial = checkpoint["partial_epoch"]
+        self.intact = f"epoch {partial['epoch']} step {partial['step']}" if partial else f"epoch {checkpoint['epoch']}"
+
+    def start(self) -> None:
+        if self.state.ranks.is_main:
+            self.run_dir.restart_metrics(self.state.history)
+
+    def save_checkpoint(self, epoch: int, step: int) -> None:
+        state = self.state
+        if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+            raise NonFiniteLoss(f"non-finite weights at epoch {epoch} step {step}; the last checkpoint is kept")
+        saved = state.state_dict()  # on every process: it sums the epoch's running totals over them
+        if state.ranks.is_main:
+            about = {"classes": self.classes, "input_shape": list(state.input_shape)}
+            self.run_dir.save_checkpoint({**saved, **about, "config": dataclasses.asdict(self.config)})
+            self.intact = f"epoch {epoch}" if step == state.steps_in_epoch(epoch) else f"epoch {epoch} step {step}"
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        if self.state.ranks.is_main:
+            self.run_dir.append_metrics(metrics)
+
+
+def global_rng_states() -> dict[str, Any]:
+    """Python's, numpy's and torch's global generators, as plain lists and tensors (loadable with weights_only).
+
+    Training draws only from its own seeded generators; these are kept so that any code that does use the
+    global ones (a custom model's dropout, say) also resumes exactly."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def restore_global_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
