@@ -182,7 +182,9 @@ def test_a_killed_rank_without_restarts_stops_every_process_with_the_checkpoint_
     out = tmp_path / "run"
     result = kill_rank_one_after_first_checkpoint(out, "--epochs", "20", "--checkpoint-every", "10")
     assert result.returncode != 0
-    assert f"the last checkpoint in {out} is intact; continue with: cnnlab train --resume {out} --nproc 2" in result.stdout
+    assert (
+        f"the last checkpoint in {out} is intact; continue with: cnnlab train --resume {out} --nproc 2" in result.stdout
+    )
     assert "Traceback" not in result.stdout
     assert RunDir(out).load_checkpoint()["epoch"] >= 0
     assert not list(out.glob(".*.tmp")) and not (out / "model.safetensors").exists()

@@ -191,5 +191,5 @@ def test_bench_prints_the_capability_line_and_carries_it_in_json(tmp_path):
 
 def test_compiling_bf16_training_on_the_cpu_is_refused_in_one_line(tmp_path, monkeypatch):
     on_machine(monkeypatch, ZEN4)
-    with pytest.raises(CnnlabError, match="train.compile with bf16 on the CPU gives non-finite gradients"):
+    with pytest.raises(CnnlabError, match=r"train\.compile with bf16 on the CPU gives non-finite gradients"):
         fit(fast_digits(tmp_path / "run", compile=True), reporter=LineReporter())

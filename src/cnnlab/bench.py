@@ -8,12 +8,13 @@ a few seconds, only for the precisions that this machine's recipes run in (never
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,15 @@ def dense_peaks(device: torch.device, machine: Machine | None = None, budget_s: 
     Both, because neither library is fastest everywhere: MKL's sgemm runs AVX2 code on AMD CPUs, half of what
     oneDNN's convolutions reach there. Emulated bf16 is skipped: no recipe runs in it, and it takes minutes."""
     precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", device, machine) == "bf16" else [])
-    peaks = {}
+    peaks: dict[str, float] = {}
     for name in precisions:
         dtype = DTYPES[name]
         a, b = (torch.randn(2048, 2048, device=device).to(dtype) for _ in range(2))
-        matmul = _gflops(lambda a=a, b=b: torch.mm(a, b), 2 * 2048**3, device, budget_s)
+        matmul = _gflops(functools.partial(torch.mm, a, b), 2 * 2048**3, device, budget_s)
         images = torch.randn(32, 256, 16, 16, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         filters = torch.randn(256, 256, 3, 3, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         conv_flops = 2 * 32 * 16 * 16 * 256 * 256 * 9
-        conv = _gflops(lambda x=images, w=filters: F.conv2d(x, w, padding=1), conv_flops, device, budget_s)
+        conv = _gflops(functools.partial(F.conv2d, images, filters, padding=1), conv_flops, device, budget_s)
         peaks |= {
             f"{name}_matmul_gflops": matmul,
             f"{name}_conv_gflops": conv,
@@ -78,11 +79,11 @@ def training_flops_per_image(model_name: str, input_shape: tuple[int, int, int],
     model = create_model(model_name, input_shape, classes)
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *input_shape))
-    return 3.0 * counter.get_total_flops()
+    return 3.0 * float(counter.get_total_flops())
 
 
 def run_recipe(
-    recipe: str, data: DataConfig, out: Path, seed: int, epochs: float | None, train_flags: list[str] = ()
+    recipe: str, data: DataConfig, out: Path, seed: int, epochs: float | None, train_flags: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Train one recipe in a child process (with any extra `cnnlab train` flags); return its per-epoch history
     and peak RSS."""
@@ -94,6 +95,7 @@ def run_recipe(
     if epochs is not None:
         command += ["--epochs", str(epochs)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None  # stdout=PIPE
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -103,7 +105,9 @@ def run_recipe(
     return {"history": history, "peak_rss_mb": usage.ru_maxrss / 1024}  # Linux reports KiB
 
 
-def summarise(recipe: str, seed: int, run: dict[str, Any], flops_per_image: float, peaks: dict[str, float]) -> dict:
+def summarise(
+    recipe: str, seed: int, run: dict[str, Any], flops_per_image: float, peaks: dict[str, float]
+) -> dict[str, Any]:
     history = run["history"]
     uses_tta = "test_acc_tta" in history[0]
     epochs, seconds = [], 0.0
@@ -142,12 +146,12 @@ def bench(
     recipes: list[str],
     data: DataConfig,
     out: Path,
-    compare: list[str] = (),
+    compare: Sequence[str] = (),
     seeds: int = 1,
     epochs: float | None = None,
     device: str = "auto",
-    train_flags: list[str] = (),
-    progress=print,
+    train_flags: Sequence[str] = (),
+    progress: Callable[[str], object] = print,
 ) -> dict[str, Any]:
     """Run every recipe (and each `compare` recipe) `seeds` times on `device`, each with `train_flags` added to
     its `cnnlab train` command; the result is what `--json` prints."""

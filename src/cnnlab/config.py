@@ -12,11 +12,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import tomli_w
 
 from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def setting(default: Any, help: str) -> Any:
@@ -102,7 +107,7 @@ class RunConfig:
     out: str | None = setting(None, "Run folder (default runs/<model>-<data>-<time>).")
 
 
-def build(cls: type, values: dict[str, Any], where: str) -> Any:
+def build(cls: type[T], values: dict[str, Any], where: str) -> T:
     """Make dataclass `cls` from `values`, refusing unknown keys and values of the wrong type."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -112,7 +117,7 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise CnnlabError(f"{where}: [{name}] must be a table")
             kwargs[name] = build(hint, value, f"{where} [{name}]")

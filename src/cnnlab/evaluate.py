@@ -45,7 +45,7 @@ class Evaluation:
 
     @property
     def macro_f1(self) -> float:
-        return self.report["macro avg"]["f1-score"]
+        return float(self.report["macro avg"]["f1-score"])
 
     def to_dict(self) -> dict[str, Any]:
         return {

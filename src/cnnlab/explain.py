@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,11 +72,14 @@ def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = Non
     # The maps are taken after a ReLU, as Keras' conv layers (activation included) would give them;
     # for the tutorial CNN, whose ReLU runs after the pool, that is exactly what the next layer sees.
     cam = F.relu((weights * F.relu(last)).sum(1, keepdim=True)).detach()  # (1, 1, h, w)
-    centres = receptive_field_centres(module, target_layer, x, tuple(last.shape[-2:]))
+    map_height, map_width = last.shape[-2:]
+    centres = receptive_field_centres(module, target_layer, x, (map_height, map_width))
     cam = onto_input(cam, centres, image.shape[:2])
     cam = cam / cam.max() if cam.max() > 0 else cam
     probabilities = torch.softmax(logits.detach().float(), 0)
-    first = layers[0][1].weight.detach().float().cpu()  # (K, C, kh, kw)
+    first_conv = layers[0][1]
+    assert isinstance(first_conv, nn.Conv2d)  # conv_layers lists the convolutions first
+    first = first_conv.weight.detach().float().cpu()  # (K, C, kh, kw)
     return Explanation(
         target=classes[target],
         predicted=classes[int(probabilities.argmax())],
@@ -105,7 +109,7 @@ def receptive_field_centres(
     probe = probe.to(x).requires_grad_(True)
     captured: dict[str, torch.Tensor] = {}
 
-    def capture(_module, _inputs, output):
+    def capture(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
         captured["map"] = output
         raise _Captured
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class Verification:
     max_abs_difference: float
 
 
-def require(module: str, extra: str):
+def require(module: str, extra: str) -> Any:
     """Import an optional dependency, or say which extra installs it."""
     try:
         return __import__(module)
@@ -114,4 +115,5 @@ class OnnxModel:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C) uint8 -> (N, classes)."""
         x = to_input(torch.from_numpy(np.ascontiguousarray(images)), self.info.norm).contiguous().numpy()
-        return self.session.run(["probabilities"], {"input": x})[0]
+        probabilities: np.ndarray = self.session.run(["probabilities"], {"input": x})[0]
+        return probabilities

@@ -71,7 +71,8 @@ def this_machine() -> Machine:
         cpu_model=model or platform.processor() or platform.machine(),
         cpu_flags=flags & frozenset(_REPORTED_FLAGS),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        onednn_bf16=torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        onednn_bf16=torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         threads=torch.get_num_threads(),
         gpu=gpu,
         gpu_bf16=gpu is not None and torch.cuda.is_bf16_supported(),

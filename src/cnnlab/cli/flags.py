@@ -50,10 +50,10 @@ def _option(config: type, name: str) -> inspect.Parameter:
     field = next(f for f in dataclasses.fields(config) if f.name == name)
     hint = typing.get_type_hints(config)[name]
     options = [option for option in typing.get_args(hint) if option is not type(None)]
-    kind = options[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    kind: Any = options[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     flag = flag_name(name)
     if typing.get_origin(kind) is Literal:  # typer lists an Enum's values as the flag's choices
-        kind = enum.Enum(name, {str(choice): str(choice) for choice in typing.get_args(kind)}, type=str)
+        kind = _choices(name, [str(choice) for choice in typing.get_args(kind)])
         option = typer.Option(flag, help=field.metadata["help"])
     elif kind is bool:
         option = typer.Option(f"{flag}/--no-{flag[2:]}", help=field.metadata["help"])
@@ -62,6 +62,11 @@ def _option(config: type, name: str) -> inspect.Parameter:
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
     )
+
+
+def _choices(name: str, values: list[str]) -> Any:
+    """An Enum of `values`, which typer offers as a flag's choices (one per field: its name is not a literal)."""
+    return enum.Enum(name, {value: value for value in values}, type=str)
 
 
 def takes_config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 from datetime import datetime
@@ -42,7 +43,9 @@ def train(
 ) -> None:
     """Train a model; writes config, metrics, checkpoints and the final model into a run folder."""
     worker_flags = (*(["-q"] if quiet else []), *([] if report else ["--no-report"]))
-    options = {"nproc": nproc, "max_restarts": max_restarts, "worker_flags": worker_flags}
+    launch = functools.partial(
+        run, nproc=nproc, max_restarts=max_restarts, worker_flags=worker_flags, reporter=default_reporter(quiet)
+    )
     if resume_dir is not None:
         conflicting = sorted({*flags.data, *flags.train} - {"epochs"} | ({"config"} if config else set()))
         conflicting += ["out"] if flags.out else []
@@ -50,10 +53,10 @@ def train(
             given = ", ".join(f"--{name.replace('_', '-')}" for name in conflicting)
             raise CnnlabError(f"--resume continues a run as configured; it takes only --epochs, not: {given}")
         epochs = flags.train.get("epochs")
-        result = run(resume_from=resume_dir, epochs=epochs, reporter=default_reporter(quiet), **options)
+        result = launch(resume_from=resume_dir, epochs=epochs)
     else:
         run_config = resolve_run_config(load_toml(config) if config else {}, flags.layer())
-        result = run(run_config, reporter=default_reporter(quiet), **options)
+        result = launch(run_config)
     if result is None or not result.is_main:  # launched processes report for themselves
         return
     final = result.history[-1] if result.history else {}

@@ -38,7 +38,7 @@ def load_dataset(config: DataConfig) -> Dataset:
                 f"unknown dataset {config.dataset!r}; known: {', '.join(NAMED_DATASETS)} (or --data PATH)"
             )
     else:
-        path = Path(config.data).expanduser()
+        path = Path(config.data or "").expanduser()  # set: exactly one of dataset and data is
         if not path.exists():
             raise CnnlabError(f"{path}: no such file or folder")
         source = cifar.identify(path)

@@ -40,4 +40,5 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically, so that a crash mid-write never leaves a half file under the final name."""
     make_folder(path.parent)
-    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    named: dict[str, Any] = arrays  # numpy's stub would match a key named allow_pickle to its bool flag
+    atomic_write(path, lambda handle: np.savez(handle, **named))

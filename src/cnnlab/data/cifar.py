@@ -18,6 +18,7 @@ import numpy as np
 from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.data.dataset import Dataset, Split
 from cnnlab.data.download import download
+from cnnlab.data.walk import tar_member_bytes
 from cnnlab.errors import CnnlabError
 
 
@@ -121,7 +122,7 @@ def _read_members(source: CifarSource, archive: Path) -> dict[str, bytes]:
         with tarfile.open(archive) as tar:
             for info in tar:
                 if info.name in wanted and info.isfile():
-                    blobs[wanted[info.name]] = tar.extractfile(info).read()
+                    blobs[wanted[info.name]] = tar_member_bytes(tar, info)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise CnnlabError(f"{archive}: damaged or truncated archive ({error})") from None
     missing = sorted(set(wanted.values()) - set(blobs))
@@ -169,7 +170,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(*self._ALLOWED[(module, name)])
 
 
-def _unpickle(data: bytes, where: str) -> dict:
+def _unpickle(data: bytes, where: str) -> dict[Any, Any]:
     try:
         # latin1 decodes the Python 2 strings of the official files the way numpy needs.
         value = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
@@ -180,7 +181,7 @@ def _unpickle(data: bytes, where: str) -> dict:
     return value
 
 
-def _field(mapping: dict, key: str, where: str) -> Any:
+def _field(mapping: dict[Any, Any], key: str, where: str) -> Any:
     for candidate in (key, key.encode()):
         if candidate in mapping:
             return mapping[candidate]

@@ -93,5 +93,6 @@ def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
     if have == 1 and channels == 3:
         return np.repeat(images, 3, axis=-1)
     if have == 3 and channels == 1:
-        return np.rint(images.astype(np.float32) @ _LUMA)[..., None].astype(np.uint8)
+        luma: np.ndarray = np.rint(images.astype(np.float32) @ _LUMA)[..., None].astype(np.uint8)
+        return luma
     raise CnnlabError(f"cannot convert {have}-channel images to {channels} channels")

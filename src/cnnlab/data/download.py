@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -43,7 +43,7 @@ def download(url: str, destination: Path, *, md5: str, timeout: float = 60.0) ->
     return destination
 
 
-def _receive(response: Any, out: BinaryIO, url: str, md5: str, name: str) -> None:
+def _receive(response: Any, out: IO[bytes], url: str, md5: str, name: str) -> None:
     """Copy the response body into `out`, checking its MD5. Network failures are a CnnlabError (not an OSError,
     which `atomic_write` reports as a failure to write), so that the two are told apart."""
     digest = hashlib.md5()

@@ -13,22 +13,26 @@ import os
 import tarfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 import numpy as np
 
 from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
 from cnnlab.data.dataset import Dataset, Split, split_stratified
-from cnnlab.data.walk import walk_files
+from cnnlab.data.walk import tar_member_bytes, walk_files
 from cnnlab.errors import CnnlabError
 
 log = logging.getLogger("cnnlab")
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _SPLITS = ("train", "test")
+T = TypeVar("T")
+Decoded = tuple[np.ndarray, tuple[int, int], bool]  # pixels (H, W, C) uint8, native (H, W), is grayscale
 _CHUNK = 1000  # images per worker task: large enough to amortise inter-process transfer
 
 
@@ -104,7 +108,7 @@ def _archive_entries(path: Path) -> list[Entry]:
             with tarfile.open(path) as archive:
                 for member in archive:
                     if member.isfile() and (parts := _member_parts(path, member.name)):
-                        entries.append(Entry(parts, archive.extractfile(member).read()))
+                        entries.append(Entry(parts, tar_member_bytes(archive, member)))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
         raise CnnlabError(f"{path}: damaged or truncated archive ({error})") from None
     return sorted(entries, key=lambda entry: entry.parts)
@@ -139,8 +143,9 @@ def _decode_dataset(
     decoded = _decode_all(entries, size, channels)
     kept = [i for i, result in enumerate(decoded) if not isinstance(result, str)]
     if kept:
-        native = Counter(decoded[i][1] for i in kept).most_common(1)[0][0]
-        actual = ((image_size, image_size) if image_size else native, 1 if all(decoded[i][2] for i in kept) else 3)
+        readable = [result for result in decoded if not isinstance(result, str)]
+        native = Counter(size for _, size, _ in readable).most_common(1)[0][0]
+        actual = ((image_size, image_size) if image_size else native, 1 if all(gray for *_, gray in readable) else 3)
         if actual != (size, channels):
             size, channels = actual
             decoded = _decode_all(entries, size, channels)
@@ -169,7 +174,7 @@ def _guess_format(entries: list[Entry], image_size: int | None) -> tuple[tuple[i
     return size, 1 if all(gray for gray, _ in probes) else 3
 
 
-def _decode_all(entries: list[Entry], size: tuple[int, int], channels: int) -> list[tuple | str]:
+def _decode_all(entries: list[Entry], size: tuple[int, int], channels: int) -> list[Decoded | str]:
     return _parallel(_decode_chunk, [(chunk, size, channels) for chunk in _chunks(entries)])
 
 
@@ -183,7 +188,7 @@ def _assign_labels(path: Path, entries: list[Entry]) -> list[tuple[Entry, str, s
     tops = {e.parts[depth].lower() for e in entries if len(e.parts) > depth + 1}
     expected = "expected train/<class>/* and test/<class>/*, or <class>/* with at least two classes"
     if set(_SPLITS) <= tops:
-        placed = [
+        placed: list[tuple[Entry, str, str | None]] = [
             (e, e.parts[depth + 1], e.parts[depth].lower())
             for e in entries
             if len(e.parts) > depth + 2 and e.parts[depth].lower() in _SPLITS
@@ -215,7 +220,7 @@ def _chunks(entries: list[Entry]) -> list[list[Entry]]:
     return [entries[start : start + _CHUNK] for start in range(0, len(entries), _CHUNK)]
 
 
-def _parallel(function, argument_lists: list[tuple]) -> list:
+def _parallel(function: Callable[..., list[T]], argument_lists: list[tuple[Any, ...]]) -> list[T]:
     """Run `function` over chunks on every core and concatenate the per-chunk result lists."""
     workers = min(len(os.sched_getaffinity(0)), len(argument_lists))
     if workers <= 1:
@@ -237,9 +242,9 @@ def _probe_chunk(entries: list[Entry]) -> list[tuple[bool, tuple[int, int]] | st
     return results
 
 
-def _decode_chunk(entries: list[Entry], size: tuple[int, int], channels: int) -> list[tuple | str]:
+def _decode_chunk(entries: list[Entry], size: tuple[int, int], channels: int) -> list[Decoded | str]:
     """Per entry: (pixels, native (H, W), is grayscale), or the reason it is not a readable image."""
-    results: list[tuple | str] = []
+    results: list[Decoded | str] = []
     for entry in entries:
         try:
             image = image_io.read(entry.source, entry.name)

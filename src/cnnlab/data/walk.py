@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def walk_files(root: Path) -> Listing:
     return listing
 
 
-def _outside(entry: os.DirEntry, real_root: str) -> str | None:
+def _outside(entry: os.DirEntry[str], real_root: str) -> str | None:
     """Why a symbolic link is not followed, or None for plain entries and links that stay inside."""
     try:
         if not entry.is_symlink():
@@ -86,3 +87,11 @@ def _outside(entry: os.DirEntry, real_root: str) -> str | None:
 
 def _vanished(error: OSError) -> str:
     return f"vanished during the scan ({error.strerror or error})"
+
+
+def tar_member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular file's bytes from a tar archive (extractfile gives None only for what is not a regular file)."""
+    handle = archive.extractfile(member)
+    if handle is None:
+        raise tarfile.TarError(f"{member.name} is not a regular file")
+    return handle.read()

@@ -63,14 +63,18 @@ class MaxPool2x2(torch.autograd.Function):
         shape, strides = ctx.input_layout
         layout = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)  # never read
         kernel, stride, padding, dilation = [2, 2], [2, 2], [0, 0], [1, 1]
-        return torch.ops.aten.max_pool2d_with_indices_backward(
+        grad_input: torch.Tensor = torch.ops.aten.max_pool2d_with_indices_backward(
             grad, layout, kernel, stride, padding, dilation, False, winners
         )
+        return grad_input
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     # Inference and export take torch's own pool; only a training step has an input to drop.
-    return MaxPool2x2.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.max_pool2d(x, 2)
+    if torch.is_grad_enabled() and x.requires_grad:
+        pooled: torch.Tensor = MaxPool2x2.apply(x)  # type: ignore[no-untyped-call]  # torch leaves apply untyped
+        return pooled
+    return F.max_pool2d(x, 2)
 
 
 class Block(nn.Module):
@@ -102,7 +106,7 @@ class FastNet(nn.Module):
         whitened = 2 * channels * WHITEN_KERNEL**2  # each whitening direction with both signs
         self.whiten = nn.Conv2d(channels, whitened, kernel_size=WHITEN_KERNEL, bias=True)
         self.whiten.weight.requires_grad_(False)
-        nn.init.zeros_(self.whiten.bias)
+        self.whiten_bias().data.zero_()
         self.blocks = nn.Sequential(
             Block(whitened, widths[0], generator),
             Block(widths[0], widths[1], generator),
@@ -117,7 +121,20 @@ class FastNet(nn.Module):
         x = F.gelu(self.whiten(x))  # (B, 2*C*4, H-1, W-1)
         x = self.blocks(x)  # (B, widths[2], h, w)
         x = torch.amax(x, dim=(2, 3))  # (B, widths[2]) global max-pool
-        return self.head(x) * LOGIT_SCALE  # (B, classes)
+        logits: torch.Tensor = self.head(x) * LOGIT_SCALE  # (B, classes)
+        return logits
+
+    def whiten_bias(self) -> torch.Tensor:
+        """The whitening layer's bias: it learns in the first `whiten_bias_epochs` epochs only (its filters never)."""
+        bias = self.whiten.bias
+        assert bias is not None  # made with bias=True
+        return bias
+
+    def gradcam_layer(self) -> nn.Module:
+        """The last convolution: its maps are the finest that the class decision reads."""
+        last = self.blocks[-1]
+        assert isinstance(last, Block)
+        return last.conv2
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
@@ -132,9 +149,15 @@ class FastNet(nn.Module):
         self.whiten.weight.copy_(torch.cat((filters, -filters)))
 
 
+def fast_net(model: nn.Module) -> FastNet:
+    """`model` as the FastNet it is (the family's hooks receive the registry's plain nn.Module)."""
+    if not isinstance(model, FastNet):
+        raise TypeError(f"expected a FastNet, got {type(model).__name__}")
+    return model
+
+
 def train_whitening_bias(model: nn.Module, epoch: int, whiten_bias_epochs: int) -> None:
-    """The whitening layer's bias learns in the first `whiten_bias_epochs` epochs only (its filters never)."""
-    model.whiten.bias.requires_grad_(epoch <= whiten_bias_epochs)
+    fast_net(model).whiten_bias().requires_grad_(epoch <= whiten_bias_epochs)
 
 
 def _build(shape: InputShape, classes: int, generator: torch.Generator, widths: tuple[int, int, int]) -> nn.Module:
@@ -156,8 +179,8 @@ for _name, _widths, _recipe, _note in (
             default_recipe=_recipe,
             min_input_size=FastNet.min_input_size,
             input_size=32,
-            gradcam_layer=lambda model: model.blocks[-1].conv2,
-            init_from_data=lambda model, images: model.init_from_data(images),
+            gradcam_layer=lambda model: fast_net(model).gradcam_layer(),
+            init_from_data=lambda model, images: fast_net(model).init_from_data(images),
             start_epoch=train_whitening_bias,
             # Muon orthogonalises the blocks' 3x3 filter banks; the whitening filters are fixed.
             parameter_groups=functools.partial(standard_groups, filter_type=Conv),

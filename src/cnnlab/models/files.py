@@ -101,7 +101,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> TrainedModel:
     """Rebuild a model from a run folder or its model files; any mismatch is a one-line error."""
     folder = model_folder(path)
     info = read_info(folder / RunDir.INFO)
-    module = create_model(info.architecture, tuple(info.input_shape), len(info.classes))
+    channels, height, width = info.input_shape
+    module = create_model(info.architecture, (channels, height, width), len(info.classes))
     weights_path = folder / RunDir.WEIGHTS
     if not weights_path.is_file():
         raise CnnlabError(f"{weights_path}: missing; the model folder is incomplete")

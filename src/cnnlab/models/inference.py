@@ -120,7 +120,7 @@ def views(model: nn.Module, x: torch.Tensor, tta: str) -> tuple[torch.Tensor, to
     "flip": the image and its mirror, equally weighted. "flip-translate": half on the flip pair, a
     quarter each on the flip pairs of the image shifted one pixel up-left and down-right (reflected).
     """
-    plain = model(x)
+    plain: torch.Tensor = model(x)
     if tta == "none":
         return plain, plain
     pair = 0.5 * (plain + model(x.flip(-1)))
@@ -128,7 +128,9 @@ def views(model: nn.Module, x: torch.Tensor, tta: str) -> tuple[torch.Tensor, to
         return plain, pair
 
     def mirrored(shifted: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (model(shifted) + model(shifted.flip(-1)))
+        seen: torch.Tensor = model(shifted)
+        mirror: torch.Tensor = model(shifted.flip(-1))
+        return 0.5 * (seen + mirror)
 
     height, width = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H+2, W+2)
@@ -138,4 +140,5 @@ def views(model: nn.Module, x: torch.Tensor, tta: str) -> tuple[torch.Tensor, to
 
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     """The delivered logits of (B, C, H, W) inputs: what export and serving answer with."""
-    return views(model, x, tta)[1]
+    _, delivered = views(model, x, tta)
+    return delivered

@@ -95,7 +95,7 @@ def create_model(name: str, input_shape: InputShape, num_classes: int, seed: int
     if num_classes < 2:
         raise CnnlabError(f"a classifier needs at least two classes, got {num_classes}")
     model = spec.build(input_shape, num_classes, torch.Generator().manual_seed(seed))
-    return model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]  # not in torch's stub
 
 
 def parameter_count(model: nn.Module) -> int:

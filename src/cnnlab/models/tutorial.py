@@ -28,7 +28,8 @@ class TutorialMLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)  # (B, C, H, W) -> (B, classes)
+        logits: torch.Tensor = self.layers(x)  # (B, C, H, W) -> (B, classes)
+        return logits
 
 
 class TutorialCNN(nn.Module):
@@ -52,7 +53,8 @@ class TutorialCNN(nn.Module):
         x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, 32, (H-2)/2, (W-2)/2)
         x = F.relu(F.max_pool2d(self.conv2(x), 2))  # (B, 64, h, w)
         x = F.relu(self.dense(x.flatten(1)))  # (B, 64)
-        return self.classifier(x)  # (B, classes)
+        logits: torch.Tensor = self.classifier(x)  # (B, classes)
+        return logits
 
 
 def keras_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -60,8 +62,15 @@ def keras_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Conv2d):
             nn.init.xavier_uniform_(module.weight, generator=generator)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     return model
+
+
+def _last_conv(model: nn.Module) -> nn.Module:
+    if not isinstance(model, TutorialCNN):
+        raise TypeError(f"expected a TutorialCNN, got {type(model).__name__}")
+    return model.conv2
 
 
 def _mlp(shape: InputShape, classes: int, generator: torch.Generator) -> nn.Module:
@@ -89,6 +98,6 @@ register(
         default_recipe="tutorial-cnn",
         min_input_size=TutorialCNN.min_input_size,
         input_size=32,
-        gradcam_layer=lambda model: model.conv2,
+        gradcam_layer=_last_conv,
     )
 )

@@ -8,15 +8,19 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from cnnlab.atomic import atomic_write
 
-STYLE = {
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
+STYLE: dict[RcKeyType, Any] = {
     "figure.dpi": 100,
     "savefig.dpi": 100,
     "font.size": 10,
@@ -40,14 +44,16 @@ def png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **options: Any) -> tuple[Figure, Any]:
+def subplots(
+    *grid: int, figsize: tuple[float, float], layout: Literal["constrained"] | None = None, **options: Any
+) -> tuple[Figure, Any]:
     """A figure and its axes, made without pyplot: no backend is chosen and no global figure list kept (a
     figure is only ever written to PNG, through the Agg canvas that `savefig` makes for it)."""
     figure = Figure(figsize=figsize, layout=layout)
     return figure, figure.subplots(*grid, **options)
 
 
-def _show_image(axis, image: np.ndarray) -> None:
+def _show_image(axis: Axes, image: np.ndarray) -> None:
     """(H, W, C) uint8, grayscale or RGB, without axes."""
     axis.imshow(
         image[..., 0] if image.shape[-1] == 1 else image,
@@ -72,7 +78,7 @@ def sample_grid(
         )
         for row, name in enumerate(classes):
             members = np.flatnonzero(labels == row)
-            chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
+            chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
             for column in range(per_class):
                 axis = axes[row, column]
                 axis.axis("off")

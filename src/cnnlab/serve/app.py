@@ -17,6 +17,7 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnlab.data import images as image_io
 from cnnlab.models import ModelInfo
@@ -46,10 +47,10 @@ class BodyLimit:
     bytes, for at most `drain_seconds`) before the connection closes, since closing a socket with unread
     data resets it and the client would never read the answer."""
 
-    def __init__(self, app, limit: int, drain: int, drain_seconds: float):
+    def __init__(self, app: ASGIApp, limit: int, drain: int, drain_seconds: float):
         self.app, self.limit, self.drain, self.drain_seconds = app, limit, drain, drain_seconds
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
@@ -58,7 +59,8 @@ class BodyLimit:
             if headers.get(b"expect", b"").lower() == b"100-continue":
                 return await self._refuse(send, None)
             return await self._refuse(send, receive)
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -71,7 +73,7 @@ class BodyLimit:
                 break
         body, replayed = b"".join(chunks), False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if replayed:
                 return await receive()
@@ -80,7 +82,7 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, send, unread_body) -> None:
+    async def _refuse(self, send: Send, unread_body: Receive | None) -> None:
         """Answer 413; then, when the client is still sending (`unread_body` is its receive), drain it."""
         body = json.dumps({"detail": f"request body over the {self.limit / 1e6:g} MB limit"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -160,7 +162,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         return page
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/model")

@@ -94,7 +94,8 @@ class Ranks:
         kind, value = outcome[0]
         if kind == "error":
             raise CnnlabError(value)
-        return value
+        result: T = value
+        return result
 
     def copy_buffers_from_main(self, model: nn.Module) -> None:
         """Give every process the main process's BatchNorm statistics (each updated its own on its shard)."""
@@ -125,11 +126,12 @@ def _init_process_group(backend: str) -> None:
     # torchrun's store outlives a restart, and with it the addresses the replaced processes published:
     # read under the same keys, they send a restarted job to connect to dead ports. A prefix per
     # attempt gives each start its own keys.
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(address, port, is_master=False)  # type: ignore[attr-defined]
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         backend,
-        store=dist.PrefixStore(f"cnnlab/attempt-{attempt}", store),
+        store=dist.PrefixStore(f"cnnlab/attempt-{attempt}", store),  # type: ignore[attr-defined]
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
     )
@@ -172,7 +174,10 @@ def with_sync_bn(model: nn.Module, enabled: bool, ranks: Ranks) -> nn.Module:
     """BatchNorm layers that normalise over the global batch instead of each process's shard."""
     if enabled and ranks.distributed and ranks.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA: torch's SyncBatchNorm has no CPU implementation", "train.sync_bn")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled and ranks.distributed else model
+    if not (enabled and ranks.distributed):
+        return model
+    synced: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
+    return synced
 
 
 def launch(worker_args: list[str], nproc: int, max_restarts: int, run_dir: str) -> None:
@@ -184,7 +189,7 @@ def launch(worker_args: list[str], nproc: int, max_restarts: int, run_dir: str) 
 
     options = ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
     try:
-        run(get_args_parser().parse_args([*options, "-m", "cnnlab", *worker_args]))
+        run(get_args_parser().parse_args([*options, "-m", "cnnlab", *worker_args]))  # type: ignore[no-untyped-call]
     except SignalException as stopped:  # Ctrl-C or SIGTERM: torchrun passed SIGTERM on, and each process saved
         error = CnnlabError(f"stopped by {signal.Signals(stopped.sigval).name}; checkpoint saved in {run_dir}")
         error.exit_code = 128 + stopped.sigval

@@ -61,7 +61,7 @@ def train_step(state: TrainState, forward: nn.Module, batch: Batch) -> tuple[tor
     if not torch.isfinite(loss):
         raise NonFiniteLoss("non-finite loss")
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     state.optimizer.step()
     state.schedule.step()
     return summed.detach(), logits.detach()

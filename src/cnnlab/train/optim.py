@@ -57,13 +57,13 @@ class Muon(torch.optim.Optimizer):
     with coupled weight decay, as torch.optim.SGD does.
     """
 
-    def __init__(self, groups: list[dict], momentum: float, nesterov: bool, matmul_dtype: torch.dtype):
+    def __init__(self, groups: list[dict[str, Any]], momentum: float, nesterov: bool, matmul_dtype: torch.dtype):
         defaults = {"lr": 0.0, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0, "orthogonalize": False}
         super().__init__(groups, defaults)
         self.matmul_dtype = matmul_dtype
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: one forward per step
         for group in self.param_groups:
             for weight in group["params"]:
                 if weight.grad is None:
@@ -96,10 +96,13 @@ def orthogonalized(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     for _ in range(_NEWTON_SCHULZ_STEPS):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.T
+    result: torch.Tensor = x if wide else x.T
+    return result
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+def make_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step multiplier of each group's learning rate."""
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -6,7 +6,7 @@ import sys
 from typing import Any, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 class Reporter(Protocol):
@@ -55,7 +55,7 @@ class BarReporter(LineReporter):
     def __init__(self, console: Console | None = None):
         super().__init__(console)
         self.progress: Progress | None = None
-        self.task = 0
+        self.task = TaskID(0)
 
     def epoch_started(self, epoch: int, epochs: float, steps: int) -> None:
         super().epoch_started(epoch, epochs, steps)

@@ -204,11 +204,11 @@ def global_rng_states() -> dict[str, Any]:
 
     Training draws only from its own seeded generators; these are kept so that any code that does use the
     global ones (a custom model's dropout, say) also resumes exactly."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
+    name, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "numpy": [name, np.asarray(keys).tolist(), position, has_gauss, gauss],
         "python": [version, list(internal), gauss_next],
     }
 

@@ -1,0 +1,221 @@
+"""The seams that the next capabilities build on: batch loaders, model families, the run folder, the CLI's flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.config import DataConfig, RunConfig, TrainConfig
+from cnnlab.data import Split, load_dataset
+from cnnlab.data import transforms as transforms_module
+from cnnlab.data.loader import InMemory, OnDisk, TrainBatches, disk_copy
+from cnnlab.data.transforms import channel_statistics
+from cnnlab.errors import CnnlabError
+from cnnlab.models import MODELS, ModelSpec, create_model, load_model, model_spec
+from cnnlab.models.inference import Scores, evaluate, in_order
+from cnnlab.recipes import RECIPES, resolve_run_config
+from cnnlab.run_dir import RunDir
+from cnnlab.train import fit, resume
+from cnnlab.train.progress import LineReporter
+
+
+def pixels(count: int = 37, size: int = 6, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    return Split(rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8), rng.integers(0, 3, count))
+
+
+def epoch_batches(batches: TrainBatches, epoch: int, done: int = 0) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    steps = batches.steps_per_epoch
+    return [(step, b.images.numpy(), b.labels.numpy()) for step, b in batches.epoch(epoch, steps, done)]
+
+
+def same(first: list, second: list) -> bool:
+    return len(first) == len(second) and all(
+        a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+        for a, b in zip(first, second, strict=True)
+    )
+
+
+def loader(split: Split, source, rank: int = 0, world_size: int = 1) -> TrainBatches:
+    return TrainBatches(split, source, 8, seed=3, flip="alternating", max_shift=2, rank=rank, world_size=world_size)
+
+
+def test_the_memmap_loader_gives_the_in_memory_loaders_batches_bit_for_bit(tmp_path):
+    split = pixels()
+    in_memory = loader(split, InMemory(split, torch.device("cpu")))
+    on_disk = loader(split, OnDisk(disk_copy(split, tmp_path), split.labels, torch.device("cpu")))
+    for epoch in (1, 2):  # alternating flips differ between odd and even epochs
+        assert same(epoch_batches(in_memory, epoch), epoch_batches(on_disk, epoch))
+    assert disk_copy(split, tmp_path) == next((tmp_path / "arrays").iterdir())  # written once, by content
+
+
+def test_shards_of_two_processes_make_up_the_global_batch():
+    split = pixels()
+    whole = epoch_batches(loader(split, InMemory(split, torch.device("cpu"))), 1)
+    shards = [epoch_batches(loader(split, InMemory(split, torch.device("cpu")), rank, 2), 1) for rank in (0, 1)]
+    for (step, images, labels), first, second in zip(whole, *shards, strict=True):
+        assert step == first[0] == second[0]
+        assert np.array_equal(images, np.concatenate([first[1], second[1]]))
+        assert np.array_equal(labels, np.concatenate([first[2], second[2]]))
+
+
+def test_a_loader_restored_mid_epoch_continues_with_the_same_batches():
+    split = pixels()
+    uninterrupted = loader(split, InMemory(split, torch.device("cpu")))
+    epoch_batches(uninterrupted, 1)
+    expected = epoch_batches(uninterrupted, 2)
+    interrupted = loader(split, InMemory(split, torch.device("cpu")))
+    epoch_batches(interrupted, 1)
+    steps = interrupted.epoch(2, interrupted.steps_per_epoch)
+    next(steps), next(steps)  # two steps of epoch 2, then a checkpoint
+    saved = interrupted.state_dict()
+    restored = loader(split, InMemory(split, torch.device("cpu")))
+    restored.load_state_dict(saved)
+    assert same(epoch_batches(restored, 2, done=2), expected[2:])
+
+
+def test_training_from_the_memmap_gives_the_same_weights(tmp_path):
+    def trained(loader_kind: str) -> dict[str, torch.Tensor]:
+        train = {"recipe": "fast70", "batch_size": 256, "epochs": 1, "loader": loader_kind}
+        config = resolve_run_config(
+            {"data": {"dataset": "digits", "image_size": 16}, "train": train, "out": str(tmp_path / loader_kind)}
+        )
+        fit(config, reporter=LineReporter())
+        return load_file(str(tmp_path / loader_kind / RunDir.WEIGHTS))
+
+    memory, disk = trained("memory"), trained("disk")
+    assert memory.keys() == disk.keys() and all(torch.equal(memory[name], disk[name]) for name in memory)
+
+
+def test_normalisation_statistics_come_from_a_bounded_seeded_sample(monkeypatch):
+    images = pixels(400, 8).images
+    whole = channel_statistics(images, "standardize")
+    monkeypatch.setattr(transforms_module, "STATISTICS_BYTES", 100 * images[0].nbytes)
+    sampled = channel_statistics(images, "standardize")
+    assert sampled == channel_statistics(images, "standardize")  # the same sample every time
+    assert sampled != whole and np.allclose(sampled.mean, whole.mean, atol=0.02)
+    assert np.allclose(sampled.std, whole.std, atol=0.02)
+
+
+def test_every_family_says_its_recipe_its_grad_cam_layer_and_its_parameter_groups():
+    for name, spec in MODELS.items():
+        assert spec.default_recipe in RECIPES and resolve_run_config({"train": {"model": name}}).train.model == name
+        model = create_model(name, (3, 32, 32), 10)
+        layer = spec.gradcam_layer(model)
+        assert layer is None or any(layer is module for module in model.modules())
+        groups = spec.parameter_groups(model)
+        grouped = [id(p) for p in groups.filters + groups.norm_biases + groups.others]
+        assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad), name
+    assert model_spec("tutorial-mlp").gradcam_layer(create_model("tutorial-mlp", (3, 32, 32), 10)) is None
+
+
+class Linear(nn.Module):
+    def __init__(self, shape: tuple[int, int, int], classes: int):
+        super().__init__()
+        self.layer = nn.Linear(int(np.prod(shape)), classes)
+        self.starts: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.flatten(1))
+
+
+def test_a_new_family_is_one_spec_and_its_hooks_are_called(tmp_path, monkeypatch):
+    calls: dict[str, object] = {}
+
+    def init(model: nn.Module, images: torch.Tensor) -> None:
+        calls["init"] = tuple(images.shape)
+
+    def start(model: nn.Module, epoch: int, whiten_bias_epochs: int) -> None:
+        model.starts.append(epoch)
+
+    spec = ModelSpec(
+        "linear",
+        lambda shape, classes, _generator: Linear(shape, classes),
+        "one dense layer",
+        default_recipe="tutorial-mlp",
+        init_from_data=init,
+        start_epoch=start,
+    )
+    monkeypatch.setitem(MODELS, "linear", spec)
+    config = resolve_run_config(
+        {
+            "data": {"dataset": "digits", "image_size": 8},
+            "train": {"model": "linear", "epochs": 2},
+            "out": str(tmp_path),
+        }
+    )
+    assert config.train.recipe == "tutorial-mlp" and config.train.optimizer == "sgd"
+    result = fit(config, reporter=LineReporter())
+    assert calls["init"][1:] == (1, 8, 8) and result.model.module.starts == [1, 2]
+
+
+def test_one_evaluation_path_gives_plain_and_delivered_scores(trained_run):
+    trained = load_model(trained_run)
+    model, norm = trained.module, trained.info.norm
+    test = load_dataset(DataConfig(dataset="digits", image_size=12)).test
+    plain, _ = evaluate(model, in_order(test.images), test.labels, norm, torch.device("cpu"))
+    both, logits = evaluate(model, in_order(test.images, 7), test.labels, norm, torch.device("cpu"), "flip-translate")
+    assert isinstance(both, Scores) and both.accuracy == plain.accuracy and both.loss == pytest.approx(plain.loss)
+    assert both.delivered_accuracy == pytest.approx((logits.delivered.argmax(1).numpy() == test.labels).mean())
+    assert plain.accuracy == pytest.approx(trained.info.metrics["test_acc"]) and plain.accuracy > 0.5
+    assert set(both.metrics("test")) == {"test_loss", "test_acc", "test_acc_tta"}
+    assert set(plain.metrics("test")) == {"test_loss", "test_acc"}
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
+    config = resolve_run_config(
+        {"data": {"dataset": "digits"}, "train": {"model": "tutorial-cnn", "epochs": 1}, "out": str(tmp_path / "run")}
+    )
+    fit(config, reporter=LineReporter())
+    state = torch.load(tmp_path / "run" / RunDir.CHECKPOINT, weights_only=True)
+    torch.save({**state, "format_version": 1}, tmp_path / "run" / RunDir.CHECKPOINT)
+    with pytest.raises(CnnlabError, match="checkpoint format 1, and this cnnlab resumes format 2"):
+        resume(tmp_path / "run", epochs=2)
+
+
+def test_every_config_field_has_exactly_one_flag_carrying_its_help():
+    commands = {command.name: command for command in typer.main.get_command(app).commands.values()}
+    options = {param.name: param for param in commands["train"].params}
+    for config in (DataConfig, TrainConfig):
+        for field in dataclasses.fields(config):
+            flag = "--" + field.name.replace("_", "-")
+            assert options[field.name].opts == [flag], field.name
+            assert options[field.name].help == field.metadata["help"], field.name
+    out = next(field for field in dataclasses.fields(RunConfig) if field.name == "out")
+    assert options["out"].help == out.metadata["help"]
+
+
+def test_library_errors_name_config_keys_and_the_cli_says_them_as_flags(tmp_path):
+    args = ["train", "--recipe", "fast70", "--dataset", "digits", "--compile", "--precision", "bf16"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "error: --compile with bf16 on the CPU" in result.output and "set --precision to fp32" in result.output
+
+
+def test_a_bare_model_on_the_command_line_trains_with_its_family_recipe(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", "fast-tiny", "--dataset", "digits", "--epochs", "0.2",
+                                      "--out", str(run), "-q", "--no-report"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = RunDir(run).read_config().train
+    assert (config.recipe, config.optimizer, config.tta) == ("fast70", "sgd", "flip-translate")
+
+
+def test_importing_and_reporting_never_picks_a_matplotlib_backend(trained_run):
+    code = (
+        "import sys, cnnlab.cli, cnnlab.report; from pathlib import Path; "
+        f"cnnlab.report.write_run_report(Path({str(trained_run)!r})); "
+        "print('matplotlib.pyplot' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,37 @@
+"""Checks on the source itself: strict typing, and the size limits that keep each piece readable."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed (pip install -e '.[dev]')")
+def test_the_library_type_checks_strictly():
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy"], cwd=SOURCE.parents[1], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_no_file_or_function_is_too_long_to_read_in_one_sitting():
+    too_long = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            too_long.append(f"{path.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.name}: {node.name} is {length} lines")
+    assert not too_long, too_long
