@@ -145,7 +145,7 @@ def test_unreadable_files_are_skipped_with_one_warning_or_refused_when_strict(tm
     assert len(dataset.train) == 6
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "skipped 2 of 14" in warnings[0] and "broken.png" in warnings[0]
-    with pytest.raises(CnnlabError, match="--strict"):
+    with pytest.raises(CnnlabError, match=r"\(data\.strict\)"):
         load_dataset(folder_config(tmp_path, strict=True))
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
 
 Precision = Literal["fp32", "bf16"]  # what training and inference actually run in
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,7 +108,7 @@ def resolve_precision(requested: str, device: torch.device, machine: Machine | N
         where = f"GPU {machine.gpu}" if device.type == "cuda" else f"CPU ({machine.cpu_capability})"
         _log.warning(
             f"bf16 is not native on this {where}: it runs several times slower than fp32 here; "
-            "--precision auto picks fp32"
+            "precision auto (the default) picks fp32"
         )
     return "bf16" if requested == "bf16" else "fp32"
 
@@ -127,7 +127,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise CnnlabError(f"unknown device {name!r}; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CnnlabError("--device cuda asked for, but this torch sees no CUDA GPU")
+        raise ConfigError("train.device cuda asked for, but this torch sees no CUDA GPU", "train.device")
     return device
 
 

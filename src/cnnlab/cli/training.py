@@ -127,8 +127,10 @@ def bench_command(
 @handles_errors
 def models() -> None:
     """List the registered models with their parameter counts at CIFAR-10's input (32x32 RGB, 10 classes)."""
-    table = Table("model", "parameters (CIFAR-10)", "min input", "default recipe", "description")
+    table = Table("model", "parameters (CIFAR-10)", "input (min)", "weights", "default recipe", "description")
     for spec in MODELS.values():
         count = parameter_count(create_model(spec.name, (3, 32, 32), 10))
-        table.add_row(spec.name, f"{count:,}", f"{spec.min_input_size}px", spec.default_recipe or "-", spec.summary)
+        size = f"{spec.input_size or 'any'}px ({spec.min_input_size}px)"
+        weights = spec.weights or "from scratch"
+        table.add_row(spec.name, f"{count:,}", size, weights, spec.default_recipe or "-", spec.summary)
     console.print(table)

@@ -14,7 +14,7 @@ from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import Dataset, Split, match_channels, resize_images
 from cnnlab.data.digits import load_digits_dataset
 from cnnlab.data.folder import load_image_folder
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
 
 NAMED_DATASETS = ("digits", *cifar.SOURCES)
 
@@ -24,9 +24,13 @@ __all__ = ["NAMED_DATASETS", "DataConfig", "Dataset", "Split", "load_dataset", "
 def load_dataset(config: DataConfig) -> Dataset:
     """Load the dataset that `config` names, with its validation split carved when asked for."""
     if bool(config.dataset) == bool(config.data):
-        raise CnnlabError("give exactly one of --dataset NAME or --data PATH")
+        raise ConfigError(
+            "give exactly one of data.dataset (a name) or data.data (a path)", "data.dataset", "data.data"
+        )
     if config.image_size is not None and config.image_size < 1:
-        raise CnnlabError(f"--image-size must be a positive number of pixels, got {config.image_size}")
+        raise ConfigError(
+            f"data.image_size must be a positive number of pixels, got {config.image_size}", "data.image_size"
+        )
     root = cache_root(config.cache_dir)
     if config.dataset:
         if config.dataset == "digits":
@@ -34,8 +38,9 @@ def load_dataset(config: DataConfig) -> Dataset:
         elif config.dataset in cifar.SOURCES:
             dataset = _sized(cifar.load_cifar(cifar.SOURCES[config.dataset], root), config.image_size)
         else:
-            raise CnnlabError(
-                f"unknown dataset {config.dataset!r}; known: {', '.join(NAMED_DATASETS)} (or --data PATH)"
+            raise ConfigError(
+                f"unknown dataset {config.dataset!r}; known: {', '.join(NAMED_DATASETS)} (or a path as data.data)",
+                "data.data",
             )
     else:
         path = Path(config.data or "").expanduser()  # set: exactly one of dataset and data is

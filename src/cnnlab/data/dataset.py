@@ -15,7 +15,7 @@ from cnnlab.errors import CnnlabError
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, H, W, C) uint8
+    images: np.ndarray  # (N, H, W, C) uint8: in memory, or a np.memmap of a .npy file (read as batches need it)
     labels: np.ndarray  # (N,) int64, indices into Dataset.classes
 
     def __post_init__(self) -> None:

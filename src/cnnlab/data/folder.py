@@ -25,7 +25,7 @@ from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
 from cnnlab.data.dataset import Dataset, Split, split_stratified
 from cnnlab.data.walk import tar_member_bytes, walk_files
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
 
 log = logging.getLogger("cnnlab")
 
@@ -212,7 +212,9 @@ def _report_failures(path: Path, failures: list[str], total: int, strict: bool) 
     examples = "; ".join(failures[:3])
     what = "not readable images or regular files inside the folder"
     if strict:
-        raise CnnlabError(f"{path}: {len(failures)} of {total} entries are {what} (--strict): {examples}")
+        raise ConfigError(
+            f"{path}: {len(failures)} of {total} entries are {what} (data.strict): {examples}", "data.strict"
+        )
     log.warning("%s: skipped %d of %d entries that are %s: %s", path, len(failures), total, what, examples)
 
 

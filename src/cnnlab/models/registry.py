@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cnnlab.data.transforms import Normalization
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
 
 InputShape = tuple[int, int, int]  # (C, H, W)
 
@@ -66,9 +66,10 @@ class ModelSpec:
     def check_input(self, input_shape: InputShape) -> None:
         _, height, width = input_shape
         if min(height, width) < self.min_input_size:
-            raise CnnlabError(
+            raise ConfigError(
                 f"{self.name} needs images of at least {self.min_input_size}x{self.min_input_size} pixels, "
-                f"got {height}x{width}; pass --image-size {self.min_input_size} or more"
+                f"got {height}x{width}; set data.image_size to {self.min_input_size} or more",
+                "data.image_size",
             )
 
 
