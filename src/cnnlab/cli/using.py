@@ -143,6 +143,7 @@ def data_show(
     for i, name in enumerate(loaded.classes):
         table.add_row(name, *(f"{values[i]:,}" for values in counts.values()))
     table.add_row("total", *(f"{sum(values):,}" for values in counts.values()))
+    console.print(loaded.summary()[0])
     console.print(table)
     console.print(f"wrote {grid} and {chart}")
 

@@ -14,7 +14,8 @@ import numpy as np
 from cnnlab.atomic import atomic_write, make_folder
 
 # Bump when decoding changes, so that arrays decoded by older code are not reused.
-DECODER_VERSION = 2  # 2: image folders keep the reasons of the files they left out
+# 2: image folders keep the reasons of the files they left out; 3: train/val/test folders and the layout read
+DECODER_VERSION = 3
 
 
 def cache_root(cache_dir: str | None) -> Path:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Dataset:
     train: Split
     test: Split
     val: Split | None = None
+    layout: str = ""  # how the source was read into splits and classes, in words
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -49,8 +50,38 @@ class Dataset:
         """Carve a stratified validation split out of train."""
         if fraction <= 0:
             return self
+        if self.val is not None:
+            raise ConfigError(
+                f"{self.name} has its own validation split ({len(self.val)} images); leave data.val_fraction at 0",
+                "data.val_fraction",
+            )
         train, val = split_stratified(self.train, fraction, seed, "validation")
         return replace(self, train=train, val=val)
+
+    def summary(self) -> list[str]:
+        """What was loaded, for the user to check before training: the layout read, the splits and their size,
+        and the images per class in each split (the smallest and largest when there are many classes)."""
+        height, width, channels = self.image_shape
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        sizes = ", ".join(f"{name} {len(split):,}" for name, split in splits.items() if split is not None)
+        lines = [f"data: {self.name}{f' ({self.layout})' if self.layout else ''}"]
+        lines.append(f"  {len(self.classes)} classes, {width}x{height}x{channels}; images: {sizes}")
+        counts = {
+            name: np.bincount(split.labels, minlength=len(self.classes))
+            for name, split in splits.items()
+            if split is not None
+        }
+        header = "/".join(counts)
+        if len(self.classes) <= 12:
+            per_class = ", ".join(
+                f"{name} {'/'.join(str(values[i]) for values in counts.values())}"
+                for i, name in enumerate(self.classes)
+            )
+            lines.append(f"  per class ({header}): {per_class}")
+        else:
+            train = counts["train"]
+            lines.append(f"  per class in train: {train.min()} to {train.max()} images")
+        return lines
 
 
 def split_stratified(split: Split, fraction: float, seed: int, purpose: str) -> tuple[Split, Split]:

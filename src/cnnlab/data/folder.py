@@ -1,8 +1,11 @@
 """Image-folder datasets: a folder, or a .tar.gz/.tar/.zip of one, laid out by class.
 
-Layouts: `train/<class>/*` with `test/<class>/*`, or only `<class>/*` (a test split is then carved,
-seeded and stratified). A single wrapping folder is looked through. Decoding runs on every core in
-two passes: headers first (to choose one image size and the channel count), then pixels.
+Layouts: `train/<class>/*` beside any of `val/` (or `valid/`, `validation/`, `dev/`) and `test/`, each
+holding the same class folders; or only `<class>/*` (a test split is then carved, seeded and
+stratified). With a validation folder and no test folder, the validation folder is the test split (it is
+what the model is scored on), and the layout says so. A single wrapping folder is looked through. A
+layout that could be read two ways is refused (see `layout.py`). Decoding runs on every core in two
+passes: headers first (to choose one image size and the channel count), then pixels.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ import numpy as np
 from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
 from cnnlab.data.dataset import Dataset, Split, split_stratified
+from cnnlab.data.layout import TEST, TRAIN, VAL, read_layout
 from cnnlab.data.walk import tar_member_bytes, walk_files
 from cnnlab.errors import CnnlabError, ConfigError
 
 log = logging.getLogger("cnnlab")
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-_SPLITS = ("train", "test")
 T = TypeVar("T")
 Decoded = tuple[np.ndarray, tuple[int, int], bool]  # pixels (H, W, C) uint8, native (H, W), is grayscale
 _CHUNK = 1000  # images per worker task: large enough to amortise inter-process transfer
@@ -79,12 +82,18 @@ def load_image_folder(
 
     classes = tuple(str(name) for name in arrays["classes"])
     everything = Split(arrays["images"], arrays["labels"].astype(np.int64))
-    is_test = arrays["is_test"]
-    if is_test.any():
-        train, test = everything.take(np.flatnonzero(~is_test)), everything.take(np.flatnonzero(is_test))
+    split = arrays["split"]
+    layout = str(arrays["layout"])
+    train = everything.take(np.flatnonzero(split == TRAIN))
+    val: Split | None = everything.take(np.flatnonzero(split == VAL)) if (split == VAL).any() else None
+    if (split == TEST).any():
+        test = everything.take(np.flatnonzero(split == TEST))
+    elif val is not None:  # a validation folder alone is what the model is scored on
+        test, val = val, None
     else:
-        train, test = split_stratified(everything, test_fraction, split_seed, "test")
-    return Dataset(name=path.name, classes=classes, train=train, test=test)
+        train, test = split_stratified(train, test_fraction, split_seed, "test")
+        layout += f"; a seeded, stratified {test_fraction:g} of the images held out as the test split"
+    return Dataset(name=path.name, classes=classes, train=train, test=test, val=val, layout=layout)
 
 
 def _scan_folder(root: Path) -> tuple[list[Entry], str, list[str]]:
@@ -134,7 +143,8 @@ def _decode_dataset(
 ) -> dict[str, np.ndarray]:
     if strict:  # refused before any decoding
         _report_failures(path, skipped, len(entries) + len(skipped), strict)
-    labelled = _assign_labels(path, entries)
+    layout = read_layout(path, [entry.parts for entry in entries])
+    labelled = [(entries[i], class_name, split) for i, class_name, split in layout.placed]
     entries = [entry for entry, _, _ in labelled]
 
     # One pass over the pixels, with the size and channel count guessed from a sample of headers;
@@ -155,13 +165,13 @@ def _decode_dataset(
     if not kept:
         raise CnnlabError(f"{path}: none of its {len(entries)} files is a readable image")
 
-    classes = sorted({class_name for _, class_name, _ in labelled})
-    index = {name: i for i, name in enumerate(classes)}
+    index = {name: i for i, name in enumerate(layout.classes)}
     return {
         "images": np.stack([decoded[i][0] for i in kept]),
         "labels": np.array([index[labelled[i][1]] for i in kept], dtype=np.int64),
-        "is_test": np.array([labelled[i][2] == "test" for i in kept], dtype=bool),
-        "classes": np.array(classes),
+        "split": np.array([labelled[i][2] for i in kept], dtype=np.int8),  # TRAIN, VAL or TEST
+        "classes": np.array(layout.classes),
+        "layout": np.array(layout.description),
         "failures": np.array(failures, dtype=str),  # why each left-out file is not a readable image
     }
 
@@ -176,33 +186,6 @@ def _guess_format(entries: list[Entry], image_size: int | None) -> tuple[tuple[i
 
 def _decode_all(entries: list[Entry], size: tuple[int, int], channels: int) -> list[Decoded | str]:
     return _parallel(_decode_chunk, [(chunk, size, channels) for chunk in _chunks(entries)])
-
-
-def _assign_labels(path: Path, entries: list[Entry]) -> list[tuple[Entry, str, str | None]]:
-    """(entry, class name, split or None) for each file that the layout places."""
-    if not entries:
-        raise CnnlabError(f"{path}: empty, no files found")
-    depth = 0  # look through wrapping folders such as an archive's single top folder
-    while len({e.parts[depth] for e in entries}) == 1 and all(len(e.parts) > depth + 2 for e in entries):
-        depth += 1
-    tops = {e.parts[depth].lower() for e in entries if len(e.parts) > depth + 1}
-    expected = "expected train/<class>/* and test/<class>/*, or <class>/* with at least two classes"
-    if set(_SPLITS) <= tops:
-        placed: list[tuple[Entry, str, str | None]] = [
-            (e, e.parts[depth + 1], e.parts[depth].lower())
-            for e in entries
-            if len(e.parts) > depth + 2 and e.parts[depth].lower() in _SPLITS
-        ]
-    else:
-        placed = [(e, e.parts[depth], None) for e in entries if len(e.parts) > depth + 1]
-    if not placed:
-        raise CnnlabError(f"{path}: no class folders found; {expected}")
-    classes = {class_name for _, class_name, _ in placed}
-    if len(classes) < 2:
-        raise CnnlabError(f"{path}: only one class ({classes.pop()}); {expected}")
-    if len(placed) < len(entries):
-        log.warning("%s: ignored %d file(s) outside the class folders", path, len(entries) - len(placed))
-    return placed
 
 
 def _report_failures(path: Path, failures: list[str], total: int, strict: bool) -> None:

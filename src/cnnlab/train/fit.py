@@ -93,6 +93,8 @@ def _train(
     reporter = reporter if ranks.is_main else LineReporter(Console(quiet=True))
     keep_freed_memory()
     state = TrainState(settings, precision, dataset, ranks, cache_root(config.data.cache_dir))
+    for line in dataset.summary():
+        reporter.message(line)
     reporter.message(f"precision {precision} ({settings.precision}; {this_machine().describe()})")
     recorder = Recorder(state, run_dir, config, list(dataset.classes))
     if checkpoint is not None:
