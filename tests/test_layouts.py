@@ -87,5 +87,5 @@ def test_training_prints_the_layout_and_the_counts_before_it_starts(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "data: photos (split folders train/, val/: no test folder, so val/ is the test split)" in result.output
-    assert "2 classes, 12x12x3; images: train 11, test 5" in result.output
+    assert "2 classes, 32x32x3; images: train 11, test 5" in result.output  # tutorial-cnn is made for 32 px
     assert "per class (train/test): cat 5/2, dog 6/3" in result.output

@@ -57,6 +57,9 @@ class DataConfig:
 class TrainConfig:
     model: str = setting("tutorial-cnn", "Model name; see `cnnlab models`.")
     recipe: str | None = setting(None, "Training recipe (default: the model's own).")
+    weights: str | None = setting(
+        None, "Start from this safetensors file's weights (a classifier of another size is left out)."
+    )
     optimizer: Literal["sgd", "adam", "muon"] = setting(
         "adam", "muon: orthogonalised updates for conv filters, Nesterov SGD for the rest."
     )
@@ -95,6 +98,12 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the training forward (its first steps pay for compiling).")
     loader: Literal["memory", "disk"] = setting(
         "memory", "Where training batches come from: memory, or a uint8 .npy in the cache read as a memmap."
+    )
+    head_only: bool = setting(
+        False, "Train only the classifier, on features the frozen pretrained body computes once per image."
+    )
+    patience: int = setting(
+        0, "Stop after this many epochs without a better validation loss, keeping the best epoch; 0: never."
     )
     checkpoint_every: int = setting(0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.")
     sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")

@@ -122,6 +122,8 @@ def receptive_field_centres(
     finally:
         hook.remove()
     cells = captured["map"]  # (4, K, h', w')
+    if min(cells.shape[2:]) < 3:  # too coarse to measure two inner cells (a net that pools to a pixel or two)
+        return _stretched(map_size, (height, width)).to(x.device)
     row, column = cells.shape[2] // 2, cells.shape[3] // 2
     centres = []
     for i, j in ((row, column), (row + 1, column + 1)):
@@ -134,6 +136,13 @@ def receptive_field_centres(
     map_height, map_width = map_size
     last = (first[0] + stride_y * (map_height - 1), first[1] + stride_x * (map_width - 1))
     return torch.tensor([first, last], dtype=torch.float32)
+
+
+def _stretched(map_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The centres of a map's first and last cells when the map is spread evenly over the whole image: (2, 2)."""
+    cell = [side / cells for side, cells in zip(size, map_size, strict=True)]
+    first = [(cell[0] - 1) / 2, (cell[1] - 1) / 2]
+    return torch.tensor([first, [size[0] - 1 - first[0], size[1] - 1 - first[1]]])
 
 
 def onto_input(cam: torch.Tensor, centres: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

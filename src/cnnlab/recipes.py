@@ -95,6 +95,22 @@ RECIPES: dict[str, dict[str, Any]] = {
     # network reaches on the original CIFAR-10). Batch 1500 keeps its peak memory under 3 GB (3.1 GB at
     # 2000); the SGD learning rates follow the batch linearly, Muon's needs no scaling.
     "fast94": {**_MUON_RUN, "model": "fast", "epochs": 9, "batch_size": 1500, "lr": 1.656 * 0.75},
+    # Fine-tuning a pretrained network on photos, fast on a CPU: its body runs once per image, then the
+    # classifier trains on those features (Adam, label smoothing); a validation split (10% of train when the
+    # data has none) stops it after 5 epochs without improvement, keeping the best epoch.
+    "finetune": {
+        "model": "efficientnet-lite0",
+        "head_only": True,
+        "optimizer": "adam",
+        "lr": 3e-3,
+        "adam_eps": 1e-8,
+        "weight_decay": 1e-4,
+        "batch_size": 64,
+        "epochs": 60,
+        "schedule": "constant",
+        "label_smoothing": 0.1,
+        "patience": 8,
+    },
     # airbench94's own recipe (Nesterov SGD, triangular schedule, lookahead), kept to compare against.
     "airbench94": {**_SPEED_RUN, "model": "fast", "batch_size": 1024, "lr": 1.5, "epochs": 10},
 }
@@ -113,7 +129,10 @@ def resolve_run_config(*layers: dict[str, Any]) -> RunConfig:
         layered = merge(layered, layer)
     train = layered.get("train", {})
     name = train.get("recipe") or model_spec(train.get("model", TrainConfig.model)).default_recipe
-    if name is None:
-        return build(RunConfig, layered, "config")
-    recipe = {"train": {**recipe_values(name), "recipe": name}}
-    return build(RunConfig, merge(recipe, layered), "config")
+    recipe = {"train": {**recipe_values(name), "recipe": name}} if name else {}
+    config = build(RunConfig, merge(recipe, layered), "config")
+    # Photos are brought to the size the model is made for, not to the most common photo size.
+    input_size = model_spec(config.train.model).input_size
+    if config.data.data and config.data.image_size is None and input_size is not None:
+        config.data.image_size = input_size
+    return config

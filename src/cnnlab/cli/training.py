@@ -59,7 +59,7 @@ def train(
         result = launch(run_config)
     if result is None or not result.is_main:  # launched processes report for themselves
         return
-    final = result.history[-1] if result.history else {}
+    final = result.model.info.metrics
     test = describe_accuracy(
         final.get("test_acc_tta", float("nan")), final.get("test_acc", float("nan")), result.model.info.tta
     )

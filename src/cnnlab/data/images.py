@@ -121,10 +121,17 @@ def is_grayscale(image: Image.Image) -> bool:
 
 
 def to_array(image: Image.Image, size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    """(H, W, channels) uint8 in L or RGB, resized to `size` = (H, W) unless it is None."""
+    """(H, W, channels) uint8 in L or RGB, brought to `size` = (H, W) unless it is None: scaled, keeping its
+    aspect ratio, until it covers `size`, then cropped to it about the centre (a photo is never squashed)."""
     image = _to_mode(image, "L" if channels == 1 else "RGB")
     if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        height, width = size
+        scale = max(height / image.height, width / image.width)
+        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))  # (W, H)
+        left, top = (scaled[0] - width) / 2, (scaled[1] - height) / 2
+        # Resampling straight from the source onto the crop box: one pass, with Pillow's antialiasing.
+        box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+        image = image.resize((width, height), Image.Resampling.BILINEAR, box=box)
     array = np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
     return array[..., None] if channels == 1 else array
 

@@ -15,6 +15,14 @@ class Normalization:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    def for_channels(self, channels: int) -> Normalization:
+        """These statistics for images of `channels` channels: RGB statistics averaged for grayscale."""
+        if len(self.mean) == channels:
+            return self
+        if channels == 1:
+            return Normalization((sum(self.mean) / len(self.mean),), (sum(self.std) / len(self.std),))
+        raise ValueError(f"{len(self.mean)}-channel statistics for {channels}-channel images")
+
     @classmethod
     def unit(cls, channels: int) -> Normalization:
         """The tutorial's preprocessing: scale to [0, 1] and nothing else."""

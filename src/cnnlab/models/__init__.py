@@ -6,7 +6,7 @@ from cnnlab.models.files import ModelInfo, TrainedModel, load_model, save_model
 from cnnlab.models.registry import MODELS, ModelSpec, create_model, model_spec, parameter_count
 
 # Each family registers its models when imported; this order is the order `cnnlab models` lists them in.
-for _family in ("tutorial", "fast"):
+for _family in ("tutorial", "fast", "efficientnet"):
     importlib.import_module(f"cnnlab.models.{_family}")
 
 __all__ = [

@@ -55,13 +55,17 @@ class ModelSpec:
     input_size: int | None = None  # pixels per side it was designed for; None: any size above the minimum
     # Fixed input statistics (a pretrained network's); None: from the training data, as the recipe says.
     normalization: Normalization | None = None
-    weights: str | None = None  # where pretrained weights come from; None: trained from scratch
+    weights: str | None = None  # where pretrained weights come from, in words; None: trained from scratch
+    load_weights: Callable[[nn.Module], None] | None = None  # loads them into a new model before training
     gradcam_layer: Callable[[nn.Module], nn.Module | None] = last_conv  # the layer Grad-CAM weighs; None: none
     # Data-dependent initialisation from up to 5,000 normalised (N, C, H, W) training images.
     init_from_data: Callable[[nn.Module, torch.Tensor], None] | None = None
     # Before each epoch (1-based) with the run's whiten_bias_epochs: parameters that learn only for a while.
     start_epoch: Callable[[nn.Module, int, int], None] | None = None
     parameter_groups: Callable[[nn.Module], ParameterGroups] = standard_groups
+    # A pretrained model's (features of (B, C, H, W) inputs -> (B, F), the head that maps them to logits), for
+    # training the head alone on features computed once; None: not a pretrained family.
+    split_head: Callable[[nn.Module], tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]] | None = None
 
     def check_input(self, input_shape: InputShape) -> None:
         _, height, width = input_shape

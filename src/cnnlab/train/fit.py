@@ -21,10 +21,13 @@ from cnnlab.machine import Precision, resolve_device, resolve_precision, this_ma
 from cnnlab.models import TrainedModel, save_model
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_contact, restarted_by_torchrun
+from cnnlab.train.head import train_head
 from cnnlab.train.loop import train_epochs
 from cnnlab.train.progress import LineReporter, Reporter, default_reporter
 from cnnlab.train.runtime import keep_freed_memory
 from cnnlab.train.state import Recorder, TrainState
+
+EARLY_STOPPING_VALIDATION = 0.1  # the share of train carved as a validation split when the data has none
 
 
 @dataclass
@@ -45,7 +48,7 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
     check_restartable(config.out)
     with joined(resolve_device(config.train.device)) as ranks:
         run_dir = ranks.from_main(lambda: RunDir.create(config))
-        dataset = dataset if dataset is not None else load_dataset(config.data)
+        dataset = validation_for(config, dataset if dataset is not None else load_dataset(config.data))
         precision = resolve_precision(config.train.precision, ranks.device)
         if ranks.is_main:
             run_dir.write_config(config, precision)
@@ -67,8 +70,15 @@ def resume(
         precision = resolve_precision(config.train.precision, ranks.device)
         if epochs is not None and ranks.is_main:
             folder.write_config(config, precision)
-        dataset = dataset if dataset is not None else load_dataset(config.data)
+        dataset = validation_for(config, dataset if dataset is not None else load_dataset(config.data))
         return _train(config, precision, dataset, folder, reporter or default_reporter(), checkpoint, ranks)
+
+
+def validation_for(config: RunConfig, dataset: Dataset) -> Dataset:
+    """Early stopping needs a validation split: carved from train (seeded, stratified) when the data has none."""
+    if not config.train.patience or dataset.val is not None:
+        return dataset
+    return dataset.with_validation(EARLY_STOPPING_VALIDATION, config.data.split_seed)
 
 
 def _train(
@@ -100,10 +110,13 @@ def _train(
     if checkpoint is not None:
         recorder.restore(checkpoint)
     else:
-        state.init_from_data(dataset)
+        state.initialize(dataset)
     try:
         recorder.start()
-        train_epochs(state, dataset, recorder, reporter)
+        if settings.head_only:
+            train_head(state, dataset, recorder, reporter)
+        else:
+            train_epochs(state, dataset, recorder, reporter)
         info = state.model_info(config, list(dataset.classes))
         if ranks.is_main:
             save_model(state.model, info, run_dir.path)

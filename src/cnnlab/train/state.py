@@ -4,6 +4,7 @@ goes into a checkpoint and comes back bit for bit."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from cnnlab.config import RunConfig, TrainConfig
@@ -20,12 +23,13 @@ from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import channel_statistics, to_input
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.machine import DTYPES, Precision
-from cnnlab.models import ModelInfo, create_model, model_spec
+from cnnlab.models import ModelInfo, create_model, model_spec, parameter_count
 from cnnlab.models.files import package_version
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, with_sync_bn
 from cnnlab.train.optim import Lookahead, make_optimizer, make_schedule
 
+log = logging.getLogger("cnnlab")
 INIT_SAMPLE = 5000  # images a family's data-dependent initialisation sees
 
 
@@ -55,6 +59,7 @@ class TrainState:
         height, width, channels = dataset.image_shape
         self.input_shape = (channels, height, width)
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
+        warn_if_oversized(settings.model, model, self.input_shape, len(dataset.classes))
         self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
         if settings.compile and self.bf16 and ranks.device.type == "cpu":
             raise ConfigError(
@@ -66,9 +71,10 @@ class TrainState:
         # The training forward, compiled when asked: it shares the model's parameters, which are what is saved.
         self.compiled: nn.Module = torch.compile(self.model) if settings.compile else self.model  # type: ignore[assignment]
         fixed = self.spec.normalization
-        self.normalization = (
-            fixed if fixed is not None else channel_statistics(dataset.train.images, settings.normalize)
-        )
+        if fixed is not None:
+            self.normalization = fixed.for_channels(channels)
+        else:
+            self.normalization = channel_statistics(dataset.train.images, settings.normalize)
         source = make_source(settings.loader, dataset.train, ranks.device, cache_root)
         self.batches = TrainBatches(
             dataset.train,
@@ -86,9 +92,15 @@ class TrainState:
         self.lookahead: Lookahead | None = None
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
+        self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
 
-    def init_from_data(self, dataset: Dataset) -> None:
-        """The family's data-dependent initialisation (the fast nets' whitening), from a seeded sample."""
+    def initialize(self, dataset: Dataset) -> None:
+        """A new run's starting weights: the family's pretrained weights, or those of `settings.weights`, then
+        its data-dependent initialisation (the fast nets' whitening) from a seeded sample."""
+        if self.settings.weights:
+            load_compatible_weights(self.model, Path(self.settings.weights).expanduser())
+        elif self.spec.load_weights is not None:
+            self.spec.load_weights(self.model)
         if self.spec.init_from_data is None:
             return
         generator = torch.Generator().manual_seed(self.settings.seed)
@@ -151,6 +163,12 @@ class TrainState:
                 partial["seconds"],
             )
 
+    def kept_metrics(self) -> dict[str, Any]:
+        """The metrics of the epoch whose weights the model has: the last, or the one early stopping kept."""
+        if self.best_epoch is not None:
+            return self.history[self.best_epoch - 1] | {"best_epoch": self.best_epoch}
+        return self.history[-1] if self.history else {}
+
     def model_info(self, config: RunConfig, classes: list[str]) -> ModelInfo:
         normalization = self.normalization
         return ModelInfo(
@@ -160,7 +178,7 @@ class TrainState:
             normalization={"mean": list(normalization.mean), "std": list(normalization.std)},
             tta=config.train.tta,
             precision=self.precision,
-            metrics=self.history[-1] if self.history else {},
+            metrics=self.kept_metrics(),
             config=dataclasses.asdict(config),
             cnnlab_version=package_version(),
         )
@@ -197,6 +215,43 @@ class Recorder:
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         if self.state.ranks.is_main:
             self.run_dir.append_metrics(metrics)
+
+
+def load_compatible_weights(model: nn.Module, path: Path) -> None:
+    """Every tensor of a safetensors file that fits the model by name and shape (a classifier for another number
+    of classes is left as initialised); refuse a file that fits nothing else."""
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        message = f"{path}: not a readable safetensors file for train.weights ({error})"
+        raise ConfigError(message, "train.weights") from None
+    ours = model.state_dict()
+    fitting = {name: tensor for name, tensor in weights.items() if name in ours and ours[name].shape == tensor.shape}
+    left = sorted(set(ours) - set(fitting))
+    if len(left) > 2:  # at most a classifier's weight and bias may differ
+        raise ConfigError(
+            f"{path}: its weights do not fit this model ({len(left)} of {len(ours)} tensors missing or of "
+            f"another shape, first {left[0]}); train.weights needs a file of the same architecture",
+            "train.weights",
+        )
+    model.load_state_dict(fitting, strict=False)
+
+
+def warn_if_oversized(name: str, model: nn.Module, input_shape: tuple[int, int, int], classes: int) -> None:
+    """Say so before training when the input size makes a model far larger than at the size it was made for
+    (the tutorial models' dense layers grow with the image's area)."""
+    spec = model_spec(name)
+    channels, height, width = input_shape
+    if spec.input_size is None or height * width <= spec.input_size**2:
+        return
+    count = parameter_count(model)
+    designed = parameter_count(create_model(name, (channels, spec.input_size, spec.input_size), classes))
+    if count > 2 * designed:
+        log.warning(
+            "%s has %s parameters at %dx%d, %.0fx its %s at %dx%d it was made for: training will be slow and "
+            "memory-hungry; a smaller data.image_size, or a model made for this size, trains faster",
+            name, f"{count:,}", height, width, count / designed, f"{designed:,}", spec.input_size, spec.input_size,
+        )  # fmt: skip
 
 
 def global_rng_states() -> dict[str, Any]:

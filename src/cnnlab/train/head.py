@@ -1,0 +1,108 @@
+"""Head-only fine-tuning: the frozen pretrained body runs once per image, then the classifier trains on the
+features it gave, epoch by epoch, in milliseconds (fastai's first `fine_tune` phase, without the repeated
+body passes). A validation split drives early stopping, and the best epoch's classifier is kept."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.data import Dataset, Split
+from cnnlab.data.loader import in_order
+from cnnlab.data.transforms import to_input
+from cnnlab.errors import ConfigError
+from cnnlab.train.progress import Reporter
+from cnnlab.train.signals import StopOnSignal, TrainingStopped
+from cnnlab.train.state import NonFiniteLoss, Recorder, TrainState
+
+FEATURE_BATCH = 64  # images per body pass: bounds the activations of a 224 px network to a few hundred MB
+
+
+@torch.no_grad()
+def body_features(state: TrainState, split: Split, reporter: Reporter, name: str) -> torch.Tensor:
+    """(N, F) features of a split's images from the frozen body, in eval mode (BatchNorm as pretrained)."""
+    assert state.spec.split_head is not None
+    features, _ = state.spec.split_head(state.model)
+    state.model.eval()
+    started, rows = time.perf_counter(), []
+    with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
+        for batch in in_order(split.images, FEATURE_BATCH):
+            rows.append(features(to_input(batch.to(state.ranks.device), state.normalization)).float())
+    seconds = time.perf_counter() - started
+    reporter.message(f"features of {len(split):,} {name} images in {seconds:.1f}s ({len(split) / seconds:,.0f} img/s)")
+    return torch.cat(rows)
+
+
+def train_head(state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter) -> None:
+    """Train the classifier on cached features for the configured epochs, or until the validation loss has
+    not improved for `patience` epochs; the classifier of the best epoch is the one kept."""
+    settings = state.settings
+    if state.spec.split_head is None:
+        raise ConfigError(f"train.head_only needs a model with a pretrained body; {state.spec.name} has none",
+                          "train.head_only")  # fmt: skip
+    if state.ranks.world_size > 1:
+        raise ConfigError("train.head_only trains in seconds in one process; leave out nproc", "train.head_only")
+    _, head = state.spec.split_head(state.model)
+    splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
+    cached = {name: body_features(state, split, reporter, name) for name, split in splits.items() if split is not None}
+    labels = {name: torch.from_numpy(split.labels).to(state.ranks.device) for name, split in splits.items() if split}
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    with StopOnSignal() as stop:
+        for epoch in range(len(state.history) + 1, int(settings.epochs) + 1):
+            reporter.epoch_started(epoch, settings.epochs, state.steps_in_epoch(epoch))
+            metrics = _epoch(state, head, cached, labels, epoch)
+            state.history.append(metrics)
+            recorder.save_checkpoint(epoch, state.steps_in_epoch(epoch))
+            recorder.log_epoch(metrics)
+            reporter.epoch_done(metrics)
+            if stop.signal is not None:
+                raise TrainingStopped(stop.signal or signal.SIGTERM, recorder.run_dir.path, epoch, 0)
+            if "val_loss" in metrics and (best is None or metrics["val_loss"] < best[0]):
+                best = (metrics["val_loss"], epoch, copy.deepcopy(head.state_dict()))
+            if best is not None and settings.patience and epoch - best[1] >= settings.patience:
+                reporter.message(f"early stop: no better validation loss for {settings.patience} epochs")
+                break
+    if best is not None and settings.patience:
+        head.load_state_dict(best[2])
+        state.best_epoch = best[1]
+        reporter.message(f"kept epoch {best[1]}, the best validation loss ({best[0]:.4f})")
+
+
+def _epoch(
+    state: TrainState, head: nn.Module, cached: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], epoch: int
+) -> dict[str, Any]:
+    settings, generator = state.settings, state.batches.random
+    started = time.perf_counter()
+    head.train()
+    features, targets = cached["train"], labels["train"]
+    order = torch.randperm(len(targets), generator=generator).to(features.device)
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start : start + settings.batch_size]
+        logits = head(features[batch])
+        loss = F.cross_entropy(logits, targets[batch], label_smoothing=settings.label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}; the last checkpoint is kept")
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        state.optimizer.step()
+        state.schedule.step()
+        loss_sum += loss.item() * len(batch)
+        correct += int((logits.argmax(1) == targets[batch]).sum())
+    seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / len(order), "train_acc": correct / len(order)}
+    head.eval()
+    with torch.no_grad():
+        for name in ("val", "test"):
+            if name in cached:
+                logits = head(cached[name])
+                metrics[f"{name}_loss"] = F.cross_entropy(logits, labels[name]).item()
+                metrics[f"{name}_acc"] = (logits.argmax(1) == labels[name]).float().mean().item()
+    lr = state.optimizer.param_groups[0]["lr"]
+    return metrics | {"lr": lr, "seconds": seconds, "images_per_s": len(order) / seconds, "precision": state.precision}

