@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
 import pickle
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +125,33 @@ def trained_run(tmp_path_factory) -> Path:
     )
     fit(config, reporter=LineReporter())
     return out
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server over tmp_path/www; yields its base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path.endswith("truncated.tar.gz"):
+                data = (root / "good.tar.gz").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])  # the connection closes early
+                return
+            super().do_GET()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()

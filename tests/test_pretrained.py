@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import json
 import logging
 import tarfile
 
@@ -17,12 +19,14 @@ from safetensors.torch import save_file
 from cnnlab.data.images import to_array
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import evaluate_saved
 from cnnlab.models import create_model, load_model
 from cnnlab.models.efficientnet import LITE_NORMALIZATION, MBConv, load_imagenet_weights, same_padding
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
 from cnnlab.train.progress import LineReporter
+from cnnlab.train.state import loss_weights
 
 from .conftest import SHARED_CIFAR, write_image_folder
 
@@ -131,3 +135,33 @@ def test_photos_keep_their_aspect_and_a_huge_from_scratch_model_is_announced(tmp
     with caplog.at_level(logging.WARNING, logger="cnnlab"):
         fit(config, reporter=LineReporter())
     assert "tutorial-mlp has 39,870,002 parameters at 64x64, 3x its 12,222,002 at 32x32" in caplog.text
+
+
+def test_class_weights_give_every_class_the_same_total_and_reports_add_balanced_accuracy(tmp_path):
+    weights = loss_weights(np.array([0, 0, 0, 1]), 2, "auto")
+    torch.testing.assert_close(weights, torch.tensor([4 / 6, 2.0]))
+    assert loss_weights(np.array([0, 1]), 2, "none") is None
+    train = {"model": "tutorial-cnn", "epochs": 1, "class_weights": "auto"}
+    config = resolve_run_config({"data": {"dataset": "digits"}, "train": train, "out": str(tmp_path / "run")})
+    fit(config, reporter=LineReporter())
+    evaluation, _ = evaluate_saved(tmp_path / "run")
+    report = json.loads((tmp_path / "run" / RunDir.EVALUATION).read_text())
+    assert report["balanced_accuracy"] == evaluation.balanced_accuracy > 0.5
+
+
+def test_weights_by_url_need_a_pinned_sha256_and_are_checked(tmp_path, trained_run, server):
+    root, base = server
+    data = (RunDir(trained_run) / RunDir.WEIGHTS).read_bytes()
+    (root / "cnn.safetensors").write_bytes(data)
+    pin = hashlib.sha256(data).hexdigest()
+    train = {"model": "tutorial-cnn", "weights": f"{base}/cnn.safetensors#sha256={pin}", "epochs": 0}
+    config = resolve_run_config(
+        {"data": {"dataset": "digits", "image_size": 12}, "train": train, "out": str(tmp_path / "a")}
+    )
+    started = fit(config, reporter=LineReporter())
+    assert torch.equal(started.model.module.conv2.weight, load_model(trained_run).module.conv2.weight)
+    for source, message in ((f"{base}/cnn.safetensors", "needs its SHA-256 pinned"),
+                            (f"{base}/cnn.safetensors#sha256={'0' * 64}", "corrupt or truncated: sha256")):  # fmt: skip
+        config.out, config.train.weights = str(tmp_path / f"b{len(source)}"), source
+        with pytest.raises(CnnlabError, match=message):
+            fit(config, reporter=LineReporter())

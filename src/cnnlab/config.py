@@ -81,6 +81,9 @@ class TrainConfig:
     lr_start: float = setting(0.2, "Triangle: first learning rate, as a share of --lr.")
     lr_end: float = setting(0.07, "Triangle: last learning rate, as a share of --lr.")
     label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy loss (0 to 1).")
+    class_weights: Literal["none", "auto"] = setting(
+        "none", "auto: weigh each class's loss by (train images) / (classes x its train images), for unbalanced data."
+    )
     bias_lr_scale: float = setting(1.0, "BatchNorm biases learn this many times faster, with the same decay per step.")
     lookahead: bool = setting(False, "Average weights into an EMA every 5 steps from epoch 4, copied back each time.")
     whiten_bias_epochs: int = setting(0, "Epochs during which the fast nets' frozen whitening layer's bias learns.")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix
+from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
 
 from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig, build
@@ -44,6 +44,11 @@ class Evaluation:
         return self.scores.delivered_loss
 
     @property
+    def balanced_accuracy(self) -> float:
+        """The mean of the per-class recalls: what accuracy says when every class counts the same."""
+        return float(balanced_accuracy_score(self.labels, self.probabilities.argmax(1)))
+
+    @property
     def macro_f1(self) -> float:
         return float(self.report["macro avg"]["f1-score"])
 
@@ -51,6 +56,7 @@ class Evaluation:
         return {
             "accuracy": self.accuracy,
             "loss": self.loss,
+            "balanced_accuracy": self.balanced_accuracy,
             "tta": self.scores.tta,
             "plain_accuracy": self.scores.accuracy,
             "plain_loss": self.scores.loss,

@@ -47,7 +47,10 @@ def evaluate(
         typer.echo(json.dumps(evaluation.to_dict(), indent=2))
         return
     console.print(report_table(evaluation))
-    console.print(f"test {evaluation.scores.describe()}  loss {evaluation.loss:.4f}  ({len(evaluation.labels)} images)")
+    console.print(
+        f"test {evaluation.scores.describe()}  balanced accuracy {evaluation.balanced_accuracy:.4f}  "
+        f"loss {evaluation.loss:.4f}  ({len(evaluation.labels)} images)"
+    )
     console.print(f"wrote {folder / RunDir.EVALUATION} and the confusion matrix beside it")
 
 

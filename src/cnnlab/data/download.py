@@ -25,13 +25,16 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, destination: Path, *, md5: str, timeout: float = 60.0) -> Path:
-    """Fetch `url` to `destination` unless a file with the right checksum is already there.
+def download(url: str, destination: Path, *, md5: str = "", sha256: str = "", timeout: float = 60.0) -> Path:
+    """Fetch `url` to `destination` unless a file with the right checksum (`md5` or `sha256`) is already there.
 
     The bytes are written with `atomic_write`, whose temporary takes the final name only once the whole
-    body has arrived and its MD5 matches: a truncated or tampered download never takes the final name.
+    body has arrived and its checksum matches: a truncated or tampered download never takes the final name.
     """
-    if destination.is_file() and file_digest(destination, "md5") == md5:
+    algorithm, expected = ("sha256", sha256) if sha256 else ("md5", md5)
+    if not expected:
+        raise ValueError("download needs the md5 or sha256 the file must have")
+    if destination.is_file() and file_digest(destination, algorithm) == expected:
         return destination
     make_folder(destination.parent)
     try:
@@ -39,14 +42,15 @@ def download(url: str, destination: Path, *, md5: str, timeout: float = 60.0) ->
     except (urllib.error.URLError, HTTPException, OSError) as error:
         raise _failed(url, error) from None
     with response:
-        atomic_write(destination, lambda out: _receive(response, out, url, md5, destination.name))
+        atomic_write(destination, lambda out: _receive(response, out, url, (algorithm, expected), destination.name))
     return destination
 
 
-def _receive(response: Any, out: IO[bytes], url: str, md5: str, name: str) -> None:
-    """Copy the response body into `out`, checking its MD5. Network failures are a CnnlabError (not an OSError,
-    which `atomic_write` reports as a failure to write), so that the two are told apart."""
-    digest = hashlib.md5()
+def _receive(response: Any, out: IO[bytes], url: str, checksum: tuple[str, str], name: str) -> None:
+    """Copy the response body into `out`, checking its (algorithm, hex digest). Network failures are a
+    CnnlabError (not an OSError, which `atomic_write` reports as a failure to write), so the two are told apart."""
+    algorithm, expected = checksum
+    digest = hashlib.new(algorithm)
     total = int(response.headers.get("Content-Length") or 0) or None
     columns = (TextColumn(f"downloading {name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, transient=True) as progress:
@@ -61,8 +65,10 @@ def _receive(response: Any, out: IO[bytes], url: str, md5: str, name: str) -> No
             out.write(block)
             digest.update(block)
             progress.advance(task, len(block))
-    if digest.hexdigest() != md5:
-        raise CnnlabError(f"download of {url} is corrupt or truncated: md5 {digest.hexdigest()}, expected {md5}")
+    if digest.hexdigest() != expected:
+        raise CnnlabError(
+            f"download of {url} is corrupt or truncated: {algorithm} {digest.hexdigest()}, expected {expected}"
+        )
 
 
 def _failed(url: str, error: BaseException) -> CnnlabError:

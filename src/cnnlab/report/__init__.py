@@ -76,7 +76,10 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
             for name, data in pngs.items()
         ),
     ]
-    summary = f"test {evaluation.scores.describe()}, loss {evaluation.loss:.4f}, on {len(split)} images"
+    summary = (
+        f"test {evaluation.scores.describe()}, balanced accuracy {evaluation.balanced_accuracy:.4f}, "
+        f"loss {evaluation.loss:.4f}, on {len(split)} images"
+    )
     title = f"{model.info.architecture} on {model.info.config.get('data', {}).get('dataset') or run_dir.name}"
     write_text(folder / RunDir.REPORT, html.page(title, sections, summary))
     return folder / RunDir.REPORT

@@ -86,7 +86,9 @@ def _epoch(
     for start in range(0, len(order), settings.batch_size):
         batch = order[start : start + settings.batch_size]
         logits = head(features[batch])
-        loss = F.cross_entropy(logits, targets[batch], label_smoothing=settings.label_smoothing)
+        loss = F.cross_entropy(
+            logits, targets[batch], weight=state.class_weights, label_smoothing=settings.label_smoothing
+        )
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch}; the last checkpoint is kept")
         state.optimizer.zero_grad(set_to_none=True)

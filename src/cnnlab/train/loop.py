@@ -54,7 +54,11 @@ def train_step(state: TrainState, forward: nn.Module, batch: Batch) -> tuple[tor
     with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
         logits = forward(to_input(batch.images, state.normalization))
         summed = F.cross_entropy(
-            logits.float(), batch.labels, label_smoothing=settings.label_smoothing, reduction="sum"
+            logits.float(),
+            batch.labels,
+            weight=state.class_weights,
+            label_smoothing=settings.label_smoothing,
+            reduction="sum",
         )
     # DDP averages the processes' gradients: scaled so, the step is that of the global batch's mean loss.
     loss = summed * (state.ranks.world_size / batch.size if batch.count else 0.0)

@@ -19,6 +19,7 @@ from torch import nn
 
 from cnnlab.config import RunConfig, TrainConfig
 from cnnlab.data import Dataset
+from cnnlab.data.download import download
 from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import channel_statistics, to_input
 from cnnlab.errors import CnnlabError, ConfigError
@@ -75,6 +76,7 @@ class TrainState:
             self.normalization = fixed.for_channels(channels)
         else:
             self.normalization = channel_statistics(dataset.train.images, settings.normalize)
+        self.cache_root = cache_root
         source = make_source(settings.loader, dataset.train, ranks.device, cache_root)
         self.batches = TrainBatches(
             dataset.train,
@@ -90,6 +92,8 @@ class TrainState:
         self.optimizer = make_optimizer(self.model, self.spec.parameter_groups(self.model), settings, DTYPES[precision])
         self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
         self.lookahead: Lookahead | None = None
+        self.class_weights = loss_weights(dataset.train.labels, len(dataset.classes), settings.class_weights)
+        self.class_weights = self.class_weights.to(ranks.device) if self.class_weights is not None else None
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
         self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
@@ -98,7 +102,7 @@ class TrainState:
         """A new run's starting weights: the family's pretrained weights, or those of `settings.weights`, then
         its data-dependent initialisation (the fast nets' whitening) from a seeded sample."""
         if self.settings.weights:
-            load_compatible_weights(self.model, Path(self.settings.weights).expanduser())
+            load_compatible_weights(self.model, weights_file(self.settings.weights, self.cache_root))
         elif self.spec.load_weights is not None:
             self.spec.load_weights(self.model)
         if self.spec.init_from_data is None:
@@ -215,6 +219,30 @@ class Recorder:
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         if self.state.ranks.is_main:
             self.run_dir.append_metrics(metrics)
+
+
+def loss_weights(labels: np.ndarray, classes: int, mode: str) -> torch.Tensor | None:
+    """Per-class loss weights, N / (K * count), that give every class the same total weight; None for "none"."""
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=classes).astype(np.float64)
+    if not counts.all():
+        raise ConfigError("train.class_weights auto: a class has no training images", "train.class_weights")
+    return torch.tensor(len(labels) / (classes * counts), dtype=torch.float32)
+
+
+def weights_file(source: str, cache_root: Path) -> Path:
+    """A weights file on disk: `source` itself, or a URL with a pinned checksum (`...#sha256=<64 hex digits>`)
+    downloaded once into the cache and verified."""
+    if not source.startswith(("http://", "https://")):
+        return Path(source).expanduser()
+    url, _, pin = source.partition("#sha256=")
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin.lower()):
+        raise ConfigError(
+            "train.weights by URL needs its SHA-256 pinned: https://.../file.safetensors#sha256=<64 hex digits>",
+            "train.weights",
+        )
+    return download(url, cache_root / "weights" / f"{pin.lower()}.safetensors", sha256=pin.lower())
 
 
 def load_compatible_weights(model: nn.Module, path: Path) -> None:
