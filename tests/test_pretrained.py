@@ -20,15 +20,18 @@ from cnnlab.data.images import to_array
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import evaluate_saved
+from cnnlab.explain import explain
+from cnnlab.export import export_onnx
 from cnnlab.models import create_model, load_model
 from cnnlab.models.efficientnet import LITE_NORMALIZATION, MBConv, load_imagenet_weights, same_padding
+from cnnlab.predict import predict_files
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
 from cnnlab.train.progress import LineReporter
 from cnnlab.train.state import loss_weights
 
-from .conftest import SHARED_CIFAR, write_image_folder
+from .conftest import SHARED_CIFAR, pattern_image, write_image_folder
 
 FLOWERS = SHARED_CIFAR.with_name("flowers128.tar.gz")
 needs_weights = pytest.mark.skipif(
@@ -93,17 +96,26 @@ def test_daisies_come_out_as_imagenet_daisies():
 
 
 @needs_weights
-def test_fine_tuning_the_head_beats_chance_and_keeps_the_best_epoch(tmp_path):
+def test_fine_tuning_the_head_beats_chance_keeps_the_best_epoch_and_everything_downstream_works(tmp_path):
     write_image_folder(tmp_path / "photos", classes=3, per_class=24, size=40, split=False)
     train = {"recipe": "finetune", "epochs": 12, "patience": 3, "lr": 0.05}
     config = resolve_run_config(
         {"data": {"data": str(tmp_path / "photos"), "image_size": 64}, "train": train, "out": str(tmp_path / "run")}
     )
     result = fit(config, reporter=LineReporter())
-    info = load_model(tmp_path / "run").info
-    best = info.metrics["best_epoch"]
+    trained = load_model(tmp_path / "run")
+    best = trained.info.metrics["best_epoch"]
     assert min(h["val_loss"] for h in result.history) == result.history[best - 1]["val_loss"]
-    assert info.metrics["test_acc"] == result.history[best - 1]["test_acc"] > 0.6  # 3 classes: chance is 1/3
+    assert trained.info.metrics["test_acc"] == result.history[best - 1]["test_acc"] > 0.6  # chance is 1/3
+    # Downstream: a photo of another size and shape, ONNX with onnxruntime parity, and Grad-CAM.
+    photo = tmp_path / "wide.jpg"
+    Image.fromarray(np.tile(pattern_image(0, 40), (1, 2, 1))).resize((150, 75)).save(photo)
+    (prediction,) = predict_files(trained, [photo])
+    assert prediction.error is None and prediction.top[0][1] > 1 / 3
+    verification = export_onnx(trained, tmp_path / "model.onnx", result.dataset.test.images[:8])
+    assert verification.max_abs_difference < 1e-4
+    explanation = explain(trained, result.dataset.test.images[0])
+    assert explanation.heat.shape == (64, 64)
 
 
 def test_training_can_start_from_a_compatible_weights_file_and_refuses_another(tmp_path, trained_run, caplog):
