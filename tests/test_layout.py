@@ -18,6 +18,7 @@ from cnnlab.cli import app
 from cnnlab.config import DataConfig, RunConfig, TrainConfig
 from cnnlab.data import Split, load_dataset
 from cnnlab.data import transforms as transforms_module
+from cnnlab.data.augment import random_crop_boxes, resized_crops
 from cnnlab.data.loader import InMemory, OnDisk, TrainBatches, disk_copy
 from cnnlab.data.transforms import channel_statistics
 from cnnlab.errors import CnnlabError
@@ -219,3 +220,20 @@ def test_importing_and_reporting_never_picks_a_matplotlib_backend(trained_run):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_random_resized_crops_are_seeded_batch_operations_and_the_whole_box_is_the_identity():
+    images = torch.from_numpy(pixels(6, 8).images)
+    assert torch.equal(resized_crops(images, torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 6)), images)
+    ramp = torch.arange(8, dtype=torch.uint8).mul(30).view(1, 1, 8, 1).expand(2, 8, 8, 3).contiguous()
+    left_half = resized_crops(ramp, torch.tensor([[1.0, 0.5, 0.0, 0.0], [1.0, 0.5, 0.0, 0.5]]))
+    assert left_half[0].float().mean() < ramp[0].float().mean() < left_half[1].float().mean()
+    boxes = random_crop_boxes(500, 0.35, torch.Generator().manual_seed(0))
+    area = boxes[:, 0] * boxes[:, 1]
+    assert area.min() >= 0.35 - 1e-6 and area.max() <= 1 and (boxes[:, 2] + boxes[:, 0] <= 1 + 1e-6).all()
+    assert torch.equal(boxes, random_crop_boxes(500, 0.35, torch.Generator().manual_seed(0)))
+    split = pixels()
+    cropping = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, crop_area=0.5)
+    assert epoch_batches(cropping, 1)[0][1].shape == (8, 6, 6, 3)
+    with pytest.raises(CnnlabError, match="crop_area"):
+        TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, crop_area=0.0)

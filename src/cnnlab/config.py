@@ -94,6 +94,9 @@ class TrainConfig:
         "none", "Mirroring: random, or alternating (each image flips every other epoch)."
     )
     translate: int = setting(0, "Random shift by up to this many pixels, reflect-padded.")
+    crop_area: float = setting(
+        1.0, "Random-resized crops: each image cut to a random share of its area from this up to 1, resized back."
+    )
     tta: Literal["none", "flip", "flip-translate"] = setting("none", "Test-time views averaged at evaluation.")
     precision: Literal["auto", "fp32", "bf16"] = setting(
         "auto", "bf16 autocast for convolutions and matmuls; auto: bf16 where this machine has it natively."

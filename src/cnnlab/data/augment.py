@@ -7,6 +7,7 @@ and they take their randomness from an explicit generator, so a seeded run repea
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def alternating_flips(base: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -47,3 +48,36 @@ def _reflect(positions: torch.Tensor, size: int) -> torch.Tensor:
     """Map positions outside 0..size-1 back inside by mirroring at the edges (no edge repeat)."""
     positions = positions.abs()
     return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
+
+
+# The range of aspect ratios (width / height) of a random-resized crop, as in Inception's training.
+CROP_RATIOS = (3 / 4, 4 / 3)
+
+
+def random_crop_boxes(count: int, min_area: float, generator: torch.Generator) -> torch.Tensor:
+    """For each of `count` images, a crop box as fractions of its sides: (height, width, top, left), covering
+    a random share of the area in [min_area, 1] at an aspect ratio in CROP_RATIOS, placed at random.
+    -> (count, 4) float32"""
+    area = min_area + (1 - min_area) * torch.rand(count, generator=generator)
+    low, high = torch.log(torch.tensor(CROP_RATIOS))
+    ratio = torch.exp(low + (high - low) * torch.rand(count, generator=generator))
+    height = torch.sqrt(area / ratio).clamp(max=1.0)
+    width = torch.sqrt(area * ratio).clamp(max=1.0)
+    top = (1 - height) * torch.rand(count, generator=generator)
+    left = (1 - width) * torch.rand(count, generator=generator)
+    return torch.stack((height, width, top, left), dim=1)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's crop `boxes` (fractions: height, width, top, left) resized back to the full size, bilinear,
+    in one batched resample.  (B, H, W, C) uint8 -> (B, H, W, C) uint8"""
+    boxes = boxes.to(images.device)
+    height, width, top, left = boxes.unbind(1)
+    # The affine map from output coordinates to input coordinates in [-1, 1]: scale by the box, shift to its centre.
+    theta = torch.zeros(len(images), 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2] = width, 2 * left + width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = height, 2 * top + height - 1
+    x = images.permute(0, 3, 1, 2).float()  # (B, C, H, W)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    cropped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return cropped.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

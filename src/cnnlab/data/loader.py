@@ -23,8 +23,17 @@ import numpy as np
 import torch
 
 from cnnlab.atomic import atomic_write, make_folder
-from cnnlab.data.augment import alternating_flips, mirror, random_flips, random_shifts, translate
+from cnnlab.data.augment import (
+    alternating_flips,
+    mirror,
+    random_crop_boxes,
+    random_flips,
+    random_shifts,
+    resized_crops,
+    translate,
+)
 from cnnlab.data.dataset import Split
+from cnnlab.errors import ConfigError
 
 LoaderKind = Literal["memory", "disk"]
 
@@ -110,8 +119,14 @@ class TrainBatches:
         max_shift: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        crop_area: float = 1.0,
     ):
         self.source, self.batch_size, self.flip, self.max_shift = source, batch_size, flip, max_shift
+        if not 0 < crop_area <= 1:
+            raise ConfigError(
+                f"train.crop_area is a share of the image's area, in (0, 1], not {crop_area}", "train.crop_area"
+            )
+        self.crop_area = crop_area  # random-resized crops of at least this share of the area; 1: none
         self.rank, self.world_size = rank, world_size
         self.size = len(split)
         self.steps_per_epoch = -(-self.size // batch_size)
@@ -143,10 +158,13 @@ class TrainBatches:
             if self.flip == "random":
                 flip_mask = random_flips(len(batch), self.random)
             shifts = random_shifts(len(batch), self.max_shift, self.random) if self.max_shift else None
+            boxes = random_crop_boxes(len(batch), self.crop_area, self.random) if self.crop_area < 1 else None
             if flip_mask is not None:
                 images = mirror(images, flip_mask[mine])
             if shifts is not None:
                 images = translate(images, shifts[mine])
+            if boxes is not None:
+                images = resized_crops(images, boxes[mine])
             yield step, Batch(images, labels, count, len(batch))
 
     def _share(self, size: int) -> tuple[slice, int]:

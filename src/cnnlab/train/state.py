@@ -87,6 +87,7 @@ class TrainState:
             settings.translate,
             ranks.rank,
             ranks.world_size,
+            settings.crop_area,
         )
         self.total_steps = math.ceil(self.batches.steps_per_epoch * settings.epochs)
         self.optimizer = make_optimizer(self.model, self.spec.parameter_groups(self.model), settings, DTYPES[precision])
