@@ -58,19 +58,23 @@ class Dataset:
         train, val = split_stratified(self.train, fraction, seed, "validation")
         return replace(self, train=train, val=val)
 
+    def splits(self) -> dict[str, Split]:
+        """The splits there are, by name, in the order train, val, test."""
+        present = {"train": self.train, "val": self.val, "test": self.test}
+        return {name: split for name, split in present.items() if split is not None}
+
+    def class_counts(self) -> dict[str, np.ndarray]:
+        """Images per class, (K,) int, in each split there is."""
+        return {name: np.bincount(split.labels, minlength=len(self.classes)) for name, split in self.splits().items()}
+
     def summary(self) -> list[str]:
         """What was loaded, for the user to check before training: the layout read, the splits and their size,
         and the images per class in each split (the smallest and largest when there are many classes)."""
         height, width, channels = self.image_shape
-        splits = {"train": self.train, "val": self.val, "test": self.test}
-        sizes = ", ".join(f"{name} {len(split):,}" for name, split in splits.items() if split is not None)
+        sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits().items())
         lines = [f"data: {self.name}{f' ({self.layout})' if self.layout else ''}"]
         lines.append(f"  {len(self.classes)} classes, {width}x{height}x{channels}; images: {sizes}")
-        counts = {
-            name: np.bincount(split.labels, minlength=len(self.classes))
-            for name, split in splits.items()
-            if split is not None
-        }
+        counts = self.class_counts()
         header = "/".join(counts)
         if len(self.classes) <= 12:
             per_class = ", ".join(

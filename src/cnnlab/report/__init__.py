@@ -88,10 +88,7 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
 def write_data_overview(dataset: Dataset, out: Path, per_class: int) -> tuple[Path, Path, dict[str, list[int]]]:
     """A labelled grid of training samples per class at `out`, and a bar chart of the class counts of
     each split beside it (`<name>_counts.png`); returns both paths and the counts."""
-    splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
-    counts = {
-        name: np.bincount(split.labels, minlength=len(dataset.classes)) for name, split in splits.items() if split
-    }
+    counts = dataset.class_counts()
     grid = figures.save(
         figures.sample_grid(dataset.train.images, dataset.train.labels, dataset.classes, per_class), out
     )
