@@ -155,3 +155,14 @@ def test_resume_of_a_missing_folder_or_into_an_existing_run_is_refused(tmp_path)
     )
     with pytest.raises(CnnlabError, match="already holds a run"):
         fit(digits_config(tmp_path / "run", epochs=1), reporter=LineReporter())
+
+
+def test_patience_in_the_image_loop_keeps_the_epoch_with_the_best_validation_loss(tmp_path):
+    config = digits_config(tmp_path / "run", epochs=6, patience=2, lr=0.02)  # a high rate, so val loss wavers
+    result = fit(config, reporter=LineReporter())
+    info = load_model(tmp_path / "run").info
+    losses = [metrics["val_loss"] for metrics in result.history]
+    best = info.metrics["best_epoch"]
+    assert losses[best - 1] == min(losses) and info.metrics == result.history[best - 1] | {"best_epoch": best}
+    kept = evaluate(load_model(tmp_path / "run"), result.dataset.test).scores.accuracy
+    assert kept == pytest.approx(result.history[best - 1]["test_acc"])

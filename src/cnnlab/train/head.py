@@ -1,11 +1,9 @@
 """Head-only fine-tuning: the frozen pretrained body runs once per image, then the classifier trains on the
 features it gave, epoch by epoch, in milliseconds (fastai's first `fine_tune` phase, without the repeated
-body passes). A validation split drives early stopping, and the best epoch's classifier is kept."""
+body passes)."""
 
 from __future__ import annotations
 
-import copy
-import signal
 import time
 from typing import Any
 
@@ -17,8 +15,9 @@ from cnnlab.data import Dataset, Split
 from cnnlab.data.loader import in_order
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import ConfigError
+from cnnlab.models.inference import Logits, Scores
+from cnnlab.train.loop import train_epochs
 from cnnlab.train.progress import Reporter
-from cnnlab.train.signals import StopOnSignal, TrainingStopped
 from cnnlab.train.state import NonFiniteLoss, Recorder, TrainState
 
 FEATURE_BATCH = 64  # images per body pass: bounds the activations of a 224 px network to a few hundred MB
@@ -40,38 +39,18 @@ def body_features(state: TrainState, split: Split, reporter: Reporter, name: str
 
 
 def train_head(state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter) -> None:
-    """Train the classifier on cached features for the configured epochs, or until the validation loss has
-    not improved for `patience` epochs; the classifier of the best epoch is the one kept."""
-    settings = state.settings
+    """Train the classifier on cached features, epoch by epoch, as `loop.train_epochs` runs epochs (with its
+    checkpoints, signals and early stopping)."""
     if state.spec.split_head is None:
         raise ConfigError(f"train.head_only needs a model with a pretrained body; {state.spec.name} has none",
                           "train.head_only")  # fmt: skip
     if state.ranks.world_size > 1:
         raise ConfigError("train.head_only trains in seconds in one process; leave out nproc", "train.head_only")
     _, head = state.spec.split_head(state.model)
-    splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
-    cached = {name: body_features(state, split, reporter, name) for name, split in splits.items() if split is not None}
-    labels = {name: torch.from_numpy(split.labels).to(state.ranks.device) for name, split in splits.items() if split}
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    with StopOnSignal() as stop:
-        for epoch in range(len(state.history) + 1, int(settings.epochs) + 1):
-            reporter.epoch_started(epoch, settings.epochs, state.steps_in_epoch(epoch))
-            metrics = _epoch(state, head, cached, labels, epoch)
-            state.history.append(metrics)
-            recorder.save_checkpoint(epoch, state.steps_in_epoch(epoch))
-            recorder.log_epoch(metrics)
-            reporter.epoch_done(metrics)
-            if stop.signal is not None:
-                raise TrainingStopped(stop.signal or signal.SIGTERM, recorder.run_dir.path, epoch, 0)
-            if "val_loss" in metrics and (best is None or metrics["val_loss"] < best[0]):
-                best = (metrics["val_loss"], epoch, copy.deepcopy(head.state_dict()))
-            if best is not None and settings.patience and epoch - best[1] >= settings.patience:
-                reporter.message(f"early stop: no better validation loss for {settings.patience} epochs")
-                break
-    if best is not None and settings.patience:
-        head.load_state_dict(best[2])
-        state.best_epoch = best[1]
-        reporter.message(f"kept epoch {best[1]}, the best validation loss ({best[0]:.4f})")
+    splits = dataset.splits()
+    cached = {name: body_features(state, split, reporter, name) for name, split in splits.items()}
+    labels = {name: torch.from_numpy(split.labels).to(state.ranks.device) for name, split in splits.items()}
+    train_epochs(state, dataset, recorder, reporter, lambda epoch, _: _epoch(state, head, cached, labels, epoch))
 
 
 def _epoch(
@@ -82,8 +61,8 @@ def _epoch(
     head.train()
     features, targets = cached["train"], labels["train"]
     order = torch.randperm(len(targets), generator=generator).to(features.device)
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(order), settings.batch_size):
+    loss_sum, correct, seen = 0.0, 0, 0
+    for start in range(0, len(order), settings.batch_size)[: state.steps_in_epoch(epoch)]:
         batch = order[start : start + settings.batch_size]
         logits = head(features[batch])
         loss = F.cross_entropy(
@@ -97,14 +76,14 @@ def _epoch(
         state.schedule.step()
         loss_sum += loss.item() * len(batch)
         correct += int((logits.argmax(1) == targets[batch]).sum())
+        seen += len(batch)
     seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / len(order), "train_acc": correct / len(order)}
+    metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen}
     head.eval()
     with torch.no_grad():
         for name in ("val", "test"):
             if name in cached:
-                logits = head(cached[name])
-                metrics[f"{name}_loss"] = F.cross_entropy(logits, labels[name]).item()
-                metrics[f"{name}_acc"] = (logits.argmax(1) == labels[name]).float().mean().item()
+                logits = head(cached[name]).float().cpu()
+                metrics |= Scores.of(Logits(logits, logits, "none"), labels[name].cpu()).metrics(name)
     lr = state.optimizer.param_groups[0]["lr"]
-    return metrics | {"lr": lr, "seconds": seconds, "images_per_s": len(order) / seconds, "precision": state.precision}
+    return metrics | {"lr": lr, "seconds": seconds, "images_per_s": seen / seconds, "precision": state.precision}

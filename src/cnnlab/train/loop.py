@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
@@ -25,10 +26,20 @@ from cnnlab.train.state import NonFiniteLoss, PartialEpoch, Recorder, TrainState
 REPORT_EVERY = 25  # steps between progress-bar updates; each update reads the loss back from the device
 
 
-def train_epochs(state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter) -> None:
-    """Every epoch still to train, each checkpointed and logged. SIGINT and SIGTERM stop training at the next
-    step, on every process, after a checkpoint."""
+# One epoch of a run: (epoch, after_step) -> its metrics.jsonl line; it calls after_step(epoch, step) after each
+# step it wants to be stoppable or checkpointable at.
+EpochFunction = Callable[[int, Callable[[int, int], None]], dict[str, Any]]
+
+
+def train_epochs(
+    state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter, one_epoch: EpochFunction | None = None
+) -> None:
+    """Every epoch still to train (`one_epoch`, by default an epoch of the image loop), each checkpointed and
+    logged. SIGINT and SIGTERM stop training at the next step (or epoch end), on every process, after a checkpoint.
+    With `patience`, training stops once the validation loss has not improved for that many epochs, and the model
+    keeps the weights of the best epoch."""
     settings, ranks = state.settings, state.ranks
+    stopping = EarlyStopping(settings.patience)
     with StopOnSignal() as stop:
 
         def after_step(epoch: int, step: int) -> None:
@@ -39,13 +50,46 @@ def train_epochs(state: TrainState, dataset: Dataset, recorder: Recorder, report
             if settings.checkpoint_every and state.global_step(epoch, step) % settings.checkpoint_every == 0:
                 recorder.save_checkpoint(epoch, step)
 
+        def image_epoch(epoch: int, after_step: Callable[[int, int], None]) -> dict[str, Any]:
+            return epoch_metrics(state, dataset, train_epoch(state, epoch, reporter, after_step))
+
         for epoch in range(len(state.history) + 1, math.ceil(settings.epochs) + 1):
             reporter.epoch_started(epoch, settings.epochs, state.steps_in_epoch(epoch))
-            metrics = epoch_metrics(state, dataset, train_epoch(state, epoch, reporter, after_step))
+            metrics = (one_epoch or image_epoch)(epoch, after_step)
             state.history.append(metrics)
             recorder.save_checkpoint(epoch, state.steps_in_epoch(epoch))
             recorder.log_epoch(metrics)
             reporter.epoch_done(metrics)
+            if ranks.any(stop.signal is not None):  # a signal during the evaluation, or an epoch without steps
+                steps = state.steps_in_epoch(epoch)
+                raise TrainingStopped(stop.signal or signal.SIGTERM, recorder.run_dir.path, epoch, steps)
+            if stopping.should_stop(state, metrics):
+                reporter.message(f"early stop: no better validation loss for {settings.patience} epochs")
+                break
+    stopping.keep_best(state, reporter)
+
+
+class EarlyStopping:
+    """Remembers the weights of the epoch with the lowest validation loss; with `patience` 0 it does nothing."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val loss, epoch, weights)
+
+    def should_stop(self, state: TrainState, metrics: dict[str, Any]) -> bool:
+        if not self.patience or "val_loss" not in metrics:
+            return False
+        if self.best is None or metrics["val_loss"] < self.best[0]:
+            self.best = (metrics["val_loss"], metrics["epoch"], copy.deepcopy(state.model.state_dict()))
+        return bool(metrics["epoch"] - self.best[1] >= self.patience)
+
+    def keep_best(self, state: TrainState, reporter: Reporter) -> None:
+        if self.best is None:
+            return
+        loss, epoch, weights = self.best
+        state.model.load_state_dict(weights)
+        state.best_epoch = epoch
+        reporter.message(f"kept epoch {epoch}, the best validation loss ({loss:.4f})")
 
 
 def train_step(state: TrainState, forward: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
