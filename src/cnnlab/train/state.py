@@ -24,7 +24,7 @@ from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import channel_statistics, to_input
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.machine import DTYPES, Precision
-from cnnlab.models import ModelInfo, create_model, model_spec, parameter_count
+from cnnlab.models import ModelInfo, ModelSpec, create_model, model_spec, parameter_count
 from cnnlab.models.files import package_version
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, with_sync_bn
@@ -60,7 +60,7 @@ class TrainState:
         height, width, channels = dataset.image_shape
         self.input_shape = (channels, height, width)
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
-        warn_if_oversized(settings.model, model, self.input_shape, len(dataset.classes))
+        warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
         self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
         if settings.compile and self.bf16 and ranks.device.type == "cpu":
             raise ConfigError(
@@ -93,8 +93,9 @@ class TrainState:
         self.optimizer = make_optimizer(self.model, self.spec.parameter_groups(self.model), settings, DTYPES[precision])
         self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
         self.lookahead: Lookahead | None = None
-        self.class_weights = loss_weights(dataset.train.labels, len(dataset.classes), settings.class_weights)
-        self.class_weights = self.class_weights.to(ranks.device) if self.class_weights is not None else None
+        self.class_weights = loss_weights(
+            dataset.train.labels, len(dataset.classes), settings.class_weights, ranks.device
+        )
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
         self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
@@ -222,14 +223,16 @@ class Recorder:
             self.run_dir.append_metrics(metrics)
 
 
-def loss_weights(labels: np.ndarray, classes: int, mode: str) -> torch.Tensor | None:
+def loss_weights(
+    labels: np.ndarray, classes: int, mode: str, device: torch.device | None = None
+) -> torch.Tensor | None:
     """Per-class loss weights, N / (K * count), that give every class the same total weight; None for "none"."""
     if mode == "none":
         return None
     counts = np.bincount(labels, minlength=classes).astype(np.float64)
     if not counts.all():
         raise ConfigError("train.class_weights auto: a class has no training images", "train.class_weights")
-    return torch.tensor(len(labels) / (classes * counts), dtype=torch.float32)
+    return torch.tensor(len(labels) / (classes * counts), dtype=torch.float32, device=device)
 
 
 def weights_file(source: str, cache_root: Path) -> Path:
@@ -266,10 +269,10 @@ def load_compatible_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(fitting, strict=False)
 
 
-def warn_if_oversized(name: str, model: nn.Module, input_shape: tuple[int, int, int], classes: int) -> None:
+def warn_if_oversized(spec: ModelSpec, model: nn.Module, input_shape: tuple[int, int, int], classes: int) -> None:
     """Say so before training when the input size makes a model far larger than at the size it was made for
     (the tutorial models' dense layers grow with the image's area)."""
-    spec = model_spec(name)
+    name = spec.name
     channels, height, width = input_shape
     if spec.input_size is None or height * width <= spec.input_size**2:
         return
