@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
+from cnnlab.config import TrainConfig
 from cnnlab.data.images import to_array
 from cnnlab.data.transforms import to_input
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.evaluate import evaluate_saved
 from cnnlab.explain import explain
 from cnnlab.export import export_onnx
@@ -27,11 +29,13 @@ from cnnlab.models.efficientnet import LITE_NORMALIZATION, MBConv, load_imagenet
 from cnnlab.predict import predict_files
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
-from cnnlab.train import fit
+from cnnlab.train import fit, resume
+from cnnlab.train.optim import make_layerwise_optimizer
 from cnnlab.train.progress import LineReporter
 from cnnlab.train.state import loss_weights
 
 from .conftest import SHARED_CIFAR, pattern_image, write_image_folder
+from .test_train import Interrupt, InterruptAfter
 
 FLOWERS = SHARED_CIFAR.with_name("flowers128.tar.gz")
 needs_weights = pytest.mark.skipif(
@@ -118,6 +122,45 @@ def test_fine_tuning_the_head_beats_chance_keeps_the_best_epoch_and_everything_d
     assert explanation.heat.shape == (64, 64)
 
 
+@needs_weights
+def test_unfreezing_trains_the_whole_network_with_frozen_statistics_and_resumes_exactly(tmp_path):
+    write_image_folder(tmp_path / "photos", classes=3, per_class=16, size=40, split=False)
+
+    def config(out):
+        train = {"recipe": "finetune", "epochs": 2, "patience": 0, "unfreeze_epochs": 2, "seed": 3}
+        data = {"data": str(tmp_path / "photos"), "image_size": 32}
+        return resolve_run_config({"data": data, "train": train, "out": str(out)})
+
+    whole = fit(config(tmp_path / "whole"), reporter=LineReporter())
+    with pytest.raises(Interrupt):
+        fit(config(tmp_path / "cut"), reporter=InterruptAfter(3))  # in the unfreeze phase's first epoch
+    resumed = resume(tmp_path / "cut", reporter=LineReporter())
+    assert [m["train_loss"] for m in resumed.history] == [m["train_loss"] for m in whole.history]
+    assert len(whole.history) == 4
+    trained = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert all(
+        torch.equal(trained[name], value)
+        for name, value in load_file(str(tmp_path / "cut" / "model.safetensors")).items()
+    )
+    pretrained = create_model("efficientnet-lite0", (3, 32, 32), 3)
+    load_imagenet_weights(pretrained)
+    reference = pretrained.state_dict()
+    statistics = [name for name in reference if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(trained[name], reference[name]) for name in statistics)
+    assert not torch.equal(trained["stem.1.weight"], reference["stem.1.weight"])  # the first layer learned too
+
+
+def test_earlier_layers_learn_more_slowly_when_unfrozen():
+    model = create_model("efficientnet-lite0", (3, 32, 32), 3)
+    settings = TrainConfig(optimizer="adam", unfreeze_lr=1e-3, layer_lr_ratio=0.01)
+    optimizer = make_layerwise_optimizer(model, nn.Sequential(model.dropout, model.classifier), settings)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    assert rates[0] == pytest.approx(1e-5) and rates[-1] == 1e-3 and rates == sorted(rates)
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match="adam or sgd"):
+        make_layerwise_optimizer(model, model.classifier, TrainConfig(optimizer="muon"))
+
+
 def test_training_can_start_from_a_compatible_weights_file_and_refuses_another(tmp_path, trained_run, caplog):
     weights = RunDir(trained_run) / RunDir.WEIGHTS
     data = {"dataset": "digits", "image_size": 12}
@@ -129,7 +172,7 @@ def test_training_can_start_from_a_compatible_weights_file_and_refuses_another(t
         }
     )
     started = fit(config, reporter=LineReporter())
-    assert torch.equal(started.model.module.conv1.weight, load_model(trained_run).module.conv1.weight)
+    assert torch.equal(started.model.module.conv1.weight.cpu(), load_model(trained_run).module.conv1.weight)
     save_file({"conv1.weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     config.out, config.train.weights = str(tmp_path / "b"), str(tmp_path / "other.safetensors")
     with pytest.raises(CnnlabError, match="do not fit this model"):
@@ -171,7 +214,7 @@ def test_weights_by_url_need_a_pinned_sha256_and_are_checked(tmp_path, trained_r
         {"data": {"dataset": "digits", "image_size": 12}, "train": train, "out": str(tmp_path / "a")}
     )
     started = fit(config, reporter=LineReporter())
-    assert torch.equal(started.model.module.conv2.weight, load_model(trained_run).module.conv2.weight)
+    assert torch.equal(started.model.module.conv2.weight.cpu(), load_model(trained_run).module.conv2.weight)
     for source, message in ((f"{base}/cnn.safetensors", "needs its SHA-256 pinned"),
                             (f"{base}/cnn.safetensors#sha256={'0' * 64}", "corrupt or truncated: sha256")):  # fmt: skip
         config.out, config.train.weights = str(tmp_path / f"b{len(source)}"), source

@@ -113,6 +113,13 @@ class TrainConfig:
     )
     checkpoint_every: int = setting(0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.")
     sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")
+    unfreeze_epochs: float = setting(
+        0, "After head_only: train the whole network this many epochs, BatchNorm statistics frozen (triangle schedule)."
+    )
+    unfreeze_lr: float = setting(1e-4, "Unfreeze phase: peak learning rate of the last layers.")
+    layer_lr_ratio: float = setting(
+        0.01, "Unfreeze phase: the first layer's learning rate as a share of the last's, rising geometrically."
+    )
 
 
 @dataclass

@@ -110,6 +110,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "schedule": "constant",
         "label_smoothing": 0.1,
         "patience": 8,
+        "flip": "random",  # for --unfreeze-epochs: the whole network then sees the images themselves
     },
     # airbench94's own recipe (Nesterov SGD, triangular schedule, lookahead), kept to compare against.
     "airbench94": {**_SPEED_RUN, "model": "fast", "batch_size": 1024, "lr": 1.5, "epochs": 10},

@@ -21,11 +21,11 @@ from cnnlab.machine import Precision, resolve_device, resolve_precision, this_ma
 from cnnlab.models import TrainedModel, save_model
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_contact, restarted_by_torchrun
-from cnnlab.train.head import train_head
+from cnnlab.train.head import fine_tune
 from cnnlab.train.loop import train_epochs
 from cnnlab.train.progress import LineReporter, Reporter, default_reporter
 from cnnlab.train.runtime import keep_freed_memory
-from cnnlab.train.state import Recorder, TrainState
+from cnnlab.train.state import Recorder, TrainState, reproducible
 
 EARLY_STOPPING_VALIDATION = 0.1  # the share of train carved as a validation split when the data has none
 
@@ -46,7 +46,7 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
     if restarted_by_torchrun() and config.out and RunDir(Path(config.out).expanduser()).has_checkpoint:
         return resume(Path(config.out).expanduser(), dataset=dataset, reporter=reporter)
     check_restartable(config.out)
-    with joined(resolve_device(config.train.device)) as ranks:
+    with joined(resolve_device(config.train.device)) as ranks, reproducible(config.train.seed, ranks.device):
         run_dir = ranks.from_main(lambda: RunDir.create(config))
         dataset = validation_for(config, dataset if dataset is not None else load_dataset(config.data))
         precision = resolve_precision(config.train.precision, ranks.device)
@@ -65,7 +65,7 @@ def resume(
     folder.check_same_run(config, checkpoint)
     if epochs is not None:
         config.train.epochs = epochs
-    with joined(resolve_device(config.train.device)) as ranks:
+    with joined(resolve_device(config.train.device)) as ranks, reproducible(config.train.seed, ranks.device):
         # Re-resolved: a run checkpointed on a machine with native bf16 continues in fp32 on one without.
         precision = resolve_precision(config.train.precision, ranks.device)
         if epochs is not None and ranks.is_main:
@@ -100,6 +100,11 @@ def _train(
             "train.batch_size",
             "train.epochs",
         )
+    if settings.unfreeze_epochs and not settings.head_only:
+        raise ConfigError(
+            "train.unfreeze_epochs follows head-only training; set train.head_only (the finetune recipe does)",
+            "train.unfreeze_epochs",
+        )
     reporter = reporter if ranks.is_main else LineReporter(Console(quiet=True))
     keep_freed_memory()
     state = TrainState(settings, precision, dataset, ranks, cache_root(config.data.cache_dir))
@@ -114,7 +119,7 @@ def _train(
     try:
         recorder.start()
         if settings.head_only:
-            train_head(state, dataset, recorder, reporter)
+            fine_tune(state, dataset, recorder, reporter)
         else:
             train_epochs(state, dataset, recorder, reporter)
         info = state.model_info(config, list(dataset.classes))

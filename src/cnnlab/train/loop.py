@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -32,14 +31,19 @@ EpochFunction = Callable[[int, Callable[[int, int], None]], dict[str, Any]]
 
 
 def train_epochs(
-    state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter, one_epoch: EpochFunction | None = None
+    state: TrainState,
+    dataset: Dataset,
+    recorder: Recorder,
+    reporter: Reporter,
+    one_epoch: EpochFunction | None = None,
+    stopping: EarlyStopping | None = None,
 ) -> None:
     """Every epoch still to train (`one_epoch`, by default an epoch of the image loop), each checkpointed and
     logged. SIGINT and SIGTERM stop training at the next step (or epoch end), on every process, after a checkpoint.
     With `patience`, training stops once the validation loss has not improved for that many epochs, and the model
-    keeps the weights of the best epoch."""
+    keeps the weights of the best epoch (`stopping` carries the best over from an earlier phase)."""
     settings, ranks = state.settings, state.ranks
-    stopping = EarlyStopping(settings.patience)
+    stopping = stopping or EarlyStopping(settings.patience)
     with StopOnSignal() as stop:
 
         def after_step(epoch: int, step: int) -> None:
@@ -53,8 +57,8 @@ def train_epochs(
         def image_epoch(epoch: int, after_step: Callable[[int, int], None]) -> dict[str, Any]:
             return epoch_metrics(state, dataset, train_epoch(state, epoch, reporter, after_step))
 
-        for epoch in range(len(state.history) + 1, math.ceil(settings.epochs) + 1):
-            reporter.epoch_started(epoch, settings.epochs, state.steps_in_epoch(epoch))
+        for epoch in range(len(state.history) + 1, state.last_epoch + 1):
+            reporter.epoch_started(epoch, state.last_epoch, state.steps_in_epoch(epoch))
             metrics = (one_epoch or image_epoch)(epoch, after_step)
             state.history.append(metrics)
             recorder.save_checkpoint(epoch, state.steps_in_epoch(epoch))
@@ -81,7 +85,8 @@ class EarlyStopping:
             return False
         if self.best is None or metrics["val_loss"] < self.best[0]:
             self.best = (metrics["val_loss"], metrics["epoch"], copy.deepcopy(state.model.state_dict()))
-        return bool(metrics["epoch"] - self.best[1] >= self.patience)
+        # Patience counts from the phase's start: a new phase gets its own epochs to improve on an earlier best.
+        return bool(metrics["epoch"] - max(self.best[1], state.first_epoch - 1) >= self.patience)
 
     def keep_best(self, state: TrainState, reporter: Reporter) -> None:
         if self.best is None:
@@ -123,6 +128,10 @@ def train_epoch(
     metrics, summed over the processes."""
     model, ranks = state.model, state.ranks
     model.train()
+    if state.unfrozen_at is not None:  # fine-tuning keeps the pretrained BatchNorm statistics; its affines learn
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     if state.spec.start_epoch is not None:
         state.spec.start_epoch(model, epoch, state.settings.whiten_bias_epochs)
     forward = ranks.wrap(state.compiled)  # after start_epoch: DDP must see which parameters learn

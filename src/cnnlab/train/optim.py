@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cnnlab.config import TrainConfig
+from cnnlab.errors import ConfigError
 from cnnlab.models.registry import ParameterGroups
 
 LOOKAHEAD_START_EPOCH = 4  # 1-based: the first three epochs move fast, unaveraged
@@ -15,6 +16,7 @@ LOOKAHEAD_EVERY = 5  # steps between averagings
 # Per step. Each averaging keeps LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * progress**3 of the average (progress: the
 # share of all steps done), so the average follows the weights early on and holds more of its past late.
 LOOKAHEAD_DECAY = 0.95
+LAYER_GROUPS = 8  # learning-rate steps across a body being fine-tuned
 
 
 def make_optimizer(
@@ -42,6 +44,29 @@ def make_optimizer(
     if muon:
         return Muon(param_groups, momentum=config.momentum, nesterov=config.nesterov, matmul_dtype=matmul_dtype)
     # Fused kernels update every parameter in one call: fewer passes over memory than the default loop.
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, momentum=config.momentum, nesterov=config.nesterov, fused=True)
+    return torch.optim.Adam(param_groups, eps=config.adam_eps, fused=True)
+
+
+def make_layerwise_optimizer(model: nn.Module, head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or Adam over the whole network for fine-tuning it after its head (fastai's discriminative rates): the
+    head learns at `unfreeze_lr`, and the body's parameters, in LAYER_GROUPS consecutive groups from input to
+    output, at rates rising geometrically from `unfreeze_lr * layer_lr_ratio` towards it, so the early, generic
+    layers move least."""
+    if config.optimizer == "muon":
+        raise ConfigError("train.unfreeze_epochs trains with adam or sgd, not muon", "train.optimizer")
+    in_head = {id(p) for p in head.parameters()}
+    body = [p for p in model.parameters() if id(p) not in in_head]
+    chunk = -(-len(body) // LAYER_GROUPS)  # ceiling division: at most LAYER_GROUPS groups
+    param_groups: list[dict[str, Any]] = [
+        {"params": body[start : start + chunk],
+         "lr": config.unfreeze_lr * config.layer_lr_ratio ** (1 - start / len(body))}
+        for start in range(0, len(body), chunk)
+    ]  # fmt: skip
+    param_groups.append({"params": list(head.parameters()), "lr": config.unfreeze_lr})
+    for group in param_groups:
+        group["weight_decay"] = config.weight_decay
     if config.optimizer == "sgd":
         return torch.optim.SGD(param_groups, momentum=config.momentum, nesterov=config.nesterov, fused=True)
     return torch.optim.Adam(param_groups, eps=config.adam_eps, fused=True)

@@ -3,10 +3,12 @@ goes into a checkpoint and comes back bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from cnnlab.models import ModelInfo, ModelSpec, create_model, model_spec, parame
 from cnnlab.models.files import package_version
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, with_sync_bn
-from cnnlab.train.optim import Lookahead, make_optimizer, make_schedule
+from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule
 
 log = logging.getLogger("cnnlab")
 INIT_SAMPLE = 5000  # images a family's data-dependent initialisation sees
@@ -62,10 +64,11 @@ class TrainState:
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
         warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
         self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
-        if settings.compile and self.bf16 and ranks.device.type == "cpu":
+        if settings.compile and self.bf16:
             raise ConfigError(
-                "train.compile with bf16 on the CPU gives non-finite gradients with this torch's inductor (seen "
-                "with torch 2.13 on the fast nets); set train.precision to fp32, or train without train.compile",
+                "train.compile with bf16 gives non-finite gradients with torch's inductor (seen on the fast nets "
+                "with torch 2.13 on CPUs and 2.11 on an H200); set train.precision to fp32, or train without "
+                "train.compile",
                 "train.compile",
                 "train.precision",
             )
@@ -89,6 +92,9 @@ class TrainState:
             ranks.world_size,
             settings.crop_area,
         )
+        # The epochs of the phase in training: all of them, or after head_only, those of the unfreeze phase.
+        self.first_epoch, self.phase_epochs = 1, settings.epochs
+        self.unfrozen_at: int | None = None  # the last head-only epoch, once the whole network trains
         self.total_steps = math.ceil(self.batches.steps_per_epoch * settings.epochs)
         self.optimizer = make_optimizer(self.model, self.spec.parameter_groups(self.model), settings, DTYPES[precision])
         self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
@@ -114,13 +120,31 @@ class TrainState:
         images = torch.from_numpy(dataset.train.images[sample]).to(self.ranks.device)
         self.spec.init_from_data(self.model, to_input(images, self.normalization))
 
+    def unfreeze(self, after_epoch: int) -> None:
+        """Start the unfreeze phase after head-only epoch `after_epoch`: the whole network trains for
+        `unfreeze_epochs`, with layer-wise learning rates on a triangle schedule of its own."""
+        assert self.spec.split_head is not None
+        settings = self.settings
+        self.unfrozen_at, self.first_epoch, self.phase_epochs = after_epoch, after_epoch + 1, settings.unfreeze_epochs
+        self.total_steps = math.ceil(self.batches.steps_per_epoch * settings.unfreeze_epochs)
+        self.optimizer = make_layerwise_optimizer(self.model, self.spec.split_head(self.model)[1], settings)
+        self.schedule = make_schedule(
+            self.optimizer, dataclasses.replace(settings, schedule="triangle"), self.total_steps
+        )
+        self.lookahead = None
+
+    @property
+    def last_epoch(self) -> int:
+        return self.first_epoch - 1 + math.ceil(self.phase_epochs)
+
     def global_step(self, epoch: int, step: int) -> int:
-        return (epoch - 1) * self.batches.steps_per_epoch + step
+        """Steps into the phase in training."""
+        return (epoch - self.first_epoch) * self.batches.steps_per_epoch + step
 
     def steps_in_epoch(self, epoch: int) -> int:
         """All steps of an epoch, or fewer in a fractional last epoch."""
         steps_per_epoch = self.batches.steps_per_epoch
-        return min(steps_per_epoch, self.total_steps - (epoch - 1) * steps_per_epoch)
+        return min(steps_per_epoch, self.total_steps - (epoch - self.first_epoch) * steps_per_epoch)
 
     def summed(self, loss_sum: torch.Tensor | float, correct: torch.Tensor | int, seen: int) -> tuple[float, int, int]:
         """An epoch's running totals summed over the processes."""
@@ -143,11 +167,14 @@ class TrainState:
             "loader": self.batches.state_dict(),
             "global_rng": global_rng_states(),
             "epoch": len(self.history),
+            "unfrozen_at": self.unfrozen_at,
             "history": self.history,
             "partial_epoch": partial,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("unfrozen_at") is not None:  # the optimizer saved is the unfreeze phase's
+            self.unfreeze(state["unfrozen_at"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -284,6 +311,21 @@ def warn_if_oversized(spec: ModelSpec, model: nn.Module, input_shape: tuple[int,
             "memory-hungry; a smaller data.image_size, or a model made for this size, trains faster",
             name, f"{count:,}", height, width, count / designed, f"{designed:,}", spec.input_size, spec.input_size,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def reproducible(seed: int, device: torch.device) -> Iterator[None]:
+    """For one run, and put back as they were after it: torch's global generators seeded (dropout draws from
+    them), and cuDNN held to deterministic kernels (its default ones add in varying order on a GPU, so that
+    two runs, or a run and its resumption, drift apart by rounding)."""
+    kernels = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = kernels
 
 
 def global_rng_states() -> dict[str, Any]:
