@@ -42,7 +42,8 @@ def main() -> None:
             command += ["--epochs", str(args.epochs), "--seed", str(args.seed), "--out", str(out), "--no-report", "-q"]
             command += shlex.split(args.flags)
             subprocess.run(command, check=True, capture_output=True)
-            print(f"{recipe} seed {args.seed} epochs {args.epochs}{' ' + args.flags if args.flags else ''}: {weights_digest(out)}")
+            flags = f" {args.flags}" if args.flags else ""
+            print(f"{recipe} seed {args.seed} epochs {args.epochs}{flags}: {weights_digest(out)}")
 
 
 if __name__ == "__main__":

@@ -5,21 +5,25 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import typer
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.config import DataConfig, RunConfig, TrainConfig
-from cnnlab.data import Split, load_dataset
+from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.data import transforms as transforms_module
 from cnnlab.data.augment import random_crop_boxes, resized_crops
-from cnnlab.data.loader import InMemory, OnDisk, TrainBatches, disk_copy
+from cnnlab.data.disk_images import DiskImages
+from cnnlab.data.images import to_array
+from cnnlab.data.loader import EVALUATION_PIXELS, InMemory, OnDisk, TrainBatches, disk_copy
 from cnnlab.data.transforms import channel_statistics
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, ModelSpec, create_model, load_model, model_spec
@@ -27,7 +31,10 @@ from cnnlab.models.inference import Scores, evaluate, in_order
 from cnnlab.recipes import RECIPES, resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit, resume
+from cnnlab.train import state as state_module
 from cnnlab.train.progress import LineReporter
+
+from .conftest import write_image_folder
 
 
 def pixels(count: int = 37, size: int = 6, seed: int = 0) -> Split:
@@ -54,10 +61,69 @@ def loader(split: Split, source, rank: int = 0, world_size: int = 1) -> TrainBat
 def test_the_memmap_loader_gives_the_in_memory_loaders_batches_bit_for_bit(tmp_path):
     split = pixels()
     in_memory = loader(split, InMemory(split, torch.device("cpu")))
-    on_disk = loader(split, OnDisk(disk_copy(split, tmp_path), split.labels, torch.device("cpu")))
+    on_disk = loader(split, OnDisk(DiskImages(disk_copy(split, tmp_path)), split.labels, torch.device("cpu")))
     for epoch in (1, 2):  # alternating flips differ between odd and even epochs
         assert same(epoch_batches(in_memory, epoch), epoch_batches(on_disk, epoch))
     assert disk_copy(split, tmp_path) == next((tmp_path / "arrays").iterdir())  # written once, by content
+
+
+def test_images_on_disk_read_as_the_array_they_hold(tmp_path):
+    images = pixels(50, 6).images
+    path = tmp_path / "images.npy"
+    np.save(path, images)
+    on_disk = DiskImages(path)
+    assert on_disk.shape == images.shape and len(on_disk) == 50
+    assert np.array_equal(np.asarray(on_disk), images)
+    wanted = np.array([7, 3, 4, 5, 40, 8, 0])  # unordered, with a run of consecutive rows
+    assert np.array_equal(on_disk[wanted], images[wanted]) and np.array_equal(on_disk[9], images[9])
+    view = on_disk[10:30].take(np.array([5, 1, 2]), axis=0)  # views of views stay on disk
+    assert isinstance(view, DiskImages) and np.array_equal(np.asarray(view), images[10:30][[5, 1, 2]])
+    assert np.array_equal(np.concatenate([b.numpy() for b in in_order(on_disk, 16)]), images)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 1)
+    with pytest.raises(CnnlabError, match="truncated"):
+        DiskImages(path)
+
+
+def test_an_image_folder_stays_on_disk_and_trains_as_from_memory(tmp_path):
+    write_image_folder(tmp_path / "photos", classes=3, per_class=12, size=16, split=False)
+    Path(tmp_path / "photos" / "class1" / "broken.png").write_bytes(b"not an image")
+
+    def trained(loader_kind: str) -> tuple[Dataset, dict[str, torch.Tensor]]:
+        train = {"recipe": "fast70", "batch_size": 16, "epochs": 1, "loader": loader_kind}
+        data = {"data": str(tmp_path / "photos"), "cache_dir": str(tmp_path / "cache")}
+        config = resolve_run_config({"data": data, "train": train, "out": str(tmp_path / loader_kind)})
+        result = fit(config, reporter=LineReporter())
+        return result.dataset, load_file(str(tmp_path / loader_kind / RunDir.WEIGHTS))
+
+    (dataset, memory), (_, disk) = trained("memory"), trained("disk")
+    assert memory.keys() == disk.keys() and all(torch.equal(memory[name], disk[name]) for name in memory)
+    assert isinstance(dataset.train.images, DiskImages) and isinstance(dataset.test.images, DiskImages)
+    files = sorted((tmp_path / "photos").rglob("*.png"))
+    size = dataset.image_shape[:2]  # the family's input size, 32
+    decoded = {to_array(Image.open(f), size, 3).tobytes(): f.parent.name for f in files if f.name != "broken.png"}
+    seen = [(image.tobytes(), dataset.classes[label]) for split in (dataset.train, dataset.test)
+            for image, label in zip(np.asarray(split.images), split.labels, strict=True)]  # fmt: skip
+    assert len(seen) == len(decoded) == 36 and all(decoded[pixels] == name for pixels, name in seen)
+    (images_file,) = (tmp_path / "cache" / "decoded").glob("*.images.npy")
+    images_file.write_bytes(images_file.read_bytes()[:-5])  # a damaged cache entry is decoded again
+    assert len(load_dataset(DataConfig(data=str(tmp_path / "photos"), cache_dir=str(tmp_path / "cache"))).train) == 28
+
+
+def test_large_images_are_evaluated_and_initialised_from_in_bounded_pieces(tmp_path, monkeypatch):
+    small, large = np.zeros((2500, 32, 32, 3), np.uint8), np.zeros((300, 224, 224, 3), np.uint8)
+    assert [len(batch) for batch in in_order(small)] == [1000, 1000, 500]  # CIFAR-sized: as before
+    assert {len(batch) for batch in list(in_order(large))[:-1]} == {EVALUATION_PIXELS // 224**2}
+    seen = []
+    spec = model_spec("fast-tiny")
+    monkeypatch.setitem(MODELS, "fast-tiny", dataclasses.replace(spec, init_from_data=lambda _, x: seen.append(len(x))))
+    monkeypatch.setattr(state_module, "INIT_PIXELS", 10 * 64 * 64)
+    write_image_folder(tmp_path / "photos", classes=2, per_class=20, size=64, split=False)
+    config = resolve_run_config(
+        {"data": {"data": str(tmp_path / "photos"), "image_size": 64}, "train": {"recipe": "fast70", "epochs": 0}}
+    )
+    fit(dataclasses.replace(config, out=str(tmp_path / "run")), reporter=LineReporter())
+    assert seen == [10]  # the whitening sees INIT_PIXELS of images, not INIT_SAMPLE of them
 
 
 def test_shards_of_two_processes_make_up_the_global_batch():

@@ -102,8 +102,10 @@ class TrainConfig:
         "auto", "bf16 autocast for convolutions and matmuls; auto: bf16 where this machine has it natively."
     )
     compile: bool = setting(False, "torch.compile the training forward (its first steps pay for compiling).")
-    loader: Literal["memory", "disk"] = setting(
-        "memory", "Where training batches come from: memory, or a uint8 .npy in the cache read as a memmap."
+    loader: Literal["auto", "memory", "disk"] = setting(
+        "auto",
+        "Where training batches come from: memory, or a uint8 .npy in the cache read batch by batch; auto: disk "
+        "for an image folder larger than a quarter of this machine's memory.",
     )
     head_only: bool = setting(
         False, "Train only the classifier, on features the frozen pretrained body computes once per image."
@@ -111,8 +113,6 @@ class TrainConfig:
     patience: int = setting(
         0, "Stop after this many epochs without a better validation loss, keeping the best epoch; 0: never."
     )
-    checkpoint_every: int = setting(0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.")
-    sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")
     unfreeze_epochs: float = setting(
         0, "After head_only: train the whole network this many epochs, BatchNorm statistics frozen (triangle schedule)."
     )
@@ -120,6 +120,8 @@ class TrainConfig:
     layer_lr_ratio: float = setting(
         0.01, "Unfreeze phase: the first layer's learning rate as a share of the last's, rising geometrically."
     )
+    checkpoint_every: int = setting(0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.")
+    sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")
 
 
 @dataclass

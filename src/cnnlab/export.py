@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cnnlab.atomic import write_text
+from cnnlab.data.dataset import Pixels
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.models import ModelInfo, TrainedModel
@@ -53,8 +54,9 @@ def require(module: str, extra: str) -> Any:
         raise CnnlabError(f"this needs {module}: pip install 'cnnlab[{extra}]'") from None
 
 
-def export_onnx(model: TrainedModel, out: Path, sample: np.ndarray) -> Verification:
+def export_onnx(model: TrainedModel, out: Path, sample: Pixels) -> Verification:
     """Write `out` (ONNX) and `out.json` (preprocessing), then check them on `sample` (N, H, W, C) uint8."""
+    sample = np.asarray(sample)
     require("onnx", "export")
     require("onnxscript", "export")
     module = Probabilities(model.module.float().cpu(), model.info.tta).eval()

@@ -10,12 +10,16 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from cnnlab.data.disk_images import DiskImages
+from cnnlab.data.transforms import CHUNK_PIXELS
 from cnnlab.errors import CnnlabError, ConfigError
+
+Pixels = np.ndarray | DiskImages  # (N, H, W, C) uint8 images, in memory or read from disk as they are needed
 
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, H, W, C) uint8: in memory, or a np.memmap of a .npy file (read as batches need it)
+    images: Pixels
     labels: np.ndarray  # (N,) int64, indices into Dataset.classes
 
     def __post_init__(self) -> None:
@@ -28,7 +32,8 @@ class Split:
         return len(self.labels)
 
     def take(self, indices: np.ndarray) -> Split:
-        return Split(self.images[indices], self.labels[indices])
+        """The images at `indices`: copied when in memory, still on disk when on disk."""
+        return Split(self.images.take(indices, axis=0), self.labels[indices])
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,9 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if images.shape[1:3] == size:
         return images
     resized = []
-    for start in range(0, len(images), 4096):  # bounds the float copy's memory
-        batch = torch.from_numpy(images[start : start + 4096]).permute(0, 3, 1, 2).float()  # (B, C, H, W)
+    step = max(1, CHUNK_PIXELS // (images.shape[1] * images.shape[2]))  # bounds the float copy's memory
+    for start in range(0, len(images), step):
+        batch = torch.from_numpy(images[start : start + step]).permute(0, 3, 1, 2).float()  # (B, C, H, W)
         batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
         resized.append(batch.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(resized)

@@ -5,7 +5,8 @@ holding the same class folders; or only `<class>/*` (a test split is then carved
 stratified). With a validation folder and no test folder, the validation folder is the test split (it is
 what the model is scored on), and the layout says so. A single wrapping folder is looked through. A
 layout that could be read two ways is refused (see `layout.py`). Decoding runs on every core in two
-passes: headers first (to choose one image size and the channel count), then pixels.
+passes: headers first (to choose one image size and the channel count), then pixels, streamed into a .npy
+in the cache that the splits read from disk (`DiskImages`): a dataset larger than memory loads too.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import logging
 import os
 import tarfile
 import zipfile
-from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
+from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
 from cnnlab.data.dataset import Dataset, Split, split_stratified
+from cnnlab.data.disk_images import DiskImages, write_npy_header
 from cnnlab.data.layout import TEST, TRAIN, VAL, read_layout
 from cnnlab.data.walk import tar_member_bytes, walk_files
 from cnnlab.errors import CnnlabError, ConfigError
@@ -36,7 +39,9 @@ log = logging.getLogger("cnnlab")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 T = TypeVar("T")
 Decoded = tuple[np.ndarray, tuple[int, int], bool]  # pixels (H, W, C) uint8, native (H, W), is grayscale
+Found = tuple[tuple[int, int], bool]  # what decoding learnt of a readable image: native (H, W), is grayscale
 _CHUNK = 1000  # images per worker task: large enough to amortise inter-process transfer
+_CHUNK_BYTES = 64 * 2**20  # and at most this many bytes of decoded pixels, which come back through a pipe
 
 
 @dataclass(slots=True)
@@ -70,18 +75,21 @@ def load_image_folder(
         raise CnnlabError(f"{path}: expected an image folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive of one")
 
     cache_file = array_cache_path(cache_root, cache_key)
+    images_file = cache_file.with_suffix(".images.npy")  # the pixels, beside the small arrays that describe them
     arrays = load_arrays(cache_file)
-    if arrays is None:
+    images = _stored_images(images_file) if arrays is not None else None
+    if arrays is None or images is None:
         if entries is None:
             entries = _archive_entries(path)
-        arrays = _decode_dataset(path, entries, skipped, image_size, strict)
+        arrays = _decode_dataset(path, entries, skipped, image_size, strict, images_file)
         save_arrays(cache_file, arrays)
+        images = DiskImages(images_file)
     # The same warning on every load: the walk's skips now, the decoding's failures as the cache kept them.
     failures = [*skipped, *arrays["failures"].tolist()]
     _report_failures(path, failures, len(arrays["labels"]) + len(failures), strict)
 
     classes = tuple(str(name) for name in arrays["classes"])
-    everything = Split(arrays["images"], arrays["labels"].astype(np.int64))
+    everything = Split(images.take(arrays["rows"]), arrays["labels"].astype(np.int64))
     split = arrays["split"]
     layout = str(arrays["layout"])
     train = everything.take(np.flatnonzero(split == TRAIN))
@@ -138,9 +146,19 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _stored_images(images_file: Path) -> DiskImages | None:
+    """The cached pixels, or None when absent or damaged (the cache entry is then rebuilt)."""
+    try:
+        return DiskImages(images_file)
+    except (CnnlabError, OSError):
+        return None
+
+
 def _decode_dataset(
-    path: Path, entries: list[Entry], skipped: list[str], image_size: int | None, strict: bool
+    path: Path, entries: list[Entry], skipped: list[str], image_size: int | None, strict: bool, images_file: Path
 ) -> dict[str, np.ndarray]:
+    """Decode every entry into `images_file` (a row per entry, zeros for the unreadable) and return the arrays
+    that describe them: which rows were kept, their labels and splits, the classes, layout and failures."""
     if strict:  # refused before any decoding
         _report_failures(path, skipped, len(entries) + len(skipped), strict)
     layout = read_layout(path, [entry.parts for entry in entries])
@@ -150,15 +168,15 @@ def _decode_dataset(
     # One pass over the pixels, with the size and channel count guessed from a sample of headers;
     # a second pass only when the whole dataset disagrees with the guess.
     size, channels = _guess_format(entries, image_size)
-    decoded = _decode_all(entries, size, channels)
+    decoded = _decode_to_file(entries, size, channels, images_file)
     kept = [i for i, result in enumerate(decoded) if not isinstance(result, str)]
     if kept:
         readable = [result for result in decoded if not isinstance(result, str)]
-        native = Counter(size for _, size, _ in readable).most_common(1)[0][0]
-        actual = ((image_size, image_size) if image_size else native, 1 if all(gray for *_, gray in readable) else 3)
+        native = Counter(size for size, _ in readable).most_common(1)[0][0]
+        actual = ((image_size, image_size) if image_size else native, 1 if all(gray for _, gray in readable) else 3)
         if actual != (size, channels):
             size, channels = actual
-            decoded = _decode_all(entries, size, channels)
+            decoded = _decode_to_file(entries, size, channels, images_file)
     failures = [result for result in decoded if isinstance(result, str)]
     if strict:
         _report_failures(path, failures, len(entries), strict)
@@ -167,7 +185,7 @@ def _decode_dataset(
 
     index = {name: i for i, name in enumerate(layout.classes)}
     return {
-        "images": np.stack([decoded[i][0] for i in kept]),
+        "rows": np.array(kept, dtype=np.int64),  # the rows of images_file that hold readable images
         "labels": np.array([index[labelled[i][1]] for i in kept], dtype=np.int64),
         "split": np.array([labelled[i][2] for i in kept], dtype=np.int8),  # TRAIN, VAL or TEST
         "classes": np.array(layout.classes),
@@ -184,8 +202,23 @@ def _guess_format(entries: list[Entry], image_size: int | None) -> tuple[tuple[i
     return size, 1 if all(gray for gray, _ in probes) else 3
 
 
-def _decode_all(entries: list[Entry], size: tuple[int, int], channels: int) -> list[Decoded | str]:
-    return _parallel(_decode_chunk, [(chunk, size, channels) for chunk in _chunks(entries)])
+def _decode_to_file(entries: list[Entry], size: tuple[int, int], channels: int, images_file: Path) -> list[Found | str]:
+    """Decode on every core, streaming the pixels to `images_file` chunk by chunk as they come: only the
+    chunks in flight are ever in memory. Per entry: (native (H, W), is grayscale), or why it is unreadable."""
+    found: list[Found | str] = []
+    row_bytes = size[0] * size[1] * channels
+
+    def write(handle: IO[bytes]) -> None:
+        write_npy_header(handle, len(entries), (*size, channels))
+        chunks = _chunks(entries, row_bytes)
+        for chunk in _parallel_stream(_decode_chunk, [(chunk, size, channels) for chunk in chunks]):
+            for result in chunk:
+                handle.write(bytes(row_bytes) if isinstance(result, str) else result[0].tobytes())
+                found.append(result if isinstance(result, str) else result[1:])
+
+    make_folder(images_file.parent)
+    atomic_write(images_file, write)
+    return found
 
 
 def _report_failures(path: Path, failures: list[str], total: int, strict: bool) -> None:
@@ -201,19 +234,32 @@ def _report_failures(path: Path, failures: list[str], total: int, strict: bool) 
     log.warning("%s: skipped %d of %d entries that are %s: %s", path, len(failures), total, what, examples)
 
 
-def _chunks(entries: list[Entry]) -> list[list[Entry]]:
-    return [entries[start : start + _CHUNK] for start in range(0, len(entries), _CHUNK)]
+def _chunks(entries: list[Entry], row_bytes: int = 0) -> list[list[Entry]]:
+    """Chunks of up to _CHUNK entries, fewer for large decoded images (at most _CHUNK_BYTES of pixels each)."""
+    per_chunk = max(1, min(_CHUNK, _CHUNK_BYTES // max(row_bytes, 1)))
+    return [entries[start : start + per_chunk] for start in range(0, len(entries), per_chunk)]
 
 
 def _parallel(function: Callable[..., list[T]], argument_lists: list[tuple[Any, ...]]) -> list[T]:
     """Run `function` over chunks on every core and concatenate the per-chunk result lists."""
+    return [item for chunk in _parallel_stream(function, argument_lists) for item in chunk]
+
+
+def _parallel_stream(function: Callable[..., list[T]], argument_lists: list[tuple[Any, ...]]) -> Iterator[list[T]]:
+    """`function` over chunks on every core, the per-chunk results in order, with two chunks per worker in
+    flight at most (so that results never pile up faster than they are consumed)."""
     workers = min(len(os.sched_getaffinity(0)), len(argument_lists))
     if workers <= 1:
-        results = [function(*arguments) for arguments in argument_lists]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(function, *zip(*argument_lists, strict=True)))
-    return [item for chunk in results for item in chunk]
+        yield from (function(*arguments) for arguments in argument_lists)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[list[T]]] = deque()
+        for arguments in argument_lists:
+            pending.append(pool.submit(function, *arguments))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _probe_chunk(entries: list[Entry]) -> list[tuple[bool, tuple[int, int]] | str]:

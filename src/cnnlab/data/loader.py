@@ -13,6 +13,7 @@ while the current one trains.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,10 +33,13 @@ from cnnlab.data.augment import (
     resized_crops,
     translate,
 )
-from cnnlab.data.dataset import Split
+from cnnlab.data.dataset import Pixels, Split
+from cnnlab.data.disk_images import DiskImages
 from cnnlab.errors import ConfigError
 
-LoaderKind = Literal["memory", "disk"]
+LoaderKind = Literal["auto", "memory", "disk"]
+EVALUATION_BATCH, EVALUATION_PIXELS = 1000, 4 * 2**20  # at most, per evaluation batch: images, and their H x W summed
+MEMORY_SHARE = 0.25  # the share of the machine's memory above which `auto` trains from disk
 
 
 def shard(count: int, rank: int, world_size: int) -> slice:
@@ -73,18 +77,16 @@ class InMemory:
 
 
 class OnDisk:
-    """The split's uint8 pixels in a .npy file, memory-mapped: the page cache, not the process, holds them.
-    A reader thread gathers each batch (in file order, then put back in batch order) one step ahead."""
+    """The split's uint8 pixels read from a .npy file batch by batch (`DiskImages`): the page cache, not the
+    process, holds them. A reader thread reads each batch one step ahead."""
 
-    def __init__(self, path: Path, labels: np.ndarray, device: torch.device):
-        self.pixels = np.load(path, mmap_mode="r")  # (N, H, W, C) uint8
+    def __init__(self, images: DiskImages, labels: np.ndarray, device: torch.device):
+        self.pixels = images
         self.labels = torch.from_numpy(labels)
         self.device = device
 
     def _gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wanted = indices.numpy()
-        in_file_order, back = np.unique(wanted, return_inverse=True)
-        images = torch.from_numpy(np.ascontiguousarray(self.pixels[in_file_order][back]))
+        images = torch.from_numpy(self.pixels[indices.numpy()])
         return images.to(self.device), self.labels[indices].to(self.device)
 
     def stream(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -183,12 +185,32 @@ class TrainBatches:
 
 
 def make_source(kind: LoaderKind, split: Split, device: torch.device, cache_root: Path) -> PixelSource:
+    """Batches from memory or from disk; `auto` reads from disk a split that is there already and would take
+    more than MEMORY_SHARE of this machine's memory."""
+    if kind == "auto":
+        on_disk = isinstance(split.images, DiskImages)
+        kind = (
+            "disk"
+            if on_disk and split.images.shape[0] * split.images[0].nbytes > MEMORY_SHARE * memory_bytes()
+            else "memory"
+        )
     if kind == "disk":
-        return OnDisk(disk_copy(split, cache_root), split.labels, device)
+        images = split.images if isinstance(split.images, DiskImages) else DiskImages(disk_copy(split, cache_root))
+        return OnDisk(images, split.labels, device)
     return InMemory(split, device)
 
 
-def in_order(images: np.ndarray, batch_size: int = 1000) -> Iterator[torch.Tensor]:
-    """(b, H, W, C) uint8 CPU tensors of consecutive images: how evaluation reads a split."""
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def in_order(images: Pixels, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+    """(b, H, W, C) uint8 CPU tensors of consecutive images: how evaluation reads a split. By default a batch
+    holds up to EVALUATION_BATCH images, fewer for large ones (EVALUATION_PIXELS in all): the activations of a
+    network at 224 px would otherwise take gigabytes."""
+    if batch_size is None:
+        _, height, width, _ = images.shape
+        batch_size = max(1, min(EVALUATION_BATCH, EVALUATION_PIXELS // (height * width)))
     for start in range(0, len(images), batch_size):
         yield torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))

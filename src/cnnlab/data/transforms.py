@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from cnnlab.data.dataset import Pixels
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,10 @@ def to_input(images: torch.Tensor, normalization: Normalization) -> torch.Tensor
 # Pixels read to estimate the normalisation statistics: all of CIFAR-10's train split (153 MB), a sample of
 # larger sets (about 1,700 images at 224 px), so that a dataset larger than memory is never read whole.
 STATISTICS_BYTES = 256 * 2**20
+CHUNK_PIXELS = 4096 * 32 * 32  # H x W summed over a chunk converted to floats at once: 4,096 CIFAR images
 
 
-def channel_statistics(images: np.ndarray, mode: str, seed: int = 0) -> Normalization:
+def channel_statistics(images: Pixels, mode: str, seed: int = 0) -> Normalization:
     """Per-channel mean and std of (N, H, W, C) uint8 images on the [0, 1] scale, or the unit normalisation.
 
     Read from all images when they fit in STATISTICS_BYTES, else from a seeded random sample that does."""
@@ -57,10 +62,13 @@ def channel_statistics(images: np.ndarray, mode: str, seed: int = 0) -> Normaliz
     if len(images) * per_image > STATISTICS_BYTES:
         chosen = np.random.default_rng(seed).choice(len(images), STATISTICS_BYTES // per_image, replace=False)
         images = images[np.sort(chosen)]
+    else:
+        images = np.asarray(images)
     total = np.zeros(channels)
     squares = np.zeros(channels)
-    for start in range(0, len(images), 4096):  # chunks bound the float copy's memory
-        chunk = images[start : start + 4096].reshape(-1, channels).astype(np.float64) / 255.0
+    step = max(1, CHUNK_PIXELS // (images.shape[1] * images.shape[2]))  # bounds the float copy's memory
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step].reshape(-1, channels).astype(np.float64) / 255.0
         total += chunk.sum(0)
         squares += (chunk**2).sum(0)
     count = images.size // channels

@@ -58,7 +58,8 @@ class ModelSpec:
     weights: str | None = None  # where pretrained weights come from, in words; None: trained from scratch
     load_weights: Callable[[nn.Module], None] | None = None  # loads them into a new model before training
     gradcam_layer: Callable[[nn.Module], nn.Module | None] = last_conv  # the layer Grad-CAM weighs; None: none
-    # Data-dependent initialisation from up to 5,000 normalised (N, C, H, W) training images.
+    # Data-dependent initialisation from a seeded sample of normalised (N, C, H, W) training images (at most
+    # 5,000, fewer for large images: see train.state.INIT_PIXELS).
     init_from_data: Callable[[nn.Module, torch.Tensor], None] | None = None
     # Before each epoch (1-based) with the run's whiten_bias_epochs: parameters that learn only for a while.
     start_epoch: Callable[[nn.Module, int, int], None] | None = None

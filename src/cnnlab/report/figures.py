@@ -20,6 +20,8 @@ from cnnlab.atomic import atomic_write
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
 
+    from cnnlab.data.dataset import Pixels
+
 STYLE: dict[RcKeyType, Any] = {
     "figure.dpi": 100,
     "savefig.dpi": 100,
@@ -67,9 +69,7 @@ def _show_image(axis: Axes, image: np.ndarray) -> None:
     axis.grid(False)
 
 
-def sample_grid(
-    images: np.ndarray, labels: np.ndarray, classes: Sequence[str], per_class: int, seed: int = 0
-) -> Figure:
+def sample_grid(images: Pixels, labels: np.ndarray, classes: Sequence[str], per_class: int, seed: int = 0) -> Figure:
     """A row per class with up to `per_class` random examples, labelled by class name."""
     rng = np.random.default_rng(seed)
     with matplotlib.rc_context(STYLE):

@@ -33,7 +33,9 @@ from cnnlab.train.distributed import Ranks, with_sync_bn
 from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule
 
 log = logging.getLogger("cnnlab")
-INIT_SAMPLE = 5000  # images a family's data-dependent initialisation sees
+# At most, for a family's data-dependent initialisation: images, and their H x W summed (5,000 CIFAR images;
+# the fast nets' whitening unfolds every 2x2 patch, 12 floats a pixel: 100 images at 224 px take 240 MB).
+INIT_SAMPLE, INIT_PIXELS = 5000, 5000 * 32 * 32
 
 
 class NonFiniteLoss(CnnlabError):
@@ -116,7 +118,9 @@ class TrainState:
         if self.spec.init_from_data is None:
             return
         generator = torch.Generator().manual_seed(self.settings.seed)
-        sample = torch.randperm(len(dataset.train), generator=generator)[:INIT_SAMPLE].numpy()
+        height, width, _ = dataset.image_shape
+        count = max(1, min(INIT_SAMPLE, INIT_PIXELS // (height * width)))
+        sample = torch.randperm(len(dataset.train), generator=generator)[:count].numpy()
         images = torch.from_numpy(dataset.train.images[sample]).to(self.ranks.device)
         self.spec.init_from_data(self.model, to_input(images, self.normalization))
 
