@@ -52,7 +52,8 @@ def free_port() -> int:
 
 
 def untimed(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key not in ("seconds", "images_per_s")} for row in rows]
+    timing = ("seconds", "init_seconds", "val_seconds", "test_seconds", "images_per_s")
+    return [{key: value for key, value in row.items() if key not in timing} for row in rows]
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cnnlab.bench import summarise
 from cnnlab.data.augment import alternating_flips, mirror, random_shifts, translate
 from cnnlab.data.transforms import channel_statistics
 from cnnlab.models import create_model, model_spec
@@ -150,6 +151,22 @@ def test_a_tiny_fast_run_on_digits_beats_90_percent(tmp_path):
     )
     result = fit(config, reporter=LineReporter())
     assert result.history[-1]["test_acc_tta"] > 0.90
+    first, last = result.history[0], result.history[-1]
+    assert first["init_seconds"] > 0 and "init_seconds" not in last  # the whitening, timed once
+    assert all(m["test_seconds"] > 0 for m in result.history)
+
+
+def test_delivered_time_adds_the_initialisation_and_one_final_evaluation_to_the_training():
+    history = [
+        {"epoch": 1, "seconds": 10.0, "test_seconds": 2.0, "init_seconds": 1.5, "test_acc": 0.6,
+         "test_acc_tta": 0.72, "images_per_s": 100.0, "precision": "fp32"},
+        {"epoch": 2, "seconds": 10.0, "test_seconds": 2.5, "test_acc": 0.8, "test_acc_tta": 0.91,
+         "images_per_s": 100.0, "precision": "fp32"},
+    ]  # fmt: skip
+    result = summarise("r", 0, {"history": history, "peak_rss_mb": 1.0}, 1e6, {"fp32_peak_gflops": 1.0})
+    assert result["train_seconds"] == 20.0 and result["delivered_seconds"] == 1.5 + 20.0 + 2.5
+    assert result["train_time_to"]["0.70"] == 10.0 and result["time_to"]["0.70"] == 1.5 + 10.0 + 2.0
+    assert result["time_to"]["0.90"] == 24.0 and result["time_to"]["0.93"] is None  # marks use the TTA accuracy
 
 
 def test_a_fractional_epoch_trains_part_of_the_last_epoch(tmp_path):

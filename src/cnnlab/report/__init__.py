@@ -62,13 +62,15 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
     for name, data in pngs.items():
         atomic_write(run_dir / name, data)
 
-    metric_keys = [key for key in (history[0] if history else {}) if key != "epoch"]
+    # Every key of any line, in the order first seen: epochs of different kinds log different figures (the
+    # first has init_seconds; head-only epochs have no test_seconds).
+    metric_keys = [key for key in dict.fromkeys(k for m in history for k in m) if key != "epoch"]
     config = folder.config_text()
     sections = [
         ("Configuration", f"<pre>{escape(config)}</pre>"),
         (
             "Metrics per epoch",
-            html.table(["epoch", *metric_keys], [[m["epoch"], *(m[k] for k in metric_keys)] for m in history]),
+            html.table(["epoch", *metric_keys], [[m["epoch"], *(m.get(k, "") for k in metric_keys)] for m in history]),
         ),
         ("Classification report (test)", html.classification_table(evaluation.report, evaluation.classes)),
         *(

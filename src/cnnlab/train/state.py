@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from cnnlab.data.download import download
 from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import channel_statistics, to_input
 from cnnlab.errors import CnnlabError, ConfigError
-from cnnlab.machine import DTYPES, Precision
+from cnnlab.machine import DTYPES, Precision, synchronize
 from cnnlab.models import ModelInfo, ModelSpec, create_model, model_spec, parameter_count
 from cnnlab.models.files import package_version
 from cnnlab.run_dir import RunDir
@@ -107,6 +108,7 @@ class TrainState:
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
         self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
+        self.init_seconds = 0.0  # the starting weights' loading and data-dependent initialisation
 
     def initialize(self, dataset: Dataset) -> None:
         """A new run's starting weights: the family's pretrained weights, or those of `settings.weights`, then
@@ -117,12 +119,15 @@ class TrainState:
             self.spec.load_weights(self.model)
         if self.spec.init_from_data is None:
             return
+        started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.settings.seed)
         height, width, _ = dataset.image_shape
         count = max(1, min(INIT_SAMPLE, INIT_PIXELS // (height * width)))
         sample = torch.randperm(len(dataset.train), generator=generator)[:count].numpy()
         images = torch.from_numpy(dataset.train.images[sample]).to(self.ranks.device)
         self.spec.init_from_data(self.model, to_input(images, self.normalization))
+        synchronize(self.ranks.device)
+        self.init_seconds = time.perf_counter() - started
 
     def unfreeze(self, after_epoch: int) -> None:
         """Start the unfreeze phase after head-only epoch `after_epoch`: the whole network trains for
