@@ -18,7 +18,7 @@ from cnnlab.errors import CnnlabError
 
 
 class DiskImages:
-    def __init__(self, path: Path, rows: np.ndarray | None = None):
+    def __init__(self, path: Path):
         self.path = path
         with open(path, "rb") as handle:
             try:
@@ -36,7 +36,7 @@ class DiskImages:
         self.row_bytes = int(np.prod(shape[1:]))
         if os.path.getsize(path) < self.offset + shape[0] * self.row_bytes:
             raise CnnlabError(f"{path}: truncated ({os.path.getsize(path):,} bytes for {shape[0]:,} images)")
-        self.rows = np.arange(shape[0]) if rows is None else rows  # the stored row of each image, in order
+        self.rows = np.arange(shape[0])  # the stored row of each image, in order (a view's: some of them)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

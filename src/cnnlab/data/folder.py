@@ -234,15 +234,10 @@ def _report_failures(path: Path, failures: list[str], total: int, strict: bool) 
     log.warning("%s: skipped %d of %d entries that are %s: %s", path, len(failures), total, what, examples)
 
 
-def _chunks(entries: list[Entry], row_bytes: int = 0) -> list[list[Entry]]:
+def _chunks(entries: list[Entry], row_bytes: int) -> list[list[Entry]]:
     """Chunks of up to _CHUNK entries, fewer for large decoded images (at most _CHUNK_BYTES of pixels each)."""
-    per_chunk = max(1, min(_CHUNK, _CHUNK_BYTES // max(row_bytes, 1)))
+    per_chunk = max(1, min(_CHUNK, _CHUNK_BYTES // row_bytes))
     return [entries[start : start + per_chunk] for start in range(0, len(entries), per_chunk)]
-
-
-def _parallel(function: Callable[..., list[T]], argument_lists: list[tuple[Any, ...]]) -> list[T]:
-    """Run `function` over chunks on every core and concatenate the per-chunk result lists."""
-    return [item for chunk in _parallel_stream(function, argument_lists) for item in chunk]
 
 
 def _parallel_stream(function: Callable[..., list[T]], argument_lists: list[tuple[Any, ...]]) -> Iterator[list[T]]:
