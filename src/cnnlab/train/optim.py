@@ -43,10 +43,7 @@ def make_optimizer(
     param_groups = [group for group in param_groups if group["params"]]
     if muon:
         return Muon(param_groups, momentum=config.momentum, nesterov=config.nesterov, matmul_dtype=matmul_dtype)
-    # Fused kernels update every parameter in one call: fewer passes over memory than the default loop.
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, momentum=config.momentum, nesterov=config.nesterov, fused=True)
-    return torch.optim.Adam(param_groups, eps=config.adam_eps, fused=True)
+    return sgd_or_adam(param_groups, config)
 
 
 def make_layerwise_optimizer(model: nn.Module, head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -67,6 +64,12 @@ def make_layerwise_optimizer(model: nn.Module, head: nn.Module, config: TrainCon
     param_groups.append({"params": list(head.parameters()), "lr": config.unfreeze_lr})
     for group in param_groups:
         group["weight_decay"] = config.weight_decay
+    return sgd_or_adam(param_groups, config)
+
+
+def sgd_or_adam(param_groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    """The config's SGD or Adam over `param_groups`. Fused kernels update every parameter in one call: fewer
+    passes over memory than the default loop."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(param_groups, momentum=config.momentum, nesterov=config.nesterov, fused=True)
     return torch.optim.Adam(param_groups, eps=config.adam_eps, fused=True)
