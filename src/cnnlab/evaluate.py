@@ -117,7 +117,7 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
         raise CnnlabError(
             f"the data's classes {list(dataset.classes)} differ from the model's {list(model.info.classes)}"
         )
-    images = match_channels(resize_images(np.asarray(dataset.test.images), (height, width)), model.info.channels)
+    images = match_channels(resize_images(dataset.test.images, (height, width)), model.info.channels)
     return Split(images, dataset.test.labels)
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from cnnlab.config import DataConfig
 from cnnlab.data import cifar
 from cnnlab.data.cache import cache_root
@@ -70,6 +68,6 @@ def _sized(dataset: Dataset, image_size: int | None) -> Dataset:
     return Dataset(
         name=dataset.name,
         classes=dataset.classes,
-        train=Split(resize_images(np.asarray(dataset.train.images), size), dataset.train.labels),
-        test=Split(resize_images(np.asarray(dataset.test.images), size), dataset.test.labels),
+        train=Split(resize_images(dataset.train.images, size), dataset.train.labels),
+        test=Split(resize_images(dataset.test.images, size), dataset.test.labels),
     )

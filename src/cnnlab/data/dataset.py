@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from cnnlab.data.disk_images import DiskImages
-from cnnlab.data.transforms import CHUNK_PIXELS
+from cnnlab.data.transforms import CHUNK_PIXELS, images_within
 from cnnlab.errors import CnnlabError, ConfigError
 
 Pixels = np.ndarray | DiskImages  # (N, H, W, C) uint8 images, in memory or read from disk as they are needed
@@ -109,14 +109,14 @@ def split_stratified(split: Split, fraction: float, seed: int, purpose: str) -> 
     return split.take(np.sort(kept)), split.take(np.sort(held))
 
 
-def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_images(images: Pixels, size: tuple[int, int]) -> Pixels:
     """Resize (N, H, W, C) uint8 images to `size` = (H, W), bilinear with antialiasing when shrinking."""
     if images.shape[1:3] == size:
         return images
     resized = []
-    step = max(1, CHUNK_PIXELS // (images.shape[1] * images.shape[2]))  # bounds the float copy's memory
+    step = images_within(CHUNK_PIXELS, images.shape[1], images.shape[2])  # bounds the float copy's memory
     for start in range(0, len(images), step):
-        batch = torch.from_numpy(images[start : start + step]).permute(0, 3, 1, 2).float()  # (B, C, H, W)
+        batch = torch.from_numpy(np.asarray(images[start : start + step])).permute(0, 3, 1, 2).float()  # (B, C, H, W)
         batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
         resized.append(batch.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(resized)
@@ -126,11 +126,12 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+def match_channels(images: Pixels, channels: int) -> Pixels:
     """Convert (N, H, W, C) uint8 images between grayscale and RGB, as Pillow's convert would."""
     have = images.shape[-1]
     if have == channels:
         return images
+    images = np.asarray(images)
     if have == 1 and channels == 3:
         return np.repeat(images, 3, axis=-1)
     if have == 3 and channels == 1:

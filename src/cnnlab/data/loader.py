@@ -35,6 +35,7 @@ from cnnlab.data.augment import (
 )
 from cnnlab.data.dataset import Pixels, Split
 from cnnlab.data.disk_images import DiskImages
+from cnnlab.data.transforms import images_within
 from cnnlab.errors import ConfigError
 
 LoaderKind = Literal["auto", "memory", "disk"]
@@ -211,6 +212,6 @@ def in_order(images: Pixels, batch_size: int | None = None) -> Iterator[torch.Te
     network at 224 px would otherwise take gigabytes."""
     if batch_size is None:
         _, height, width, _ = images.shape
-        batch_size = max(1, min(EVALUATION_BATCH, EVALUATION_PIXELS // (height * width)))
+        batch_size = images_within(EVALUATION_PIXELS, height, width, most=EVALUATION_BATCH)
     for start in range(0, len(images), batch_size):
         yield torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))

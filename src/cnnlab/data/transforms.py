@@ -51,6 +51,13 @@ STATISTICS_BYTES = 256 * 2**20
 CHUNK_PIXELS = 4096 * 32 * 32  # H x W summed over a chunk converted to floats at once: 4,096 CIFAR images
 
 
+def images_within(pixels: int, height: int, width: int, most: int | None = None) -> int:
+    """How many images of height x width fit in `pixels` (H x W summed), at least one and at most `most`: work
+    sized in pixels stays within its memory whatever the image size."""
+    count = max(1, pixels // (height * width))
+    return count if most is None else min(most, count)
+
+
 def channel_statistics(images: Pixels, mode: str, seed: int = 0) -> Normalization:
     """Per-channel mean and std of (N, H, W, C) uint8 images on the [0, 1] scale, or the unit normalisation.
 
@@ -66,7 +73,7 @@ def channel_statistics(images: Pixels, mode: str, seed: int = 0) -> Normalizatio
         images = np.asarray(images)
     total = np.zeros(channels)
     squares = np.zeros(channels)
-    step = max(1, CHUNK_PIXELS // (images.shape[1] * images.shape[2]))  # bounds the float copy's memory
+    step = images_within(CHUNK_PIXELS, images.shape[1], images.shape[2])  # bounds the float copy's memory
     for start in range(0, len(images), step):
         chunk = images[start : start + step].reshape(-1, channels).astype(np.float64) / 255.0
         total += chunk.sum(0)

@@ -24,7 +24,7 @@ from cnnlab.config import RunConfig, TrainConfig
 from cnnlab.data import Dataset
 from cnnlab.data.download import download
 from cnnlab.data.loader import TrainBatches, make_source
-from cnnlab.data.transforms import channel_statistics, to_input
+from cnnlab.data.transforms import channel_statistics, images_within, to_input
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.machine import DTYPES, Precision, synchronize
 from cnnlab.models import ModelInfo, ModelSpec, create_model, model_spec, parameter_count
@@ -108,7 +108,7 @@ class TrainState:
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
         self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
-        self.init_seconds = 0.0  # the starting weights' loading and data-dependent initialisation
+        self.init_seconds = 0.0  # the data-dependent initialisation's (the pretrained weights load before)
 
     def initialize(self, dataset: Dataset) -> None:
         """A new run's starting weights: the family's pretrained weights, or those of `settings.weights`, then
@@ -122,7 +122,7 @@ class TrainState:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.settings.seed)
         height, width, _ = dataset.image_shape
-        count = max(1, min(INIT_SAMPLE, INIT_PIXELS // (height * width)))
+        count = images_within(INIT_PIXELS, height, width, most=INIT_SAMPLE)
         sample = torch.randperm(len(dataset.train), generator=generator)[:count].numpy()
         images = torch.from_numpy(dataset.train.images[sample]).to(self.ranks.device)
         self.spec.init_from_data(self.model, to_input(images, self.normalization))
