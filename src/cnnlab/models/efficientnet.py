@@ -21,7 +21,7 @@ from torch import nn
 
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
-from cnnlab.models.registry import InputShape, ModelSpec, register
+from cnnlab.models.registry import InputShape, ModelSpec, fitting_tensors, register
 
 # (expansion, kernel, stride, channels out, blocks) of each stage of EfficientNet-B0 / Lite0.
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
@@ -144,10 +144,8 @@ def load_imagenet_weights(model: nn.Module) -> None:
     state = torch.load(imagenet_weights(), map_location="cpu", weights_only=True)
     if model.stem[1].in_channels == 1:  # grayscale: the stem sees one channel where ImageNet had three
         state["_conv_stem.weight"] = state["_conv_stem.weight"].sum(dim=1, keepdim=True)
-    ours = model.state_dict()
-    renamed = {package_name(key): value for key, value in state.items()}
-    fitting = {key: value for key, value in renamed.items() if key in ours and ours[key].shape == value.shape}
-    missing = sorted(set(ours) - set(fitting) - {"classifier.weight", "classifier.bias"})
+    fitting, left = fitting_tensors(model, {package_name(key): value for key, value in state.items()})
+    missing = [name for name in left if name not in ("classifier.weight", "classifier.bias")]
     if missing:
         raise CnnlabError(f"the efficientnet-lite0 weights lack {len(missing)} tensors, first {missing[0]}")
     model.load_state_dict(fitting, strict=False)

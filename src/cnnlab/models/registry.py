@@ -104,5 +104,13 @@ def create_model(name: str, input_shape: InputShape, num_classes: int, seed: int
     return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]  # not in torch's stub
 
 
+def fitting_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors that fit the model by name and shape, and the model's names they leave out, sorted: the
+    caller judges those (a classifier of another size may be left) before loading the rest."""
+    ours = model.state_dict()
+    fitting = {name: tensor for name, tensor in tensors.items() if name in ours and ours[name].shape == tensor.shape}
+    return fitting, sorted(set(ours) - set(fitting))
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -29,6 +29,7 @@ from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.machine import DTYPES, Precision, synchronize
 from cnnlab.models import ModelInfo, ModelSpec, create_model, model_spec, parameter_count
 from cnnlab.models.files import package_version
+from cnnlab.models.registry import fitting_tensors
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, with_sync_bn
 from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule
@@ -293,13 +294,11 @@ def load_compatible_weights(model: nn.Module, path: Path) -> None:
     except (SafetensorError, OSError, ValueError) as error:
         message = f"{path}: not a readable safetensors file for train.weights ({error})"
         raise ConfigError(message, "train.weights") from None
-    ours = model.state_dict()
-    fitting = {name: tensor for name, tensor in weights.items() if name in ours and ours[name].shape == tensor.shape}
-    left = sorted(set(ours) - set(fitting))
+    fitting, left = fitting_tensors(model, weights)
     if len(left) > 2:  # at most a classifier's weight and bias may differ
         raise ConfigError(
-            f"{path}: its weights do not fit this model ({len(left)} of {len(ours)} tensors missing or of "
-            f"another shape, first {left[0]}); train.weights needs a file of the same architecture",
+            f"{path}: its weights do not fit this model ({len(left)} of {len(model.state_dict())} tensors missing "
+            f"or of another shape, first {left[0]}); train.weights needs a file of the same architecture",
             "train.weights",
         )
     model.load_state_dict(fitting, strict=False)
