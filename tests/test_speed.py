@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from cnnlab.bench import summarise
-from cnnlab.data.augment import alternating_flips, mirror, random_shifts, translate
-from cnnlab.data.transforms import channel_statistics
+from cnnlab.data.augment import alternating_flips, jittered, mirror, random_jitter, random_shifts, translate
+from cnnlab.data.transforms import channel_statistics, downscaled
+from cnnlab.errors import ConfigError
 from cnnlab.models import create_model, model_spec
 from cnnlab.models.fast import WHITEN_KERNEL
-from cnnlab.models.inference import tta_logits
+from cnnlab.models.inference import tta_logits, views
 from cnnlab.recipes import resolve_run_config
-from cnnlab.train import fit
-from cnnlab.train.optim import Muon, make_optimizer, make_schedule, orthogonalized
+from cnnlab.train import fit, loop
+from cnnlab.train.fit import check_settings
+from cnnlab.train.optim import Muon, make_optimizer, make_schedule, orthogonalized, resolution_at
 from cnnlab.train.progress import LineReporter
 
 
@@ -45,6 +47,16 @@ def test_mirror_flips_exactly_the_masked_images():
     out = mirror(batch, mask)
     for i, flipped in enumerate(mask.tolist()):
         assert torch.equal(out[i], batch[i].flip(1) if flipped else batch[i])
+
+
+def test_color_jitter_shifts_then_scales_each_image_within_its_range():
+    draws = random_jitter(1000, 0.15, torch.Generator().manual_seed(3))
+    assert torch.equal(draws, random_jitter(1000, 0.15, torch.Generator().manual_seed(3)))
+    shift, scale = draws.unbind(1)
+    assert shift.abs().max() <= 0.15 and (scale - 1).abs().max() <= 0.15 and shift.std() > 0.05
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2)
+    out = jittered(x.clone(), torch.tensor([[0.1, 1.2], [-0.2, 0.9]]))
+    torch.testing.assert_close(out, torch.stack([(x[0] + 0.1) * 1.2, (x[1] - 0.2) * 0.9]))
 
 
 def test_alternating_flips_show_every_image_both_ways_over_two_epochs():
@@ -78,6 +90,45 @@ def test_tta_is_the_weighted_mean_of_its_views():
         expected = mirrored(x) / 2 + (mirrored(padded[..., :16, :16]) + mirrored(padded[..., 2:, 2:])) / 4
         torch.testing.assert_close(tta_logits(model, x, "flip-translate"), expected)
         torch.testing.assert_close(tta_logits(model, x, "flip"), mirrored(x))
+
+
+def test_selective_tta_equals_full_tta_on_the_images_it_covers_and_the_plain_logits_elsewhere():
+    model = create_model("fast-small", (3, 16, 16), 10).eval()
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(x)
+        confidence = torch.softmax(plain, 1).amax(1)
+        below = confidence.median().item()  # half the images are less sure than this
+        one, delivered, viewed = views(model, x, "flip-translate", below)
+        full = tta_logits(model, x, "flip-translate")
+        traced = tta_logits(model, x, "flip-translate", below)  # what export computes: every view, then a choice
+    assert torch.equal(viewed, confidence < below) and 0 < viewed.sum() < len(x)
+    torch.testing.assert_close(one, plain)
+    torch.testing.assert_close(delivered[viewed], full[viewed])
+    assert torch.equal(delivered[~viewed], plain[~viewed])
+    torch.testing.assert_close(traced, delivered)
+    _, everything, all_viewed = views(model, x, "flip-translate", 1.0)
+    assert all_viewed.all()
+    torch.testing.assert_close(everything, full)
+
+
+def test_progressive_resizing_rises_from_the_low_size_to_full_size_in_steps_of_four_pixels():
+    config = resolve_run_config({"train": {"recipe": "fast70", "low_res": 16, "low_res_share": 0.5}}).train
+    sizes = [resolution_at(step, 100, config, (32, 32)) for step in range(100)]
+    sides = [height for height, _ in sizes]
+    assert sides[0] == 16 and all(side == 32 for side in sides[50:]) and sides == sorted(sides)
+    assert set(sides) == {16, 20, 24, 28, 32} and all(height == width for height, width in sizes)
+    assert resolution_at(0, 100, config, (32, 48)) == (16, 24)  # the shorter side; the aspect ratio kept
+    off = resolve_run_config({"train": {"recipe": "fast70", "low_res": 0}}).train
+    assert {resolution_at(step, 100, off, (32, 32)) for step in range(100)} == {(32, 32)}
+
+
+@pytest.mark.parametrize(
+    "wrong", [{"low_res": 4}, {"low_res": 16, "low_res_share": 0.0}, {"tta_below": 0.0}, {"tta_below": 1.5}]
+)
+def test_sizes_and_thresholds_that_cannot_work_are_refused_naming_their_keys(wrong):
+    with pytest.raises(ConfigError, match=f"train.{next(iter(wrong))}"):
+        check_settings(resolve_run_config({"train": {"recipe": "fast70", **wrong}}).train, world_size=1)
 
 
 def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
@@ -141,16 +192,20 @@ def test_channel_statistics_standardise_each_channel():
     assert norm.mean == pytest.approx((0.5,) * 3) and norm.std == pytest.approx((0.5,) * 3)
 
 
-def test_a_tiny_fast_run_on_digits_beats_90_percent(tmp_path):
+def test_a_tiny_fast_run_on_digits_beats_90_percent(tmp_path, monkeypatch):
     config = resolve_run_config(
         {
             "data": {"dataset": "digits"},
-            "train": {"recipe": "fast70", "epochs": 6, "batch_size": 128, "lr": 0.2},
+            "train": {"recipe": "fast70", "epochs": 6, "batch_size": 128, "lr": 0.2, "low_res": 12, "tta_below": 0.5},
             "out": str(tmp_path / "run"),
         }
     )
+    seen = []  # the input sizes the training steps see
+    monkeypatch.setattr(loop, "downscaled", lambda x, size: seen.append(size) or downscaled(x, size))
     result = fit(config, reporter=LineReporter())
+    assert seen[0] == (12, 12) and seen[-1] == (32, 32) and seen == sorted(seen)
     assert result.history[-1]["test_acc_tta"] > 0.90
+    assert 0 < result.history[-1]["test_tta_share"] < 1  # selective TTA: the less sure share of the test split
     first, last = result.history[0], result.history[-1]
     assert first["init_seconds"] > 0 and "init_seconds" not in last  # the whitening, timed once
     assert all(m["test_seconds"] > 0 for m in result.history)

@@ -97,7 +97,19 @@ class TrainConfig:
     crop_area: float = setting(
         1.0, "Random-resized crops: each image cut to a random share of its area from this up to 1, resized back."
     )
+    low_res: int = setting(
+        0, "Progressive resizing: the first steps see images downscaled to this many pixels (shorter side); 0: off."
+    )
+    low_res_share: float = setting(
+        0.5, "Progressive resizing: the share of the steps over which the size rises linearly to full, in 4 px steps."
+    )
+    color_jitter: float = setting(
+        0.0, "Random brightness shift (in standard deviations) and contrast scale (1 +/- this) per image, up to this."
+    )
     tta: Literal["none", "flip", "flip-translate"] = setting("none", "Test-time views averaged at evaluation.")
+    tta_below: float = setting(
+        1.0, "Selective TTA: only images whose plain top-class probability is below this get the views; 1: all."
+    )
     precision: Literal["auto", "fp32", "bf16"] = setting(
         "auto", "bf16 autocast for convolutions and matmuls; auto: bf16 where this machine has it natively."
     )

@@ -58,6 +58,7 @@ class Evaluation:
             "loss": self.loss,
             "balanced_accuracy": self.balanced_accuracy,
             "tta": self.scores.tta,
+            "tta_share": self.scores.tta_share,
             "plain_accuracy": self.scores.accuracy,
             "plain_loss": self.scores.loss,
             "images": len(self.labels),
@@ -73,7 +74,14 @@ def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cp
     device = torch.device(device)
     info = model.info
     scores, logits = score(
-        model.module, in_order(split.images), split.labels, info.norm, device, info.tta, info.bf16_on(device)
+        model.module,
+        in_order(split.images),
+        split.labels,
+        info.norm,
+        device,
+        info.tta,
+        info.bf16_on(device),
+        info.tta_below,
     )
     predicted = logits.delivered.argmax(1).numpy()
     indices = list(range(len(model.info.classes)))

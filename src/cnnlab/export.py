@@ -31,12 +31,12 @@ TOLERANCE = 1e-4  # max absolute difference of probabilities between onnxruntime
 class Probabilities(nn.Module):
     """The exported graph: the model with its test-time augmentation, then softmax."""
 
-    def __init__(self, model: nn.Module, tta: str):
+    def __init__(self, model: nn.Module, tta: str, tta_below: float):
         super().__init__()
-        self.model, self.tta = model, tta
+        self.model, self.tta, self.tta_below = model, tta, tta_below
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(tta_logits(self.model, x, self.tta), dim=1)  # (B, classes)
+        return torch.softmax(tta_logits(self.model, x, self.tta, self.tta_below), dim=1)  # (B, classes)
 
 
 @dataclass
@@ -59,7 +59,7 @@ def export_onnx(model: TrainedModel, out: Path, sample: Pixels) -> Verification:
     sample = np.asarray(sample)
     require("onnx", "export")
     require("onnxscript", "export")
-    module = Probabilities(model.module.float().cpu(), model.info.tta).eval()
+    module = Probabilities(model.module.float().cpu(), model.info.tta, model.info.tta_below).eval()
     example = to_input(torch.from_numpy(sample[:2]), model.info.norm)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -90,7 +90,7 @@ def verify(
 ) -> Verification:
     """The largest probability difference between onnxruntime and PyTorch (fp32) over `sample`."""
     session = OnnxModel(onnx_path)
-    module = Probabilities(model.module.float().cpu(), model.info.tta).eval()
+    module = Probabilities(model.module.float().cpu(), model.info.tta, model.info.tta_below).eval()
     worst = 0.0
     with torch.no_grad():
         for batch_size in batch_sizes:

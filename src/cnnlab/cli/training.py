@@ -61,7 +61,10 @@ def train(
         return
     final = result.model.info.metrics
     test = describe_accuracy(
-        final.get("test_acc_tta", float("nan")), final.get("test_acc", float("nan")), result.model.info.tta
+        final.get("test_acc_tta", float("nan")),
+        final.get("test_acc", float("nan")),
+        result.model.info.tta,
+        final.get("test_tta_share", 1.0),
     )
     console.print(f"run folder: {result.run_dir}  test {test}")
     if report:

@@ -50,6 +50,18 @@ def _reflect(positions: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
 
 
+def random_jitter(count: int, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """For each of `count` images, a brightness shift in [-strength, strength] (in the normalised input's units,
+    about standard deviations) and a contrast scale in [1 - strength, 1 + strength].  -> (count, 2) float32"""
+    return (torch.rand(count, 2, generator=generator) * 2 - 1) * strength + torch.tensor([0.0, 1.0])
+
+
+def jittered(x: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+    """Normalised (B, C, H, W) inputs shifted, then scaled, by each image's (shift, scale) from `jitter` (B, 2)."""
+    jitter = jitter.to(x.device, x.dtype).view(-1, 2, 1, 1, 1)
+    return x.add_(jitter[:, 0]).mul_(jitter[:, 1])
+
+
 # The range of aspect ratios (width / height) of a random-resized crop, as in Inception's training.
 CROP_RATIOS = (3 / 4, 4 / 3)
 

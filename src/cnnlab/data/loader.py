@@ -29,6 +29,7 @@ from cnnlab.data.augment import (
     mirror,
     random_crop_boxes,
     random_flips,
+    random_jitter,
     random_shifts,
     resized_crops,
     translate,
@@ -56,6 +57,7 @@ class Batch:
     labels: torch.Tensor  # (b,) int64
     count: int  # images of the global batch in this shard; 0: a one-image placeholder that must count for nothing
     size: int  # images in the global batch
+    jitter: torch.Tensor | None = None  # (b, 2): each image's brightness shift and contrast scale, after normalising
 
 
 class PixelSource(Protocol):
@@ -123,6 +125,7 @@ class TrainBatches:
         rank: int = 0,
         world_size: int = 1,
         crop_area: float = 1.0,
+        jitter: float = 0.0,
     ):
         self.source, self.batch_size, self.flip, self.max_shift = source, batch_size, flip, max_shift
         if not 0 < crop_area <= 1:
@@ -130,6 +133,7 @@ class TrainBatches:
                 f"train.crop_area is a share of the image's area, in (0, 1], not {crop_area}", "train.crop_area"
             )
         self.crop_area = crop_area  # random-resized crops of at least this share of the area; 1: none
+        self.jitter = jitter  # the largest brightness shift and contrast change; 0: none
         self.rank, self.world_size = rank, world_size
         self.size = len(split)
         self.steps_per_epoch = -(-self.size // batch_size)
@@ -162,13 +166,14 @@ class TrainBatches:
                 flip_mask = random_flips(len(batch), self.random)
             shifts = random_shifts(len(batch), self.max_shift, self.random) if self.max_shift else None
             boxes = random_crop_boxes(len(batch), self.crop_area, self.random) if self.crop_area < 1 else None
+            jitter = random_jitter(len(batch), self.jitter, self.random) if self.jitter else None
             if flip_mask is not None:
                 images = mirror(images, flip_mask[mine])
             if shifts is not None:
                 images = translate(images, shifts[mine])
             if boxes is not None:
                 images = resized_crops(images, boxes[mine])
-            yield step, Batch(images, labels, count, len(batch))
+            yield step, Batch(images, labels, count, len(batch), jitter[mine] if jitter is not None else None)
 
     def _share(self, size: int) -> tuple[slice, int]:
         """This process's slice of a global batch of `size`, and how many images it really holds."""

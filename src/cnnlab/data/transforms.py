@@ -45,6 +45,13 @@ def to_input(images: torch.Tensor, normalization: Normalization) -> torch.Tensor
     return x.mul_(scale)
 
 
+def downscaled(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) float inputs resized to `size` (height, width), bilinear, antialiased; as they are at full size."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 # Pixels read to estimate the normalisation statistics: all of CIFAR-10's train split (153 MB), a sample of
 # larger sets (about 1,700 images at 224 px), so that a dataset larger than memory is never read whole.
 STATISTICS_BYTES = 256 * 2**20

@@ -37,6 +37,7 @@ class ModelInfo:
     input_shape: list[int]  # [C, H, W]
     normalization: dict[str, list[float]]  # {"mean": [...], "std": [...]} after scaling to [0, 1]
     tta: str = "none"  # test-time augmentation used for evaluation and prediction
+    tta_below: float = 1.0  # selective TTA: the views only for images whose plain top probability is below this
     precision: str = "fp32"  # what training ran in; "bf16": inference under bf16 autocast where it is native
     metrics: dict[str, Any] = field(default_factory=dict)  # the final epoch's metrics
     config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
@@ -69,7 +70,7 @@ class TrainedModel:
         """(N, H, W, C) uint8 at the model's input format -> (N, classes), with the model's TTA."""
         device = next(self.module.parameters()).device
         bf16 = self.info.bf16_on(device)
-        logits = predict_logits(self.module, images, self.info.norm, device, self.info.tta, bf16)
+        logits = predict_logits(self.module, images, self.info.norm, device, self.info.tta, bf16, self.info.tta_below)
         return torch.softmax(logits, 1).numpy()
 
 

@@ -23,6 +23,12 @@ class Logits:
     plain: torch.Tensor  # (N, classes) float32 on the CPU: each image once
     delivered: torch.Tensor  # (N, classes): with the TTA views averaged (`plain` itself when tta is "none")
     tta: str
+    viewed: torch.Tensor  # (N,) bool: the images whose delivered logits average the TTA views
+
+    @classmethod
+    def seen_once(cls, logits: torch.Tensor) -> Logits:
+        """The logits of a model without test-time augmentation."""
+        return cls(logits, logits, "none", torch.zeros(len(logits), dtype=torch.bool))
 
 
 @dataclass(frozen=True)
@@ -32,28 +38,35 @@ class Scores:
     accuracy: float  # plain
     delivered_loss: float
     delivered_accuracy: float  # what the model answers with: with TTA when it has one
+    tta_share: float  # the share of images that got the TTA views (selective TTA: the less confident ones)
 
     @classmethod
     def of(cls, logits: Logits, labels: np.ndarray | torch.Tensor) -> Scores:
         targets = torch.as_tensor(labels)
         loss, accuracy = _loss_and_accuracy(logits.plain, targets)
         delivered = (loss, accuracy) if logits.tta == "none" else _loss_and_accuracy(logits.delivered, targets)
-        return cls(logits.tta, loss, accuracy, *delivered)
+        share = logits.viewed.float().mean().item() if len(logits.viewed) else 0.0
+        return cls(logits.tta, loss, accuracy, *delivered, share)
 
     def metrics(self, split: str) -> dict[str, float]:
-        """Log entries: `<split>_loss`, `<split>_acc` (plain) and, with TTA, `<split>_acc_tta` (delivered)."""
+        """Log entries: `<split>_loss`, `<split>_acc` (plain) and, with TTA, `<split>_acc_tta` (delivered) and
+        `<split>_tta_share` (the share of images it viewed)."""
         entries = {f"{split}_loss": self.loss, f"{split}_acc": self.accuracy}
-        return entries | ({f"{split}_acc_tta": self.delivered_accuracy} if self.tta != "none" else {})
+        if self.tta == "none":
+            return entries
+        return entries | {f"{split}_acc_tta": self.delivered_accuracy, f"{split}_tta_share": self.tta_share}
 
     def describe(self) -> str:
-        return describe_accuracy(self.delivered_accuracy, self.accuracy, self.tta)
+        return describe_accuracy(self.delivered_accuracy, self.accuracy, self.tta, self.tta_share)
 
 
-def describe_accuracy(delivered: float, plain: float, tta: str) -> str:
-    """ "accuracy 0.9412 (with flip-translate TTA; 0.9310 without)": the delivered accuracy, labelled."""
+def describe_accuracy(delivered: float, plain: float, tta: str, tta_share: float = 1.0) -> str:
+    """ "accuracy 0.9412 (with flip-translate TTA; 0.9310 without)": the delivered accuracy, labelled; selective
+    TTA says on what share of the images: "(with flip TTA on the 25% least sure; ...)"."""
     if tta == "none":
         return f"accuracy {plain:.4f}"
-    return f"accuracy {delivered:.4f} (with {tta} TTA; {plain:.4f} without)"
+    covered = "" if tta_share == 1 else f" on the {tta_share:.0%} least sure"
+    return f"accuracy {delivered:.4f} (with {tta} TTA{covered}; {plain:.4f} without)"
 
 
 def _loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
@@ -70,22 +83,25 @@ def predict(
     device: torch.device,
     tta: str = "none",
     bf16: bool = False,
+    tta_below: float = 1.0,
 ) -> Logits:
-    """Logits of (b, H, W, C) uint8 batches, in eval mode; both plain and delivered from one pass of views."""
+    """Logits of (b, H, W, C) uint8 batches, in eval mode; both plain and delivered from one pass of views.
+    With `tta_below` < 1 only the images whose plain top-class probability is below it get the TTA views."""
     was_training = model.training
     model.eval()
-    plain, delivered = [], []
+    plain, delivered, viewed = [], [], []
     try:
         for batch in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                one, averaged = views(model, to_input(batch.to(device), normalization), tta)
+                one, averaged, doubtful = views(model, to_input(batch.to(device), normalization), tta, tta_below)
             plain.append(one.float().cpu())
             delivered.append(averaged.float().cpu())
+            viewed.append(doubtful.cpu())
     finally:
         model.train(was_training)
     if not plain:
-        return Logits(torch.empty(0), torch.empty(0), tta)
-    return Logits(torch.cat(plain), torch.cat(delivered) if tta != "none" else torch.cat(plain), tta)
+        return Logits(torch.empty(0), torch.empty(0), tta, torch.zeros(0, dtype=torch.bool))
+    return Logits(torch.cat(plain), torch.cat(delivered), tta, torch.cat(viewed))
 
 
 def evaluate(
@@ -96,9 +112,10 @@ def evaluate(
     device: torch.device,
     tta: str = "none",
     bf16: bool = False,
+    tta_below: float = 1.0,
 ) -> tuple[Scores, Logits]:
     """Plain and delivered scores of `model` on `batches` whose true classes are `labels`, and its logits."""
-    logits = predict(model, batches, normalization, device, tta, bf16)
+    logits = predict(model, batches, normalization, device, tta, bf16, tta_below)
     return Scores.of(logits, labels), logits
 
 
@@ -109,23 +126,42 @@ def predict_logits(
     device: torch.device,
     tta: str = "none",
     bf16: bool = False,
+    tta_below: float = 1.0,
 ) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, classes) float32 delivered logits on the CPU."""
-    return predict(model, in_order(images), normalization, device, tta, bf16).delivered
+    return predict(model, in_order(images), normalization, device, tta, bf16, tta_below).delivered
 
 
-def views(model: nn.Module, x: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of (B, C, H, W) inputs seen once, and averaged over the test-time views `tta` names.
+def views(
+    model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of (B, C, H, W) inputs seen once, the delivered logits, and which images got the test-time views.
+
+    The delivered logits average the views `tta` names for the images whose plain top-class probability is
+    below `below` (all of them at 1), and are the plain logits for the rest: selective TTA spends its extra
+    forward passes on the images the model is unsure of. Each image's answer depends on it alone.
+    """
+    plain: torch.Tensor = model(x)
+    if tta == "none":
+        return plain, plain, torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    doubtful = torch.softmax(plain.float(), 1).amax(1) < below if below < 1 else torch.ones_like(plain[:, 0]).bool()
+    if bool(doubtful.all()):
+        return plain, averaged_views(model, x, plain, tta), doubtful
+    delivered = plain.clone()
+    if bool(doubtful.any()):
+        delivered[doubtful] = averaged_views(model, x[doubtful], plain[doubtful], tta).to(plain.dtype)
+    return plain, delivered, doubtful
+
+
+def averaged_views(model: nn.Module, x: torch.Tensor, plain: torch.Tensor, tta: str) -> torch.Tensor:
+    """The logits of (B, C, H, W) inputs averaged over the test-time views `tta` names; `plain` is model(x).
 
     "flip": the image and its mirror, equally weighted. "flip-translate": half on the flip pair, a
     quarter each on the flip pairs of the image shifted one pixel up-left and down-right (reflected).
     """
-    plain: torch.Tensor = model(x)
-    if tta == "none":
-        return plain, plain
-    pair = 0.5 * (plain + model(x.flip(-1)))
+    pair: torch.Tensor = 0.5 * (plain + model(x.flip(-1)))
     if tta == "flip":
-        return plain, pair
+        return pair
 
     def mirrored(shifted: torch.Tensor) -> torch.Tensor:
         seen: torch.Tensor = model(shifted)
@@ -135,10 +171,17 @@ def views(model: nn.Module, x: torch.Tensor, tta: str) -> tuple[torch.Tensor, to
     height, width = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H+2, W+2)
     up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
-    return plain, 0.5 * pair + 0.25 * (mirrored(up_left) + mirrored(down_right))
+    return 0.5 * pair + 0.25 * (mirrored(up_left) + mirrored(down_right))
 
 
-def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """The delivered logits of (B, C, H, W) inputs: what export and serving answer with."""
-    _, delivered = views(model, x, tta)
-    return delivered
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0) -> torch.Tensor:
+    """The delivered logits of (B, C, H, W) inputs, as `views` gives them, without data-dependent shapes: every
+    view of every image is computed and the plain logits kept where the model is sure. What export traces."""
+    plain: torch.Tensor = model(x)
+    if tta == "none":
+        return plain
+    averaged = averaged_views(model, x, plain, tta)
+    if below >= 1:
+        return averaged
+    sure = torch.softmax(plain, 1).amax(1, keepdim=True) >= below  # (B, 1)
+    return torch.where(sure, plain, averaged)

@@ -128,6 +128,7 @@ def describe(info: ModelInfo) -> dict[str, Any]:
         "test_accuracy": info.metrics.get("test_acc_tta", info.metrics.get("test_acc")),
         "test_accuracy_without_tta": info.metrics.get("test_acc"),
         "tta": info.tta,
+        "tta_below": info.tta_below,  # selective TTA: the views only for images less sure than this
     }
 
 

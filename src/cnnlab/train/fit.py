@@ -13,12 +13,12 @@ from typing import Any
 from rich.console import Console
 
 from cnnlab.atomic import WriteError
-from cnnlab.config import RunConfig
+from cnnlab.config import RunConfig, TrainConfig
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.data.cache import cache_root
 from cnnlab.errors import CnnlabError, ConfigError, first_line
 from cnnlab.machine import Precision, resolve_device, resolve_precision, this_machine
-from cnnlab.models import TrainedModel, save_model
+from cnnlab.models import TrainedModel, model_spec, save_model
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_contact, restarted_by_torchrun
 from cnnlab.train.head import fine_tune
@@ -93,18 +93,7 @@ def _train(
     """Train what is left of the run; a write failure or a lost process ends it with one line that says
     which checkpoint is intact."""
     settings = config.train
-    if settings.batch_size < ranks.world_size or settings.epochs < 0:
-        raise ConfigError(
-            f"train.batch_size (the global batch) must be at least the number of processes ({ranks.world_size}), "
-            "and train.epochs at least 0",
-            "train.batch_size",
-            "train.epochs",
-        )
-    if settings.unfreeze_epochs and not settings.head_only:
-        raise ConfigError(
-            "train.unfreeze_epochs follows head-only training; set train.head_only (the finetune recipe does)",
-            "train.unfreeze_epochs",
-        )
+    check_settings(settings, ranks.world_size)
     reporter = reporter if ranks.is_main else LineReporter(Console(quiet=True))
     keep_freed_memory()
     state = TrainState(settings, precision, dataset, ranks, cache_root(config.data.cache_dir))
@@ -141,3 +130,32 @@ def _train(
         reporter.stop()
     trained = TrainedModel(state.model.eval(), info)
     return TrainingResult(trained, state.history, run_dir.path, dataset, ranks.is_main)
+
+
+def check_settings(settings: TrainConfig, world_size: int) -> None:
+    """Refuse, in one line naming the keys, settings that cannot train."""
+    if settings.batch_size < world_size or settings.epochs < 0:
+        raise ConfigError(
+            f"train.batch_size (the global batch) must be at least the number of processes ({world_size}), "
+            "and train.epochs at least 0",
+            "train.batch_size",
+            "train.epochs",
+        )
+    if settings.unfreeze_epochs and not settings.head_only:
+        raise ConfigError(
+            "train.unfreeze_epochs follows head-only training; set train.head_only (the finetune recipe does)",
+            "train.unfreeze_epochs",
+        )
+    smallest = model_spec(settings.model).min_input_size
+    if settings.low_res and (settings.low_res < smallest or not 0 < settings.low_res_share <= 1):
+        raise ConfigError(
+            f"train.low_res must be at least {settings.model}'s smallest input ({smallest} px), and "
+            f"train.low_res_share in (0, 1]; got {settings.low_res} px and {settings.low_res_share}",
+            "train.low_res",
+            "train.low_res_share",
+        )
+    if not 0 < settings.tta_below <= 1:
+        raise ConfigError(
+            f"train.tta_below is a probability in (0, 1] (1: every image gets the TTA views), not {settings.tta_below}",
+            "train.tta_below",
+        )

@@ -102,6 +102,6 @@ def _epoch(
         for name in ("val", "test"):
             if name in cached:
                 logits = head(cached[name]).float().cpu()
-                metrics |= Scores.of(Logits(logits, logits, "none"), labels[name].cpu()).metrics(name)
+                metrics |= Scores.of(Logits.seen_once(logits), labels[name].cpu()).metrics(name)
     lr = state.optimizer.param_groups[0]["lr"]
     return metrics | {"lr": lr, "seconds": seconds, "images_per_s": seen / seconds, "precision": state.precision}

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.data import Dataset
+from cnnlab.data.augment import jittered
 from cnnlab.data.loader import Batch, in_order
-from cnnlab.data.transforms import to_input
+from cnnlab.data.transforms import downscaled, to_input
 from cnnlab.machine import synchronize
 from cnnlab.models.inference import Logits, Scores, predict
-from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay
+from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay, resolution_at
 from cnnlab.train.progress import Reporter
 from cnnlab.train.signals import StopOnSignal, TrainingStopped
 from cnnlab.train.state import NonFiniteLoss, PartialEpoch, Recorder, TrainState
@@ -99,11 +100,17 @@ class EarlyStopping:
         reporter.message(f"kept epoch {epoch}, the best validation loss ({loss:.4f})")
 
 
-def train_step(state: TrainState, forward: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on this process's shard of a global batch; returns its summed loss and its logits."""
+def train_step(
+    state: TrainState, forward: nn.Module, batch: Batch, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this process's shard of a global batch, its images seen at `size` (height, width);
+    returns its summed loss and its logits."""
     settings = state.settings
     with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
-        logits = forward(to_input(batch.images, state.normalization))
+        x = to_input(batch.images, state.normalization)
+        if batch.jitter is not None:
+            x = jittered(x, batch.jitter)
+        logits = forward(downscaled(x, size))
         summed = F.cross_entropy(
             logits.float(),
             batch.labels,
@@ -144,8 +151,9 @@ def train_epoch(
     started = time.perf_counter() - progress.seconds
     steps = state.steps_in_epoch(epoch)
     for step, batch in state.batches.epoch(epoch, steps, done=progress.step):
+        size = resolution_at(state.global_step(epoch, step) - 1, state.total_steps, state.settings, state.image_size)
         try:
-            summed, logits = train_step(state, forward, batch)
+            summed, logits = train_step(state, forward, batch, size)
         except NonFiniteLoss:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept") from None
         average_weights(state, epoch, state.global_step(epoch, step))
@@ -196,11 +204,15 @@ def evaluate_splits(state: TrainState, dataset: Dataset) -> dict[str, float]:
         started = time.perf_counter()
         mine = state.ranks.shard(len(split))
         images = in_order(split.images[mine])
-        shard = predict(state.model, images, state.normalization, state.ranks.device, state.settings.tta, state.bf16)
+        settings = state.settings
+        shard = predict(
+            state.model, images, state.normalization, state.ranks.device, settings.tta, state.bf16, settings.tta_below
+        )
         gathered = Logits(
             state.ranks.gather_rows(shard.plain, len(split)),
             state.ranks.gather_rows(shard.delivered, len(split)),
             shard.tta,
+            state.ranks.gather_rows(shard.viewed, len(split)),
         )
         metrics |= Scores.of(gathered, split.labels).metrics(name)
         synchronize(state.ranks.device)

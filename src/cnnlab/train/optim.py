@@ -144,6 +144,25 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
 
 
+RESOLUTION_STEP = 4  # progressive resizing grows the shorter side in steps of this many pixels
+
+
+def resolution_at(step: int, total_steps: int, config: TrainConfig, full: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) a training step sees: with `config.low_res`, the shorter side rises linearly from it
+    at the first step to full size at `low_res_share` of the steps, rounded down to RESOLUTION_STEP pixels (so
+    that few shapes are compiled); the longer side keeps the aspect ratio."""
+    height, width = full
+    shorter = min(height, width)
+    if not config.low_res or config.low_res >= shorter:
+        return full
+    progress = min(1.0, step / max(1.0, config.low_res_share * total_steps))
+    side = config.low_res + (shorter - config.low_res) * progress
+    side = max(config.low_res, int(side) // RESOLUTION_STEP * RESOLUTION_STEP)
+    if side >= shorter:
+        return full
+    return round(height * side / shorter), round(width * side / shorter)
+
+
 class Lookahead:
     """An exponential moving average of the weights (and BatchNorm statistics) that is copied back into
     the network each time it is updated: the network keeps exploring from the averaged point."""

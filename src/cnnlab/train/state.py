@@ -65,6 +65,7 @@ class TrainState:
         self.spec = model_spec(settings.model)
         height, width, channels = dataset.image_shape
         self.input_shape = (channels, height, width)
+        self.image_size = (height, width)
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
         warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
         self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
@@ -95,6 +96,7 @@ class TrainState:
             ranks.rank,
             ranks.world_size,
             settings.crop_area,
+            settings.color_jitter,
         )
         # The epochs of the phase in training: all of them, or after head_only, those of the unfreeze phase.
         self.first_epoch, self.phase_epochs = 1, settings.epochs
@@ -220,6 +222,7 @@ class TrainState:
             input_shape=list(self.input_shape),
             normalization={"mean": list(normalization.mean), "std": list(normalization.std)},
             tta=config.train.tta,
+            tta_below=config.train.tta_below,
             precision=self.precision,
             metrics=self.kept_metrics(),
             config=dataclasses.asdict(config),
