@@ -124,7 +124,8 @@ def test_train_and_evaluate_report_the_same_delivered_accuracy(tmp_path):
     trained = invoke("train", "--recipe", "fast70", *args, "-q", "--no-report")
     assert trained.exit_code == 0, trained.output
     line = trained.output.split("test accuracy ")[1].split(")")[0] + ")"
-    assert "with flip-translate TTA;" in line and "without" in line
+    assert "with flip TTA" in line and "without" in line
     evaluated = json.loads(invoke("evaluate", run, "--json").output)
-    assert f"{evaluated['accuracy']:.4f} (with flip-translate TTA; {evaluated['plain_accuracy']:.4f} without)" == line
+    share = "" if evaluated["tta_share"] == 1 else f" on the {evaluated['tta_share']:.0%} least sure"
+    assert f"{evaluated['accuracy']:.4f} (with flip TTA{share}; {evaluated['plain_accuracy']:.4f} without)" == line
     assert f"test accuracy {line}" in invoke("evaluate", run).output

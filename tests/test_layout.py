@@ -276,7 +276,7 @@ def test_a_bare_model_on_the_command_line_trains_with_its_family_recipe(tmp_path
                                       "--out", str(run), "-q", "--no-report"])  # fmt: skip
     assert result.exit_code == 0, result.output
     config = RunDir(run).read_config().train
-    assert (config.recipe, config.optimizer, config.tta) == ("fast70", "sgd", "flip-translate")
+    assert (config.recipe, config.optimizer, config.tta, config.low_res) == ("fast70", "sgd", "flip", 20)
 
 
 def test_importing_and_reporting_never_picks_a_matplotlib_backend(trained_run):
