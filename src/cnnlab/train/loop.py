@@ -20,6 +20,7 @@ from cnnlab.machine import synchronize
 from cnnlab.models.inference import Logits, Scores, predict
 from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay, resolution_at
 from cnnlab.train.progress import Reporter
+from cnnlab.train.runtime import release_freed_memory
 from cnnlab.train.signals import StopOnSignal, TrainingStopped
 from cnnlab.train.state import NonFiniteLoss, PartialEpoch, Recorder, TrainState
 
@@ -152,6 +153,10 @@ def train_epoch(
     steps = state.steps_in_epoch(epoch)
     for step, batch in state.batches.epoch(epoch, steps, done=progress.step):
         size = resolution_at(state.global_step(epoch, step) - 1, state.total_steps, state.settings, state.image_size)
+        if size != state.step_size:
+            if state.step_size is not None:
+                release_freed_memory()
+            state.step_size = size
         try:
             summed, logits = train_step(state, forward, batch, size)
         except NonFiniteLoss:
@@ -198,6 +203,8 @@ def evaluate_splits(state: TrainState, dataset: Dataset) -> dict[str, float]:
     """Validation and test scores, plain and with the recipe's TTA (each process scores its shard), and the
     seconds the test split's predictions took: what delivering the accuracy costs after training."""
     metrics: dict[str, float] = {}
+    if state.settings.low_res:  # evaluation's shapes differ from training's: the kept heap would not fit them
+        release_freed_memory()
     for name, split in (("val", dataset.val), ("test", dataset.test)):
         if split is None:
             continue

@@ -12,6 +12,17 @@ _M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+@functools.cache
 def keep_freed_memory() -> bool:
     """Stop glibc from handing large freed blocks back to the OS after every training step.
 
@@ -20,12 +31,16 @@ def keep_freed_memory() -> bool:
     tutorial MLP (a 37 MB first-layer gradient) a third of its step time and the tutorial CNN about 20%.
     Raising both thresholds lets freed memory be reused. Returns False where there is no glibc.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim). For when the sizes a run allocates
+    change, as progressive resizing's do: the blocks kept for the old sizes fit the new ones badly. Kept beside
+    them, they raised a fast90 run's peak RSS from 3.0 GB (full size throughout) to 4.1 GB."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)

@@ -66,6 +66,7 @@ class TrainState:
         height, width, channels = dataset.image_shape
         self.input_shape = (channels, height, width)
         self.image_size = (height, width)
+        self.step_size: tuple[int, int] | None = None  # the (height, width) the last training step saw
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
         warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
         self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
