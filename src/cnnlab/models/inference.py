@@ -144,7 +144,7 @@ def views(
     plain: torch.Tensor = model(x)
     if tta == "none":
         return plain, plain, torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    doubtful = torch.softmax(plain.float(), 1).amax(1) < below if below < 1 else torch.ones_like(plain[:, 0]).bool()
+    doubtful = unsure(plain, below)
     if bool(doubtful.all()):
         return plain, averaged_views(model, x, plain, tta), doubtful
     delivered = plain.clone()
@@ -183,5 +183,11 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0) 
     averaged = averaged_views(model, x, plain, tta)
     if below >= 1:
         return averaged
-    sure = torch.softmax(plain, 1).amax(1, keepdim=True) >= below  # (B, 1)
-    return torch.where(sure, plain, averaged)
+    return torch.where(unsure(plain, below)[:, None], averaged, plain)
+
+
+def unsure(plain: torch.Tensor, below: float) -> torch.Tensor:
+    """(B,) bool: the images whose plain top-class probability is below `below` (all of them at 1)."""
+    if below >= 1:
+        return torch.ones(len(plain), dtype=torch.bool, device=plain.device)
+    return torch.softmax(plain.float(), 1).amax(1) < below
