@@ -18,7 +18,7 @@ from cnnlab.data.loader import Batch, in_order
 from cnnlab.data.transforms import downscaled, to_input
 from cnnlab.machine import synchronize
 from cnnlab.models.inference import Logits, Scores, predict
-from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay, resolution_at
+from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay
 from cnnlab.train.progress import Reporter
 from cnnlab.train.runtime import release_freed_memory
 from cnnlab.train.signals import StopOnSignal, TrainingStopped
@@ -152,11 +152,10 @@ def train_epoch(
     started = time.perf_counter() - progress.seconds
     steps = state.steps_in_epoch(epoch)
     for step, batch in state.batches.epoch(epoch, steps, done=progress.step):
-        size = resolution_at(state.global_step(epoch, step) - 1, state.total_steps, state.settings, state.image_size)
-        if size != state.step_size:
-            if state.step_size is not None:
-                release_freed_memory()
-            state.step_size = size
+        global_step = state.global_step(epoch, step)
+        size = state.input_size_at(global_step)
+        if global_step > 1 and size != state.input_size_at(global_step - 1):
+            release_freed_memory()  # the heap kept for the last size fits this one badly
         try:
             summed, logits = train_step(state, forward, batch, size)
         except NonFiniteLoss:

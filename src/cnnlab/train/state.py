@@ -32,7 +32,7 @@ from cnnlab.models.files import package_version
 from cnnlab.models.registry import fitting_tensors
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, with_sync_bn
-from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule
+from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule, resolution_at
 
 log = logging.getLogger("cnnlab")
 # At most, for a family's data-dependent initialisation: images, and their H x W summed (5,000 CIFAR images;
@@ -65,8 +65,6 @@ class TrainState:
         self.spec = model_spec(settings.model)
         height, width, channels = dataset.image_shape
         self.input_shape = (channels, height, width)
-        self.image_size = (height, width)
-        self.step_size: tuple[int, int] | None = None  # the (height, width) the last training step saw
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
         warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
         self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
@@ -153,6 +151,11 @@ class TrainState:
     def global_step(self, epoch: int, step: int) -> int:
         """Steps into the phase in training."""
         return (epoch - self.first_epoch) * self.batches.steps_per_epoch + step
+
+    def input_size_at(self, global_step: int) -> tuple[int, int]:
+        """The (height, width) that step `global_step` (1-based, into the phase) sees: smaller early with low_res."""
+        _, height, width = self.input_shape
+        return resolution_at(global_step - 1, self.total_steps, self.settings, (height, width))
 
     def steps_in_epoch(self, epoch: int) -> int:
         """All steps of an epoch, or fewer in a fractional last epoch."""
