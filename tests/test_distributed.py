@@ -91,8 +91,10 @@ def test_two_processes_end_identical_and_match_one_process(one_process, tmp_path
 
 
 def test_a_fast_recipe_trains_data_parallel_with_its_whitening_and_batchnorm_in_step(tmp_path):
-    # The whitening bias learns for one epoch and then freezes: DDP is rebuilt around the new set.
-    train = {"recipe": "fast90", "model": "fast-tiny", "batch_size": 64, "epochs": 2, "whiten_bias_epochs": 1}
+    # The whitening bias learns for one epoch and then freezes: DDP is rebuilt around the new set. Selection
+    # ranks the third epoch's images by losses gathered from both processes.
+    train = {"recipe": "fast90", "model": "fast-tiny", "batch_size": 64, "epochs": 3, "whiten_bias_epochs": 1}
+    train |= {"select_share": 0.6}
     ranks = probe(tmp_path, 2, train)
     assert all(torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]) for key in ranks[0]["state"])
     assert ranks[0]["history"][-1]["test_acc_tta"] > 0.5

@@ -151,6 +151,62 @@ def test_a_loader_restored_mid_epoch_continues_with_the_same_batches():
     assert same(epoch_batches(restored, 2, done=2), expected[2:])
 
 
+def test_selection_trains_on_the_unseen_first_then_on_the_highest_last_losses():
+    split = pixels(40)
+    selecting = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, select_share=0.5)
+    assert selecting.steps_per_epoch == 3  # 20 images a selected epoch, in batches of 8
+
+    def trained_on(epoch: int, losses: torch.Tensor) -> torch.Tensor:
+        """The images of `epoch`, each recorded with its `losses` entry as the loss its step gave it."""
+        seen = []
+        for _, batch in selecting.epoch(epoch, selecting.steps_per_epoch):
+            selecting.record_losses(batch.indices, losses[batch.indices])
+            seen.append(batch.indices)
+        return torch.cat(seen)
+
+    losses = torch.rand(40, generator=torch.Generator().manual_seed(1))
+    first = trained_on(1, losses)
+    second = trained_on(2, losses)
+    assert len(first) == len(second) == 20 and set(first.tolist()) | set(second.tolist()) == set(range(40))
+    third = trained_on(3, torch.zeros(40))  # then the 20 highest losses, recorded as 0 this time
+    assert set(third.tolist()) == set(losses.topk(20).indices.tolist())
+    fourth = trained_on(4, losses)  # so that the other 20 rank above them now
+    assert set(fourth.tolist()) == set(range(40)) - set(third.tolist())
+    # the whole split, as without selection, draws the same batches from the same generator
+    everything = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, select_share=1.0)
+    plain = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3)
+    assert same(epoch_batches(everything, 1), epoch_batches(plain, 1))
+
+
+def test_a_selecting_loader_restored_mid_epoch_continues_with_the_same_batches():
+    split = pixels(40)
+
+    def selecting() -> TrainBatches:
+        return TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, max_shift=2, select_share=0.6)
+
+    def epoch(batches: TrainBatches, number: int, done: int = 0) -> list[torch.Tensor]:
+        seen = []
+        for _, batch in batches.epoch(number, batches.steps_per_epoch, done):
+            batches.record_losses(batch.indices, batch.images.float().mean((1, 2, 3)))  # a loss for each image
+            seen.append(torch.cat([batch.indices, batch.images.flatten()]))
+        return seen
+
+    uninterrupted = selecting()
+    epoch(uninterrupted, 1)
+    expected = epoch(uninterrupted, 2)
+    interrupted = selecting()
+    epoch(interrupted, 1)
+    steps = interrupted.epoch(2, interrupted.steps_per_epoch)
+    for _ in range(2):  # two steps of epoch 2, their losses recorded, then a checkpoint
+        _, batch = next(steps)
+        interrupted.record_losses(batch.indices, batch.images.float().mean((1, 2, 3)))
+    restored = selecting()
+    restored.load_state_dict(interrupted.state_dict())
+    resumed = epoch(restored, 2, done=2)
+    assert len(resumed) == len(expected) - 2 and all(map(torch.equal, resumed, expected[2:]))
+    assert torch.equal(restored.last_loss, uninterrupted.last_loss)
+
+
 def test_training_from_the_memmap_gives_the_same_weights(tmp_path):
     def trained(loader_kind: str) -> dict[str, torch.Tensor]:
         train = {"recipe": "fast70", "batch_size": 256, "epochs": 1, "loader": loader_kind}

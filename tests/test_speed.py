@@ -124,7 +124,11 @@ def test_progressive_resizing_rises_from_the_low_size_to_full_size_in_steps_of_f
 
 
 @pytest.mark.parametrize(
-    "wrong", [{"low_res": 4}, {"low_res": 16, "low_res_share": 0.0}, {"tta_below": 0.0}, {"tta_below": 1.5}]
+    "wrong",
+    [
+        *({"low_res": 4}, {"low_res": 16, "low_res_share": 0.0}, {"tta_below": 0.0}, {"tta_below": 1.5}),
+        *({"select_share": 0.0}, {"select_share": 1.5}, {"select_share": 0.5, "head_only": True}),
+    ],
 )
 def test_sizes_and_thresholds_that_cannot_work_are_refused_naming_their_keys(wrong):
     with pytest.raises(ConfigError, match=f"train.{next(iter(wrong))}"):

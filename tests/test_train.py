@@ -115,10 +115,10 @@ class InterruptAfter(LineReporter):
         {"model": "tutorial-cnn"},
         {"model": "tutorial-mlp"},
         # the SGD speed-run recipe with every piece of state: schedule, lookahead (from epoch 4), bf16, augmentation
-        # (color jitter too), and sizes rising over all five epochs, 9 px to 12
+        # (color jitter too), sizes rising over all five epochs, 9 px to 12, and hard-example selection
         {
             **{"recipe": "airbench94", "model": "fast-tiny", "batch_size": 256, "whiten_bias_epochs": 1},
-            **{"color_jitter": 0.1, "low_res": 9, "low_res_share": 1.0, "tta_below": 0.5},
+            **{"color_jitter": 0.1, "low_res": 9, "low_res_share": 1.0, "tta_below": 0.5, "select_share": 0.6},
         },
     ],
     ids=["tutorial-cnn", "tutorial-mlp", "fast"],

@@ -103,6 +103,11 @@ class TrainConfig:
     low_res_share: float = setting(
         0.5, "Progressive resizing: the share of the steps over which the size rises linearly to full, in 4 px steps."
     )
+    select_share: float = setting(
+        1.0,
+        "Hard-example selection: each epoch trains on this share of the train split, the images with the highest "
+        "loss when last trained on (unseen ones first); 1: all.",
+    )
     color_jitter: float = setting(
         0.0, "Random brightness shift (in standard deviations) and contrast scale (1 +/- this) per image, up to this."
     )

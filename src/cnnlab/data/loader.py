@@ -13,6 +13,7 @@ while the current one trains.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +59,7 @@ class Batch:
     count: int  # images of the global batch in this shard; 0: a one-image placeholder that must count for nothing
     size: int  # images in the global batch
     jitter: torch.Tensor | None = None  # (b, 2): each image's brightness shift and contrast scale, after normalising
+    indices: torch.Tensor | None = None  # (size,) the global batch's train-split indices, in rank order
 
 
 class PixelSource(Protocol):
@@ -126,6 +128,7 @@ class TrainBatches:
         world_size: int = 1,
         crop_area: float = 1.0,
         jitter: float = 0.0,
+        select_share: float = 1.0,
     ):
         self.source, self.batch_size, self.flip, self.max_shift = source, batch_size, flip, max_shift
         if not 0 < crop_area <= 1:
@@ -136,7 +139,12 @@ class TrainBatches:
         self.jitter = jitter  # the largest brightness shift and contrast change; 0: none
         self.rank, self.world_size = rank, world_size
         self.size = len(split)
-        self.steps_per_epoch = -(-self.size // batch_size)
+        # Hard-example selection: an epoch trains on the `selected` images with the highest loss when last
+        # trained on (+inf: never yet), so that the unseen come first and the rest by how badly they were fitted.
+        self.selected = max(1, math.ceil(self.size * select_share))
+        self.last_loss = torch.full((self.size,), math.inf) if self.selecting else None
+        self.order: torch.Tensor | None = None  # a selecting epoch's order: the losses it was drawn from change
+        self.steps_per_epoch = -(-self.selected // batch_size)
         self.random = torch.Generator().manual_seed(seed + 1)  # data order and augmentation
         # A fixed random half of the images, mirrored on odd epochs (the other half on even ones).
         self.flip_half = torch.rand(self.size, generator=torch.Generator().manual_seed(seed + 2)) < 0.5
@@ -144,17 +152,20 @@ class TrainBatches:
 
     def epoch(self, epoch: int, steps: int, done: int = 0) -> Iterator[tuple[int, Batch]]:
         """Steps done+1 .. `steps` of `epoch` (1-based). With `done` > 0 this continues the epoch that a
-        checkpoint stopped in: the permutation is redrawn from `order_state`, the draws go on from `random`."""
-        if done:
+        checkpoint stopped in: the permutation is redrawn from `order_state` (a selecting epoch's order is kept
+        whole, as the losses it was selected by have changed since), the draws go on from `random`."""
+        if done and self.order is not None:
+            order = self.order
+        elif done:
             current = self.random.get_state()
             self.random.set_state(self.order_state)
             order = torch.randperm(self.size, generator=self.random)
             self.random.set_state(current)
         else:
             self.order_state = self.random.get_state()
-            order = torch.randperm(self.size, generator=self.random)
+            order = self._selected(torch.randperm(self.size, generator=self.random))
         flips = alternating_flips(self.flip_half, epoch) if self.flip == "alternating" else None
-        batches = [order[start : start + self.batch_size] for start in range(0, self.size, self.batch_size)]
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         shares = [self._share(len(batch)) for batch in batches[done:steps]]
         pixels = self.source.stream([batch[mine] for batch, (mine, _) in zip(batches[done:steps], shares, strict=True)])
         for step, batch, (mine, count), (images, labels) in zip(
@@ -173,7 +184,28 @@ class TrainBatches:
                 images = translate(images, shifts[mine])
             if boxes is not None:
                 images = resized_crops(images, boxes[mine])
-            yield step, Batch(images, labels, count, len(batch), jitter[mine] if jitter is not None else None)
+            jittered = jitter[mine] if jitter is not None else None
+            yield step, Batch(images, labels, count, len(batch), jittered, batch if self.selecting else None)
+
+    @property
+    def selecting(self) -> bool:
+        return self.selected < self.size
+
+    def _selected(self, order: torch.Tensor) -> torch.Tensor:
+        """The images of `order` (a permutation) that this epoch trains on, in that order: all of them, or with
+        selection the `selected` highest last losses, ties (the unseen) broken by `order`."""
+        if self.last_loss is None:
+            return order
+        ranked = order[torch.argsort(self.last_loss[order], descending=True, stable=True)]
+        chosen = torch.zeros(self.size, dtype=torch.bool)
+        chosen[ranked[: self.selected]] = True
+        self.order = order[chosen[order]]
+        return self.order
+
+    def record_losses(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """The loss each image of a global batch (`indices`) had in the step that just trained on it."""
+        if self.last_loss is not None:
+            self.last_loss[indices] = losses.float().cpu()
 
     def _share(self, size: int) -> tuple[slice, int]:
         """This process's slice of a global batch of `size`, and how many images it really holds."""
@@ -183,11 +215,14 @@ class TrainBatches:
         return (mine if count else slice(0, 1)), count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.random.get_state(), "order_state": self.order_state}
+        selection = {"last_loss": self.last_loss, "order": self.order} if self.selecting else {}
+        return {"generator": self.random.get_state(), "order_state": self.order_state} | selection
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.random.set_state(state["generator"])
         self.order_state = state["order_state"]
+        if self.selecting:
+            self.last_loss, self.order = state["last_loss"], state["order"]
 
 
 def make_source(kind: LoaderKind, split: Split, device: torch.device, cache_root: Path) -> PixelSource:

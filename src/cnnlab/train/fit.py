@@ -154,6 +154,12 @@ def check_settings(settings: TrainConfig, world_size: int) -> None:
             "train.low_res",
             "train.low_res_share",
         )
+    if not 0 < settings.select_share <= 1 or (settings.select_share < 1 and settings.head_only):
+        raise ConfigError(
+            f"train.select_share is a share of the train split in (0, 1], and selects images for the whole "
+            f"network's steps, not for train.head_only; got {settings.select_share}",
+            "train.select_share",
+        )
     if not 0 < settings.tta_below <= 1:
         raise ConfigError(
             f"train.tta_below is a probability in (0, 1] (1: every image gets the TTA views), not {settings.tta_below}",

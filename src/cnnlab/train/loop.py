@@ -105,20 +105,21 @@ def train_step(
     state: TrainState, forward: nn.Module, batch: Batch, size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on this process's shard of a global batch, its images seen at `size` (height, width);
-    returns its summed loss and its logits."""
+    returns each image's loss and its logits."""
     settings = state.settings
     with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
         x = to_input(batch.images, state.normalization)
         if batch.jitter is not None:
             x = jittered(x, batch.jitter)
         logits = forward(downscaled(x, size))
-        summed = F.cross_entropy(
+        losses = F.cross_entropy(
             logits.float(),
             batch.labels,
             weight=state.class_weights,
             label_smoothing=settings.label_smoothing,
-            reduction="sum",
+            reduction="none",
         )
+        summed = losses.sum()
     # DDP averages the processes' gradients: scaled so, the step is that of the global batch's mean loss.
     loss = summed * (state.ranks.world_size / batch.size if batch.count else 0.0)
     if not torch.isfinite(loss):
@@ -127,7 +128,7 @@ def train_step(
     loss.backward()  # type: ignore[no-untyped-call]
     state.optimizer.step()
     state.schedule.step()
-    return summed.detach(), logits.detach()
+    return losses.detach(), logits.detach()
 
 
 def train_epoch(
@@ -157,12 +158,14 @@ def train_epoch(
         if global_step > 1 and size != state.input_size_at(global_step - 1):
             release_freed_memory()  # the heap kept for the last size fits this one badly
         try:
-            summed, logits = train_step(state, forward, batch, size)
+            losses, logits = train_step(state, forward, batch, size)
         except NonFiniteLoss:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept") from None
+        if batch.indices is not None:  # hard-example selection ranks the next epoch's images by these
+            state.batches.record_losses(batch.indices, ranks.gather_rows(losses[: batch.count], batch.size))
         average_weights(state, epoch, state.global_step(epoch, step))
         if batch.count:
-            progress.loss_sum += summed
+            progress.loss_sum += losses.sum()
             progress.correct += (logits.argmax(1) == batch.labels).sum()
             progress.seen += batch.count
         progress.step, progress.seconds = step, time.perf_counter() - started

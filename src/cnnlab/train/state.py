@@ -96,6 +96,7 @@ class TrainState:
             ranks.world_size,
             settings.crop_area,
             settings.color_jitter,
+            settings.select_share,
         )
         # The epochs of the phase in training: all of them, or after head_only, those of the unfreeze phase.
         self.first_epoch, self.phase_epochs = 1, settings.epochs
