@@ -206,11 +206,11 @@ def test_a_tiny_fast_run_on_digits_beats_90_percent(tmp_path, monkeypatch):
     )
     seen = []  # the input sizes the training steps see
     monkeypatch.setattr(loop, "downscaled", lambda x, size: seen.append(size) or downscaled(x, size))
-    trims = []  # the heap handed back to the OS at each change of size, and before each epoch's evaluation
+    trims = []  # the heap handed back to the OS at each change of size, and around each epoch's evaluation
     monkeypatch.setattr(loop, "release_freed_memory", lambda: trims.append(len(seen)))
     result = fit(config, reporter=LineReporter())
     assert seen[0] == (12, 12) and seen[-1] == (32, 32) and seen == sorted(seen)
-    assert len(trims) == len(set(seen)) - 1 + len(result.history)
+    assert len(trims) == len(set(seen)) - 1 + 2 * len(result.history)
     assert result.history[-1]["test_acc_tta"] > 0.90
     assert 0 < result.history[-1]["test_tta_share"] < 1  # selective TTA: the less sure share of the test split
     first, last = result.history[0], result.history[-1]

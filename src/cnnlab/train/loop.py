@@ -205,8 +205,7 @@ def evaluate_splits(state: TrainState, dataset: Dataset) -> dict[str, float]:
     """Validation and test scores, plain and with the recipe's TTA (each process scores its shard), and the
     seconds the test split's predictions took: what delivering the accuracy costs after training."""
     metrics: dict[str, float] = {}
-    if state.settings.low_res:  # evaluation's shapes differ from training's: the kept heap would not fit them
-        release_freed_memory()
+    release_freed_memory()  # evaluation's shapes differ from training's: the kept heap would not fit them
     for name, split in (("val", dataset.val), ("test", dataset.test)):
         if split is None:
             continue
@@ -226,6 +225,7 @@ def evaluate_splits(state: TrainState, dataset: Dataset) -> dict[str, float]:
         metrics |= Scores.of(gathered, split.labels).metrics(name)
         synchronize(state.ranks.device)
         metrics[f"{name}_seconds"] = time.perf_counter() - started
+    release_freed_memory()  # nor would the heap evaluation leaves fit training's
     return metrics
 
 
