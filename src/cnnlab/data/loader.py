@@ -59,7 +59,7 @@ class Batch:
     count: int  # images of the global batch in this shard; 0: a one-image placeholder that must count for nothing
     size: int  # images in the global batch
     jitter: torch.Tensor | None = None  # (b, 2): each image's brightness shift and contrast scale, after normalising
-    indices: torch.Tensor | None = None  # (size,) the global batch's train-split indices, in rank order
+    indices: torch.Tensor | None = None  # (size,) with selection: the global batch's train-split indices, rank order
 
 
 class PixelSource(Protocol):
