@@ -23,7 +23,7 @@ from cnnlab.data import transforms as transforms_module
 from cnnlab.data.augment import random_crop_boxes, resized_crops
 from cnnlab.data.disk_images import DiskImages
 from cnnlab.data.images import to_array
-from cnnlab.data.loader import EVALUATION_PIXELS, InMemory, OnDisk, TrainBatches, disk_copy
+from cnnlab.data.loader import EVALUATION_PIXELS, Batch, InMemory, OnDisk, TrainBatches, disk_copy
 from cnnlab.data.transforms import channel_statistics
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, ModelSpec, create_model, load_model, model_spec
@@ -151,6 +151,16 @@ def test_a_loader_restored_mid_epoch_continues_with_the_same_batches():
     assert same(epoch_batches(restored, 2, done=2), expected[2:])
 
 
+def trained_epoch(batches: TrainBatches, number: int, loss_of, done: int = 0, steps: int | None = None) -> list[Batch]:
+    """Steps done+1 .. `steps` (all by default) of epoch `number`, each batch's images recorded with the losses
+    `loss_of(batch)` as a training step would record them."""
+    trained = []
+    for _, batch in batches.epoch(number, steps or batches.steps_per_epoch, done):
+        batches.record_losses(batch.indices, loss_of(batch))
+        trained.append(batch)
+    return trained
+
+
 def test_selection_trains_on_the_unseen_first_then_on_the_highest_last_losses():
     split = pixels(40)
     selecting = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, select_share=0.5)
@@ -158,11 +168,7 @@ def test_selection_trains_on_the_unseen_first_then_on_the_highest_last_losses():
 
     def trained_on(epoch: int, losses: torch.Tensor) -> torch.Tensor:
         """The images of `epoch`, each recorded with its `losses` entry as the loss its step gave it."""
-        seen = []
-        for _, batch in selecting.epoch(epoch, selecting.steps_per_epoch):
-            selecting.record_losses(batch.indices, losses[batch.indices])
-            seen.append(batch.indices)
-        return torch.cat(seen)
+        return torch.cat([batch.indices for batch in trained_epoch(selecting, epoch, lambda b: losses[b.indices])])
 
     losses = torch.rand(40, generator=torch.Generator().manual_seed(1))
     first = trained_on(1, losses)
@@ -184,22 +190,19 @@ def test_a_selecting_loader_restored_mid_epoch_continues_with_the_same_batches()
     def selecting() -> TrainBatches:
         return TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, max_shift=2, select_share=0.6)
 
+    def mean_pixel(batch: Batch) -> torch.Tensor:  # a loss for each image
+        return batch.images.float().mean((1, 2, 3))
+
     def epoch(batches: TrainBatches, number: int, done: int = 0) -> list[torch.Tensor]:
-        seen = []
-        for _, batch in batches.epoch(number, batches.steps_per_epoch, done):
-            batches.record_losses(batch.indices, batch.images.float().mean((1, 2, 3)))  # a loss for each image
-            seen.append(torch.cat([batch.indices, batch.images.flatten()]))
-        return seen
+        trained = trained_epoch(batches, number, mean_pixel, done)
+        return [torch.cat([batch.indices, batch.images.flatten()]) for batch in trained]
 
     uninterrupted = selecting()
     epoch(uninterrupted, 1)
     expected = epoch(uninterrupted, 2)
     interrupted = selecting()
     epoch(interrupted, 1)
-    steps = interrupted.epoch(2, interrupted.steps_per_epoch)
-    for _ in range(2):  # two steps of epoch 2, their losses recorded, then a checkpoint
-        _, batch = next(steps)
-        interrupted.record_losses(batch.indices, batch.images.float().mean((1, 2, 3)))
+    trained_epoch(interrupted, 2, mean_pixel, steps=2)  # two steps of epoch 2, their losses recorded, then a checkpoint
     restored = selecting()
     restored.load_state_dict(interrupted.state_dict())
     resumed = epoch(restored, 2, done=2)

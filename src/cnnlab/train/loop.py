@@ -163,7 +163,7 @@ def train_epoch(
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept") from None
         if batch.indices is not None:  # hard-example selection ranks the next epoch's images by these
             state.batches.record_losses(batch.indices, ranks.gather_rows(losses[: batch.count], batch.size))
-        average_weights(state, epoch, state.global_step(epoch, step))
+        average_weights(state, epoch, global_step)
         if batch.count:
             progress.loss_sum += losses.sum()
             progress.correct += (logits.argmax(1) == batch.labels).sum()
