@@ -111,11 +111,7 @@ class TrainConfig:
     color_jitter: float = setting(
         0.0, "Random brightness shift (in standard deviations) and contrast scale (1 +/- this) per image, up to this."
     )
-    tta: Literal["none", "flip", "flip-translate", "flip-translate2"] = setting(
-        "none",
-        "Test-time views averaged at evaluation: the image and its mirror (flip), also shifted by one pixel "
-        "(flip-translate, airbench's weights) or by one and two pixels, all equal (flip-translate2).",
-    )
+    tta: Literal["none", "flip", "flip-translate"] = setting("none", "Test-time views averaged at evaluation.")
     tta_below: float = setting(
         1.0, "Selective TTA: only images whose plain top-class probability is below this get the views; 1: all."
     )

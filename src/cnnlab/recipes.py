@@ -98,9 +98,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     # Toward 90%: Muon on a narrower middle block, seen at 20 px rising to 32 over the first half of the steps
     # (about 80% of the full-size cost), nine epochs of the two thirds of the images with the highest losses
-    # (the cost of six full epochs, a point more accurate than six), ten test-time views (flips, shifts of up
-    # to 2 px as in training) only for the images it is less than 70% sure of (about 40% of them), and batch
-    # 1500 as fast94's.
+    # (the cost of six full epochs, a point more accurate than six), the test-time views only for the images
+    # it is less than 70% sure of (about 40% of them), and batch 1500 as fast94's.
     "fast90": {
         **_MUON_RUN,
         "model": "fast-mid",
@@ -110,14 +109,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr": 1.656 * 0.75,
         "low_res": 20,
         "low_res_share": 0.5,
-        "tta": "flip-translate2",
         "tta_below": 0.7,
     },
     # airbench94's network with Muon (named for the 94% that network reaches on the original CIFAR-10), ten
     # epochs of the two thirds of the images with the highest losses (the cost of 6.7 full epochs, as accurate
-    # as nine), and fast90's ten test-time views only below 70% sure. Batch 1500 keeps its peak memory under 3
-    # GB (3.1 GB at 2000); the SGD learning rates follow the batch linearly, Muon's needs no scaling.
-    # Progressive resizing cost this network accuracy.
+    # as nine), and the test-time views only below 70% sure. Batch 1500 keeps its peak memory under 3 GB (3.1
+    # GB at 2000); the SGD learning rates follow the batch linearly, Muon's needs no scaling. Progressive
+    # resizing cost this network accuracy.
     "fast94": {
         **_MUON_RUN,
         "model": "fast",
@@ -125,7 +123,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "select_share": 0.67,
         "batch_size": 1500,
         "lr": 1.656 * 0.75,
-        "tta": "flip-translate2",
         "tta_below": 0.7,
     },
     # Fine-tuning a pretrained network on photos, fast on a CPU: its body runs once per image, then the

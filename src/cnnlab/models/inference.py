@@ -156,10 +156,8 @@ def views(
 def averaged_views(model: nn.Module, x: torch.Tensor, plain: torch.Tensor, tta: str) -> torch.Tensor:
     """The logits of (B, C, H, W) inputs averaged over the test-time views `tta` names; `plain` is model(x).
 
-    "flip": the image and its mirror, equally weighted. "flip-translate" (airbench's): half on the flip
-    pair, a quarter each on the flip pairs of the image shifted one pixel up-left and down-right
-    (reflected). "flip-translate2": the flip pairs of the image and of its shifts by one and two pixels
-    up-left and down-right, equally weighted: ten views drawn from the range of 2-pixel training shifts.
+    "flip": the image and its mirror, equally weighted. "flip-translate": half on the flip pair, a
+    quarter each on the flip pairs of the image shifted one pixel up-left and down-right (reflected).
     """
     pair: torch.Tensor = 0.5 * (plain + model(x.flip(-1)))
     if tta == "flip":
@@ -171,17 +169,9 @@ def averaged_views(model: nn.Module, x: torch.Tensor, plain: torch.Tensor, tta: 
         return 0.5 * (seen + mirror)
 
     height, width = x.shape[-2:]
-    reach = 2 if tta == "flip-translate2" else 1  # the largest shift, in pixels
-    padded = F.pad(x, (reach,) * 4, mode="reflect")  # (B, C, H + 2 reach, W + 2 reach)
-
-    def shifted(pixels: int) -> torch.Tensor:
-        """The image moved `pixels` down-right (negative: up-left), its border reflected."""
-        start = reach - pixels
-        return padded[..., start : start + height, start : start + width]
-
-    if tta == "flip-translate":
-        return 0.5 * pair + 0.25 * (mirrored(shifted(1)) + mirrored(shifted(-1)))
-    return torch.stack([pair, *(mirrored(shifted(pixels)) for pixels in (-2, -1, 1, 2))]).mean(0)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H+2, W+2)
+    up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
+    return 0.5 * pair + 0.25 * (mirrored(up_left) + mirrored(down_right))
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0) -> torch.Tensor:
