@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -24,7 +25,7 @@ from PIL import Image
 from cnnlab.data import DataConfig, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.export import OnnxModel, export_onnx, require
-from cnnlab.models import load_model
+from cnnlab.models import TrainedModel, load_model
 from cnnlab.predict import predict_files
 from cnnlab.serve.app import ServeConfig, create_app
 from tests.conftest import ARTIFACTS
@@ -279,6 +280,21 @@ def test_onnx_export_matches_pytorch_and_predicts_like_it(model, trained_run, tm
     [from_onnx] = predict_files(exported, [image])
     [from_torch] = predict_files(model, [image])
     assert from_onnx.top[0][0] == from_torch.top[0][0]
+
+
+def test_onnx_export_computes_the_models_selective_tta(model, tmp_path):
+    sample = load_dataset(DataConfig(dataset="digits", image_size=12)).test.images[:100]
+    plain = model.probabilities(sample[:7])  # the fixture's model has no TTA
+    below = float(np.median(plain.max(1)))  # the views for the three images less sure than the median
+    viewing = TrainedModel(model.module, replace(model.info, tta="flip-translate", tta_below=below))
+    verification = export_onnx(viewing, tmp_path / "model.onnx", sample)
+    assert verification.max_abs_difference <= 1e-4
+    exported = OnnxModel(tmp_path / "model.onnx").probabilities(sample[:7])
+    np.testing.assert_allclose(exported, viewing.probabilities(sample[:7]), atol=1e-4)
+    unsure = plain.max(1) < below
+    assert unsure.sum() == 3
+    np.testing.assert_allclose(exported[~unsure], plain[~unsure], atol=1e-4)
+    assert not np.allclose(exported[unsure], plain[unsure], atol=1e-4)
 
 
 def test_a_corrupt_onnx_file_is_refused_in_one_line(model, tmp_path):
