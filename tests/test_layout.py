@@ -115,8 +115,9 @@ def test_large_images_are_evaluated_and_initialised_from_in_bounded_pieces(tmp_p
     assert [len(batch) for batch in in_order(small)] == [1000, 1000, 500]  # CIFAR-sized: as before
     assert {len(batch) for batch in list(in_order(large))[:-1]} == {EVALUATION_PIXELS // 224**2}
     seen = []
-    spec = model_spec("fast-tiny")
-    monkeypatch.setitem(MODELS, "fast-tiny", dataclasses.replace(spec, init_from_data=lambda _, x: seen.append(len(x))))
+    name = RECIPES["fast70"]["model"]
+    counting = dataclasses.replace(model_spec(name), init_from_data=lambda _, x: seen.append(len(x)))
+    monkeypatch.setitem(MODELS, name, counting)
     monkeypatch.setattr(state_module, "INIT_PIXELS", 10 * 64 * 64)
     write_image_folder(tmp_path / "photos", classes=2, per_class=20, size=64, split=False)
     config = resolve_run_config(

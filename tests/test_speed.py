@@ -65,17 +65,33 @@ def test_alternating_flips_show_every_image_both_ways_over_two_epochs():
     assert torch.equal(odd, ~even) and torch.equal(odd, alternating_flips(base, 3))
 
 
-def test_whitening_init_makes_the_patch_covariance_close_to_identity():
-    model = create_model("fast-small", (3, 16, 16), 10)
+@pytest.mark.parametrize("name", ["fast-small", "fast-tiny-linear"])
+def test_whitening_init_makes_the_patch_covariance_close_to_identity(name):
+    model = create_model(name, (3, 16, 16), 10)
     mixing = torch.tensor([[1.0, 0.8, 0.6], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
     data = torch.einsum("nchw,dc->ndhw", torch.randn(400, 3, 16, 16), mixing) * 3  # correlated channels
     model.init_from_data(data)
-    half = model.whiten.weight.shape[0] // 2  # the second half are the negated filters
+    half = 12  # the directions; after them, without the linear stem, the negated filters
+    assert model.whiten.weight.shape[0] == (half if name == "fast-tiny-linear" else 2 * half)
     filters = model.whiten.weight[:half].reshape(half, -1)  # (12, C*k*k)
     patches = data.unfold(2, WHITEN_KERNEL, 1).unfold(3, WHITEN_KERNEL, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
     whitened = patches @ filters.T
     covariance = whitened.T @ whitened / len(whitened)
     torch.testing.assert_close(covariance, torch.eye(half), atol=0.02, rtol=0)
+    if name == "fast-small":
+        torch.testing.assert_close(model.whiten.weight[half:], -model.whiten.weight[:half])
+
+
+def test_the_linear_stem_feeds_the_whitened_directions_to_the_first_block_as_they_are():
+    model = create_model("fast-tiny-linear", (3, 16, 16), 10).eval()
+    model.init_from_data(torch.randn(50, 3, 16, 16))
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        model(x)
+        torch.testing.assert_close(seen[0], model.whiten(x))  # (4, 12, 15, 15): no GELU between
+    assert seen[0].shape == (4, 12, 15, 15) and (seen[0] < 0).any()
 
 
 def test_tta_is_the_weighted_mean_of_its_views():

@@ -1,6 +1,7 @@
 """The `fast` family: a speed-run network after airbench (Jordan, 2024, arXiv 2404.00498).
 
-A frozen patch-whitening convolution, then three blocks of conv -> max-pool -> BatchNorm -> GELU ->
+A frozen patch-whitening convolution (GELU over each whitening direction with both signs, or with
+`linear_stem` the directions themselves), then three blocks of conv -> max-pool -> BatchNorm -> GELU ->
 conv -> BatchNorm -> GELU, then a global max-pool and a scaled linear head. What makes it train fast:
 - the first layer decorrelates 2x2 patches using the training data's own covariance, so the network
   starts from whitened inputs instead of learning that transform;
@@ -100,10 +101,14 @@ class FastNet(nn.Module):
         num_classes: int,
         widths: tuple[int, int, int],
         generator: torch.Generator,
+        linear_stem: bool = False,
     ):
         super().__init__()
         channels = input_shape[0]
-        whitened = 2 * channels * WHITEN_KERNEL**2  # each whitening direction with both signs
+        # Each whitening direction with both signs through a GELU, or once and linear: half the input channels
+        # for the costliest convolution (the first, at full resolution) and no GELU over the largest tensor.
+        self.linear_stem = linear_stem
+        whitened = (1 if linear_stem else 2) * channels * WHITEN_KERNEL**2
         self.whiten = nn.Conv2d(channels, whitened, kernel_size=WHITEN_KERNEL, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.whiten_bias().data.zero_()
@@ -118,7 +123,9 @@ class FastNet(nn.Module):
             self.head.weight.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.whiten(x))  # (B, 2*C*4, H-1, W-1)
+        x = self.whiten(x)  # (B, C*4 or 2*C*4, H-1, W-1)
+        if not self.linear_stem:
+            x = F.gelu(x)
         x = self.blocks(x)  # (B, widths[2], h, w)
         x = torch.amax(x, dim=(2, 3))  # (B, widths[2]) global max-pool
         logits: torch.Tensor = self.head(x) * LOGIT_SCALE  # (B, classes)
@@ -146,7 +153,7 @@ class FastNet(nn.Module):
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
         filters = (eigenvectors / torch.sqrt(eigenvalues + WHITEN_EPS)).T.float()  # rows: whitening directions
         filters = filters.reshape(-1, channels, WHITEN_KERNEL, WHITEN_KERNEL)
-        self.whiten.weight.copy_(torch.cat((filters, -filters)))
+        self.whiten.weight.copy_(filters if self.linear_stem else torch.cat((filters, -filters)))
 
 
 def fast_net(model: nn.Module) -> FastNet:
@@ -160,22 +167,26 @@ def train_whitening_bias(model: nn.Module, epoch: int, whiten_bias_epochs: int) 
     fast_net(model).whiten_bias().requires_grad_(epoch <= whiten_bias_epochs)
 
 
-def _build(shape: InputShape, classes: int, generator: torch.Generator, widths: tuple[int, int, int]) -> nn.Module:
-    return FastNet(shape, classes, widths, generator)
+def _build(
+    shape: InputShape, classes: int, generator: torch.Generator, widths: tuple[int, int, int], linear_stem: bool
+) -> nn.Module:
+    return FastNet(shape, classes, widths, generator, linear_stem)
 
 
-# Each with the speed-run recipe made for it; fast-small takes the thin net's recipe.
-for _name, _widths, _recipe, _note in (
-    ("fast-tiny", (16, 64, 128), "fast70", ": the full-resolution first block kept thin"),
-    ("fast-small", (32, 64, 128), "fast70", ""),
-    ("fast-mid", (64, 192, 256), "fast90", ": airbench94 with a cheaper middle block"),
-    ("fast", (64, 256, 256), "fast94", ": airbench94's"),
+# Each with the speed-run recipe made for it; fast-tiny and fast-small take the thin net's recipe.
+for _name, _widths, _linear, _recipe, _note in (
+    ("fast-tiny-linear", (16, 64, 128), True, "fast70", ": fast-tiny with the linear stem"),
+    ("fast-tiny", (16, 64, 128), False, "fast70", ": the full-resolution first block kept thin"),
+    ("fast-small", (32, 64, 128), False, "fast70", ""),
+    ("fast-mid", (64, 192, 256), False, "fast90", ": airbench94 with a cheaper middle block"),
+    ("fast", (64, 256, 256), False, "fast94", ": airbench94's"),
 ):
+    stem = "linear whitening stem" if _linear else "whitening stem"
     register(
         ModelSpec(
             _name,
-            functools.partial(_build, widths=_widths),
-            f"speed-run net (whitening stem, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, _widths))}{_note}",
+            functools.partial(_build, widths=_widths, linear_stem=_linear),
+            f"speed-run net ({stem}, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, _widths))}{_note}",
             default_recipe=_recipe,
             min_input_size=FastNet.min_input_size,
             input_size=32,
