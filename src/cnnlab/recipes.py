@@ -81,7 +81,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # directions, not 24 signed GELUs of them: faster and more accurate here) for 0.9 epoch in small batches
     # (more steps for the same FLOPs), seen at 20 px rising to 32 over the first two thirds of the steps
     # (progressive resizing: the early steps cost 40% of a full-size one), unshifted (translation only slows a
-    # one-epoch run), a frozen whitening bias (training it makes the first block compute its input gradient:
+    # run under one epoch), a frozen whitening bias (training it makes the first block compute its input gradient:
     # a third more time), and flip TTA for the images it is less than 50% sure of (about half): most of TTA's
     # gain for a quarter of its cost.
     "fast70": {

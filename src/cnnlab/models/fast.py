@@ -175,7 +175,7 @@ def _build(
 
 # Each with the speed-run recipe made for it; fast-tiny and fast-small take the thin net's recipe.
 for _name, _widths, _linear, _recipe, _note in (
-    ("fast-tiny-linear", (16, 64, 128), True, "fast70", ": fast-tiny with the linear stem"),
+    ("fast-tiny-linear", (16, 64, 128), True, "fast70", ": fast-tiny's widths, fast70's net"),
     ("fast-tiny", (16, 64, 128), False, "fast70", ": the full-resolution first block kept thin"),
     ("fast-small", (32, 64, 128), False, "fast70", ""),
     ("fast-mid", (64, 192, 256), False, "fast90", ": airbench94 with a cheaper middle block"),
