@@ -24,6 +24,7 @@ from cnnlab.data.loader import in_order
 from cnnlab.data.transforms import to_input
 from cnnlab.evaluate import test_split_for
 from cnnlab.models.files import load_model
+from cnnlab.models.inference import unsure
 
 Shift = tuple[int, int]  # (down, right) in pixels
 Views = dict[Shift, torch.Tensor]  # shift -> (N, classes) logits of the flip pair, averaged
@@ -54,10 +55,10 @@ def flip_pair_logits(run: Path) -> tuple[torch.Tensor, Views, torch.Tensor]:
     split = test_split_for(model, None)
     network = model.module.eval()
     bf16 = model.info.bf16_on(torch.device("cpu"))
-    inputs = [to_input(batch, model.info.norm) for batch in in_order(split.images)]
     plain: list[torch.Tensor] = []
     views: dict[Shift, list[torch.Tensor]] = {shift: [] for shift in SHIFTS}
-    for x in inputs:
+    for batch in in_order(split.images):
+        x = to_input(batch, model.info.norm)
         height, width = x.shape[-2:]
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         for down, right in SHIFTS:
@@ -72,8 +73,7 @@ def flip_pair_logits(run: Path) -> tuple[torch.Tensor, Views, torch.Tensor]:
 
 def accuracy(plain: torch.Tensor, combined: torch.Tensor, labels: torch.Tensor, below: float) -> float:
     """Percent correct when the images under `below` sure answer with `combined`, the rest with `plain`."""
-    unsure = torch.softmax(plain, 1).amax(1) < below
-    delivered = torch.where(unsure[:, None], combined, plain)
+    delivered = torch.where(unsure(plain, below)[:, None], combined, plain)
     return 100 * (delivered.argmax(1) == labels).float().mean().item()
 
 
