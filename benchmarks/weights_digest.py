@@ -4,6 +4,7 @@ Run it with two checkouts of cnnlab (PYTHONPATH=<checkout>/src) to show that a r
 bitwise the same: equal digests mean every weight, BatchNorm statistic included, has the same bits.
 
     PYTHONPATH=src python benchmarks/weights_digest.py tutorial-cnn fast70 --epochs 2
+    PYTHONPATH=src python benchmarks/weights_digest.py finetune --data photos/ --epochs 3
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="an image folder or archive instead of the digits dataset")
     parser.add_argument("--flags", default="", help="more `cnnlab train` flags, e.g. '--loader disk'")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         for recipe in args.recipes:
             out = Path(scratch) / recipe
-            command = [sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, "--dataset", "digits"]
+            source = ["--data", args.data] if args.data else ["--dataset", "digits"]
+            command = [sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, *source]
             command += ["--epochs", str(args.epochs), "--seed", str(args.seed), "--out", str(out), "--no-report", "-q"]
             command += shlex.split(args.flags)
             subprocess.run(command, check=True, capture_output=True)
