@@ -121,7 +121,7 @@ def test_large_images_are_evaluated_and_initialised_from_in_bounded_pieces(tmp_p
     monkeypatch.setattr(state_module, "INIT_PIXELS", 10 * 64 * 64)
     write_image_folder(tmp_path / "photos", classes=2, per_class=20, size=64, split=False)
     config = resolve_run_config(
-        {"data": {"data": str(tmp_path / "photos"), "image_size": 64}, "train": {"recipe": "fast70", "epochs": 0}}
+        {"data": {"data": str(tmp_path / "photos"), "image_size": 64}, "train": {"recipe": "fast70", "epochs": 0.01}}
     )
     fit(dataclasses.replace(config, out=str(tmp_path / "run")), reporter=LineReporter())
     assert seen == [10]  # the whitening sees INIT_PIXELS of images, not INIT_SAMPLE of them
@@ -362,5 +362,5 @@ def test_random_resized_crops_are_seeded_batch_operations_and_the_whole_box_is_t
     split = pixels()
     cropping = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, crop_area=0.5)
     assert epoch_batches(cropping, 1)[0][1].shape == (8, 6, 6, 3)
-    with pytest.raises(CnnlabError, match="crop_area"):
-        TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, crop_area=0.0)
+    with pytest.raises(CnnlabError, match=r"train\.crop_area must be more than 0 and at most 1"):
+        resolve_run_config({"train": {"crop_area": 0.0}}).check()

@@ -147,8 +147,10 @@ def test_progressive_resizing_rises_from_the_low_size_to_full_size_in_steps_of_f
     ],
 )
 def test_sizes_and_thresholds_that_cannot_work_are_refused_naming_their_keys(wrong):
+    config = resolve_run_config({"train": {"recipe": "fast70", **wrong}})
     with pytest.raises(ConfigError, match=f"train.{next(iter(wrong))}"):
-        check_settings(resolve_run_config({"train": {"recipe": "fast70", **wrong}}).train, world_size=1)
+        config.check()
+        check_settings(config.train, world_size=1)
 
 
 def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():

@@ -7,16 +7,18 @@ The resolved RunConfig is saved as `config.toml` in every run folder.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import tomli_w
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -24,18 +26,58 @@ if TYPE_CHECKING:
 T = TypeVar("T", bound="DataclassInstance")
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its help text, said once: the CLI's flags and their help are built from it."""
-    return field(default=default, metadata={"help": help})
+def setting(
+    default: Any,
+    help: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+) -> Any:
+    """A config field with its help text and the range of its values, said once: the CLI's flags and their
+    help are built from it, and `check_ranges` refuses a value outside the range before anything runs."""
+    bounds = {"above": above, "at_least": at_least, "below": below, "at_most": at_most}
+    return field(default=default, metadata={"help": help, **{k: v for k, v in bounds.items() if v is not None}})
+
+
+# A bound's name in `setting`: the comparison a value must pass against it, and how a message says it.
+_BOUNDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+    "above": (operator.gt, "more than"),
+    "at_least": (operator.ge, "at least"),
+    "below": (operator.lt, "less than"),
+    "at_most": (operator.le, "at most"),
+}
+
+
+def check_ranges(config: DataclassInstance, section: str) -> None:
+    """Refuse, in one line naming the key, a value outside the range its field declares (None is unset)."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, item.name)
+            continue
+        if value is None:
+            continue
+        bounds = [(holds, words, item.metadata[name]) for name, (holds, words) in _BOUNDS.items()
+                  if name in item.metadata]  # fmt: skip
+        if not all(holds(value, bound) for holds, _, bound in bounds):
+            key = f"{section}.{item.name}" if section else item.name
+            wanted = " and ".join(f"{words} {bound:g}" for _, words, bound in bounds)
+            raise ConfigError(f"{key} must be {wanted}, not {value:g}", key)
 
 
 @dataclass
 class DataConfig:
     dataset: str | None = setting(None, "Named dataset: digits, cifar10 or cifar100.")
     data: str | None = setting(None, "Image folder, .tar.gz/.zip of one, or a CIFAR archive.")
-    image_size: int | None = setting(None, "Resize images to this many pixels per side (default: the source's).")
-    val_fraction: float = setting(0.0, "Share of train held out for validation, stratified (0 to 1).")
-    test_fraction: float = setting(0.2, "Test share when the data has no test split (0 to 1).")
+    image_size: int | None = setting(
+        None, "Resize images to this many pixels per side (default: the source's).", at_least=1
+    )
+    val_fraction: float = setting(
+        0.0, "Share of train held out for validation, stratified (0 to 1).", at_least=0, below=1
+    )
+    test_fraction: float = setting(0.2, "Test share when the data has no test split (0 to 1).", above=0, below=1)
     split_seed: int = setting(0, "Seed of the validation/test splits, independent of the training seed.")
     cache_dir: str | None = setting(None, "Cache folder (default $CNNLAB_CACHE or ~/.cache/cnnlab).")
     strict: bool = setting(False, "Unreadable images are an error instead of being skipped.")
@@ -63,57 +105,80 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam", "muon"] = setting(
         "adam", "muon: orthogonalised updates for conv filters, Nesterov SGD for the rest."
     )
-    lr: float = setting(1e-3, "Peak learning rate per step, for the batch-mean loss.")
-    momentum: float = setting(0.0, "SGD and muon: momentum of the other parameters.")
+    lr: float = setting(1e-3, "Peak learning rate per step, for the batch-mean loss.", above=0)
+    momentum: float = setting(0.0, "SGD and muon: momentum of the other parameters.", at_least=0, below=1)
     nesterov: bool = setting(False, "SGD and muon: Nesterov momentum.")
-    weight_decay: float = setting(0.0, "L2 weight decay added to the gradient (torch's coupled form).")
-    adam_eps: float = setting(1e-7, "Adam epsilon (Keras' default, not torch's 1e-8).")
-    muon_lr: float = setting(0.24, "Muon: the conv filters' learning rate (orthogonal update: no batch scaling).")
-    muon_momentum: float = setting(0.6, "Muon: the conv filters' Nesterov momentum.")
-    batch_size: int = setting(32, "Images per step, across all processes (the global batch).")
-    epochs: float = setting(10, "Epochs; a fraction trains part of the last one, the schedule spanning exactly that.")
+    weight_decay: float = setting(0.0, "L2 weight decay added to the gradient (torch's coupled form).", at_least=0)
+    adam_eps: float = setting(1e-7, "Adam epsilon (Keras' default, not torch's 1e-8).", above=0)
+    muon_lr: float = setting(
+        0.24, "Muon: the conv filters' learning rate (orthogonal update: no batch scaling).", above=0
+    )
+    muon_momentum: float = setting(0.6, "Muon: the conv filters' Nesterov momentum.", at_least=0, below=1)
+    batch_size: int = setting(32, "Images per step, across all processes (the global batch).", at_least=1)
+    epochs: float = setting(
+        10, "Epochs; a fraction trains part of the last one, the schedule spanning exactly that.", above=0
+    )
     seed: int = setting(0, "Seed of weight init, data order and augmentation.")
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu or cuda.")
     schedule: Literal["constant", "triangle"] = setting(
         "constant", "triangle: linear from lr*lr_start up to lr at peak_fraction of the steps, then down to lr*lr_end."
     )
-    peak_fraction: float = setting(0.23, "Triangle: share of all steps before the peak.")
-    lr_start: float = setting(0.2, "Triangle: first learning rate, as a share of --lr.")
-    lr_end: float = setting(0.07, "Triangle: last learning rate, as a share of --lr.")
-    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy loss (0 to 1).")
+    peak_fraction: float = setting(0.23, "Triangle: share of all steps before the peak.", at_least=0, at_most=1)
+    lr_start: float = setting(0.2, "Triangle: first learning rate, as a share of --lr.", at_least=0)
+    lr_end: float = setting(0.07, "Triangle: last learning rate, as a share of --lr.", at_least=0)
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy loss (0 to 1).", at_least=0, below=1)
     class_weights: Literal["none", "auto"] = setting(
         "none", "auto: weigh each class's loss by (train images) / (classes x its train images), for unbalanced data."
     )
-    bias_lr_scale: float = setting(1.0, "BatchNorm biases learn this many times faster, with the same decay per step.")
+    bias_lr_scale: float = setting(
+        1.0, "BatchNorm biases learn this many times faster, with the same decay per step.", above=0
+    )
     lookahead: bool = setting(False, "Average weights into an EMA every 5 steps from epoch 4, copied back each time.")
-    whiten_bias_epochs: int = setting(0, "Epochs during which the fast nets' frozen whitening layer's bias learns.")
+    whiten_bias_epochs: int = setting(
+        0, "Epochs during which the fast nets' frozen whitening layer's bias learns.", at_least=0
+    )
     normalize: Literal["unit", "standardize"] = setting(
         "unit", "unit: pixels on [0, 1]; standardize: per-channel mean 0, std 1 (from a sample of train)."
     )
     flip: Literal["none", "random", "alternating"] = setting(
         "none", "Mirroring: random, or alternating (each image flips every other epoch)."
     )
-    translate: int = setting(0, "Random shift by up to this many pixels, reflect-padded.")
+    translate: int = setting(0, "Random shift by up to this many pixels, reflect-padded.", at_least=0)
     crop_area: float = setting(
-        1.0, "Random-resized crops: each image cut to a random share of its area from this up to 1, resized back."
+        1.0,
+        "Random-resized crops: each image cut to a random share of its area from this up to 1, resized back.",
+        above=0,
+        at_most=1,
     )
     low_res: int = setting(
-        0, "Progressive resizing: the first steps see images downscaled to this many pixels (shorter side); 0: off."
+        0,
+        "Progressive resizing: the first steps see images downscaled to this many pixels (shorter side); 0: off.",
+        at_least=0,
     )
     low_res_share: float = setting(
-        0.5, "Progressive resizing: the share of the steps over which the size rises linearly to full, in 4 px steps."
+        0.5,
+        "Progressive resizing: the share of the steps over which the size rises linearly to full, in 4 px steps.",
+        above=0,
+        at_most=1,
     )
     select_share: float = setting(
         1.0,
         "Hard-example selection: each epoch trains on this share of the train split, the images with the highest "
         "loss when last trained on (unseen ones first); 1: all.",
+        above=0,
+        at_most=1,
     )
     color_jitter: float = setting(
-        0.0, "Random brightness shift (in standard deviations) and contrast scale (1 +/- this) per image, up to this."
+        0.0,
+        "Random brightness shift (in standard deviations) and contrast scale (1 +/- this) per image, up to this.",
+        at_least=0,
     )
     tta: Literal["none", "flip", "flip-translate"] = setting("none", "Test-time views averaged at evaluation.")
     tta_below: float = setting(
-        1.0, "Selective TTA: only images whose plain top-class probability is below this get the views; 1: all."
+        1.0,
+        "Selective TTA: only images whose plain top-class probability is below this get the views; 1: all.",
+        above=0,
+        at_most=1,
     )
     precision: Literal["auto", "fp32", "bf16"] = setting(
         "auto", "bf16 autocast for convolutions and matmuls; auto: bf16 where this machine has it natively."
@@ -128,16 +193,25 @@ class TrainConfig:
         False, "Train only the classifier, on features the frozen pretrained body computes once per image."
     )
     patience: int = setting(
-        0, "Stop after this many epochs without a better validation loss, keeping the best epoch; 0: never."
+        0,
+        "Stop after this many epochs without a better validation loss, keeping the best epoch; 0: never.",
+        at_least=0,
     )
     unfreeze_epochs: float = setting(
-        0, "After head_only: train the whole network this many epochs, BatchNorm statistics frozen (triangle schedule)."
+        0,
+        "After head_only: train the whole network this many epochs, BatchNorm statistics frozen (triangle schedule).",
+        at_least=0,
     )
-    unfreeze_lr: float = setting(1e-4, "Unfreeze phase: peak learning rate of the last layers.")
+    unfreeze_lr: float = setting(1e-4, "Unfreeze phase: peak learning rate of the last layers.", above=0)
     layer_lr_ratio: float = setting(
-        0.01, "Unfreeze phase: the first layer's learning rate as a share of the last's, rising geometrically."
+        0.01,
+        "Unfreeze phase: the first layer's learning rate as a share of the last's, rising geometrically.",
+        above=0,
+        at_most=1,
     )
-    checkpoint_every: int = setting(0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.")
+    checkpoint_every: int = setting(
+        0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.", at_least=0
+    )
     sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")
 
 
@@ -146,6 +220,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str | None = setting(None, "Run folder (default runs/<model>-<data>-<time>).")
+
+    def check(self) -> None:
+        """Refuse settings out of range, before anything is loaded or allocated."""
+        check_ranges(self, "")
 
 
 def build(cls: type[T], values: dict[str, Any], where: str) -> T:

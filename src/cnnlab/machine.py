@@ -8,6 +8,7 @@ fp32 (a matmul 75-190x slower on AVX2-only kernels), so `auto` picks fp32 there.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from dataclasses import dataclass
 from functools import cache
@@ -135,3 +136,10 @@ def synchronize(device: torch.device) -> None:
     """Wait for `device`'s queued work: CUDA runs asynchronously, so clocks are read only after this."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def memory_bytes(device: torch.device | None = None) -> int:
+    """The memory a run on `device` can have: the GPU's, or this machine's physical memory."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -4,6 +4,7 @@
     metrics.jsonl        a JSON line per finished epoch
     checkpoint.pt        the whole training state, replaced atomically at each epoch end (and every N steps)
     model.safetensors    the final weights, and model.json describing them (see cnnlab.models.files)
+    .lock                while a run writes the folder: flocked by that process, and holding its pid
     report.json, confusion_matrix.csv, report.html, *.png   written by evaluate and report
 
 Every file is written through `cnnlab.atomic` (temporary in the same folder, fsync, rename, fsync the
@@ -12,14 +13,19 @@ folder), so a crash leaves the previous version or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import json
+import logging
+import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -27,6 +33,8 @@ from cnnlab.atomic import append_line, atomic_write, remove_temporaries, write_t
 from cnnlab.config import RunConfig, build, load_toml, to_toml
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import this_machine
+
+log = logging.getLogger("cnnlab")
 
 # Bump when the checkpoint's contents change shape; a checkpoint of another format is refused, not misread.
 CHECKPOINT_FORMAT = 2  # 2: the data order lives in the batch loader's state; 1 (unversioned) before
@@ -44,20 +52,80 @@ class RunDir:
     EVALUATION = "report.json"
     CONFUSION = "confusion_matrix.csv"
     REPORT = "report.html"
+    LOCK = ".lock"
 
     @classmethod
-    def create(cls, config: RunConfig) -> RunDir:
-        """A new run's folder: `config.out`, or runs/<model>-<data>-<time>; refuses one that holds a run."""
-        if not config.out:
-            return cls._writable(cls.default_path(config), parents=True)
-        path = Path(config.out).expanduser()
-        if not path.parent.is_dir():
-            raise CnnlabError(f"{path.parent}: the output folder's parent does not exist")
-        if (path / cls.CHECKPOINT).exists():
-            raise CnnlabError(f"{path}: already holds a run; resume it, or choose another output folder").resumable(
-                path
+    @contextlib.contextmanager
+    def claim(cls, config: RunConfig) -> Iterator[RunDir]:
+        """A new run's folder, locked while the run writes it: `config.out`, or runs/<model>-<data>-<time>.
+        Refuses a folder that another process is writing, or that holds a run (checked once locked, so that
+        of two runs started into one folder, exactly one trains)."""
+        if config.out:
+            path = Path(config.out).expanduser()
+            if not path.parent.is_dir():
+                raise CnnlabError(f"{path.parent}: the output folder's parent does not exist")
+            run_dir = cls._writable(path, parents=False)
+        else:
+            run_dir = cls._writable(cls.default_path(config), parents=True)
+        with run_dir.locked():
+            run_dir._check_unused()
+            yield run_dir
+
+    def _check_unused(self) -> None:
+        if self.has_checkpoint:
+            raise CnnlabError(
+                f"{self.path}: already holds a run; resume it, or choose another output folder"
+            ).resumable(self.path)
+        if (self / self.WEIGHTS).exists():
+            raise CnnlabError(
+                f"{self.path}: already holds a finished run ({self.WEIGHTS}, no checkpoint to resume); "
+                "choose another output folder"
             )
-        return cls._writable(path, parents=False)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock while a run writes it; a second process is refused in one line naming the
+        first. The lock is an flock, which the kernel drops when its process ends however it ends: a pid left
+        in the file by a killed run is a stale lock, taken over with a warning. The file goes when the run ends."""
+        path = self / self.LOCK
+        handle = self._take_lock(path)
+        with handle:
+            handle.seek(0)
+            stale = handle.read().strip()
+            if stale:
+                log.warning("%s: took over the lock left by pid %s, which no longer runs", self.path, stale)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # before the flock goes: a newcomer then locks a new file
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _take_lock(self, path: Path) -> IO[str]:
+        """The lock file, flocked by this process: the one at `path` (a file unlinked by a run that ended
+        while this one opened it is no lock, and is opened again)."""
+        while True:
+            try:
+                handle = open(path, "a+")  # noqa: SIM115  # held open for the whole run
+            except OSError as error:
+                raise CnnlabError(f"{path}: cannot create the run folder's lock ({error.strerror})") from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "unknown"
+                handle.close()
+                raise CnnlabError(
+                    f"{self.path}: another cnnlab run (pid {owner}) is writing this folder; wait for it to end, "
+                    "or choose another output folder"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    return handle
+            handle.close()
 
     @classmethod
     def default_path(cls, config: RunConfig) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnnlab.config import DataConfig
+from cnnlab.config import DataConfig, check_ranges
 from cnnlab.data import cifar
 from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import Dataset, Split, match_channels, resize_images
@@ -27,10 +27,7 @@ def load_dataset(config: DataConfig) -> Dataset:
         raise ConfigError(
             "give exactly one of data.dataset (a name) or data.data (a path)", "data.dataset", "data.data"
         )
-    if config.image_size is not None and config.image_size < 1:
-        raise ConfigError(
-            f"data.image_size must be a positive number of pixels, got {config.image_size}", "data.image_size"
-        )
+    check_ranges(config, "data")
     root = cache_root(config.cache_dir)
     if config.dataset:
         if config.dataset == "digits":

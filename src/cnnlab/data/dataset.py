@@ -13,6 +13,7 @@ from sklearn.model_selection import train_test_split
 from cnnlab.data.disk_images import DiskImages
 from cnnlab.data.transforms import CHUNK_PIXELS, images_within
 from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.machine import memory_bytes
 
 Pixels = np.ndarray | DiskImages  # (N, H, W, C) uint8 images, in memory or read from disk as they are needed
 
@@ -113,8 +114,17 @@ def resize_images(images: Pixels, size: tuple[int, int]) -> Pixels:
     """Resize (N, H, W, C) uint8 images to `size` = (H, W), bilinear with antialiasing when shrinking."""
     if images.shape[1:3] == size:
         return images
+    count, height, width, channels = images.shape
+    needed, available = count * size[0] * size[1] * channels, memory_bytes()
+    if needed > available:
+        raise ConfigError(
+            f"data.image_size {size[0]}: {count:,} images at {size[0]}x{size[1]} take {needed / 1e9:,.1f} GB, "
+            f"more than the {available / 1e9:,.1f} GB of memory here; choose a smaller data.image_size",
+            "data.image_size",
+        )
     resized = []
-    step = images_within(CHUNK_PIXELS, images.shape[1], images.shape[2])  # bounds the float copy's memory
+    # Chunks bound the float copies' memory, of the images as they are and as they become.
+    step = images_within(CHUNK_PIXELS, max(height, size[0]), max(width, size[1]))
     for start in range(0, len(images), step):
         batch = torch.from_numpy(np.asarray(images[start : start + step])).permute(0, 3, 1, 2).float()  # (B, C, H, W)
         batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)

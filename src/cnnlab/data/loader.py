@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from cnnlab.data.augment import (
 from cnnlab.data.dataset import Pixels, Split
 from cnnlab.data.disk_images import DiskImages
 from cnnlab.data.transforms import images_within
-from cnnlab.errors import ConfigError
+from cnnlab.machine import memory_bytes
 
 LoaderKind = Literal["auto", "memory", "disk"]
 EVALUATION_BATCH, EVALUATION_PIXELS = 1000, 4 * 2**20  # at most, per evaluation batch: images, and their H x W summed
@@ -131,10 +130,6 @@ class TrainBatches:
         select_share: float = 1.0,
     ):
         self.source, self.batch_size, self.flip, self.max_shift = source, batch_size, flip, max_shift
-        if not 0 < crop_area <= 1:
-            raise ConfigError(
-                f"train.crop_area is a share of the image's area, in (0, 1], not {crop_area}", "train.crop_area"
-            )
         self.crop_area = crop_area  # random-resized crops of at least this share of the area; 1: none
         self.jitter = jitter  # the largest brightness shift and contrast change; 0: none
         self.rank, self.world_size = rank, world_size
@@ -239,11 +234,6 @@ def make_source(kind: LoaderKind, split: Split, device: torch.device, cache_root
         images = split.images if isinstance(split.images, DiskImages) else DiskImages(disk_copy(split, cache_root))
         return OnDisk(images, split.labels, device)
     return InMemory(split, device)
-
-
-def memory_bytes() -> int:
-    """This machine's physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def in_order(images: Pixels, batch_size: int | None = None) -> Iterator[torch.Tensor]:

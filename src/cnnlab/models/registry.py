@@ -7,6 +7,7 @@ imported by cnnlab.models; nothing else needs to change to add one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,6 +111,27 @@ def fitting_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple
     ours = model.state_dict()
     fitting = {name: tensor for name, tensor in tensors.items() if name in ours and ours[name].shape == tensor.shape}
     return fitting, sorted(set(ours) - set(fitting))
+
+
+def least_step_bytes(name: str, input_shape: InputShape, batch_size: int, element_bytes: int) -> int:
+    """A lower bound on the memory one training step of model `name` takes with `batch_size` inputs of
+    `input_shape`: the input, every layer's output (kept for the backward pass), and the weights with their
+    gradients, at `element_bytes` each. Measured on the meta device, where nothing is allocated."""
+    spec = model_spec(name)
+    spec.check_input(input_shape)
+    with torch.device("meta"):
+        model = spec.build(input_shape, 2, torch.Generator().manual_seed(0))
+        kept = [batch_size * math.prod(input_shape)]
+
+        def count(_module: nn.Module, _inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                kept.append(output.numel())
+
+        for module in model.modules():
+            if not any(module.children()):
+                module.register_forward_hook(count)
+        model(torch.empty(batch_size, *input_shape))
+    return (sum(kept) + 2 * parameter_count(model)) * element_bytes
 
 
 def parameter_count(model: nn.Module) -> int:

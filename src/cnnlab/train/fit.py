@@ -6,6 +6,7 @@ main one alone writes the run folder. The step loop is in `loop`, the state it c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from cnnlab.config import RunConfig, TrainConfig
 from cnnlab.data import Dataset, load_dataset
 from cnnlab.data.cache import cache_root
 from cnnlab.errors import CnnlabError, ConfigError, first_line
-from cnnlab.machine import Precision, resolve_device, resolve_precision, this_machine
+from cnnlab.machine import DTYPES, Precision, memory_bytes, resolve_device, resolve_precision, this_machine
 from cnnlab.models import TrainedModel, model_spec, save_model
+from cnnlab.models.registry import least_step_bytes
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_contact, restarted_by_torchrun
 from cnnlab.train.head import fine_tune
@@ -46,10 +48,16 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
     if restarted_by_torchrun() and config.out and RunDir(Path(config.out).expanduser()).has_checkpoint:
         return resume(Path(config.out).expanduser(), dataset=dataset, reporter=reporter)
     check_restartable(config.out)
-    with joined(resolve_device(config.train.device)) as ranks, reproducible(config.train.seed, ranks.device):
-        run_dir = ranks.from_main(lambda: RunDir.create(config))
-        dataset = validation_for(config, dataset if dataset is not None else load_dataset(config.data))
+    config.check()
+    with (
+        joined(resolve_device(config.train.device)) as ranks,
+        reproducible(config.train.seed, ranks.device),
+        contextlib.ExitStack() as held,
+    ):
         precision = resolve_precision(config.train.precision, ranks.device)
+        check_step_fits(config, precision, ranks)
+        run_dir = ranks.from_main(lambda: held.enter_context(RunDir.claim(config)))
+        dataset = validation_for(config, dataset if dataset is not None else load_dataset(config.data))
         if ranks.is_main:
             run_dir.write_config(config, precision)
         return _train(config, precision, dataset, run_dir, reporter or default_reporter(), None, ranks)
@@ -65,7 +73,13 @@ def resume(
     folder.check_same_run(config, checkpoint)
     if epochs is not None:
         config.train.epochs = epochs
-    with joined(resolve_device(config.train.device)) as ranks, reproducible(config.train.seed, ranks.device):
+    config.check()
+    with (
+        joined(resolve_device(config.train.device)) as ranks,
+        reproducible(config.train.seed, ranks.device),
+        contextlib.ExitStack() as held,
+    ):
+        ranks.from_main(lambda: held.enter_context(folder.locked()))
         # Re-resolved: a run checkpointed on a machine with native bf16 continues in fp32 on one without.
         precision = resolve_precision(config.train.precision, ranks.device)
         if epochs is not None and ranks.is_main:
@@ -132,14 +146,33 @@ def _train(
     return TrainingResult(trained, state.history, run_dir.path, dataset, ranks.is_main)
 
 
-def check_settings(settings: TrainConfig, world_size: int) -> None:
-    """Refuse, in one line naming the keys, settings that cannot train."""
-    if settings.batch_size < world_size or settings.epochs < 0:
+def check_step_fits(config: RunConfig, precision: Precision, ranks: Ranks) -> None:
+    """Refuse an image size at which one training step cannot fit in memory, before anything is loaded: the
+    estimate is a lower bound (one channel, the input and each layer's output, weights and gradients)."""
+    size = config.data.image_size
+    if size is None:
+        return
+    settings = config.train
+    shard = -(-settings.batch_size // ranks.world_size)  # this process's images per step
+    needed = least_step_bytes(settings.model, (1, size, size), shard, DTYPES[precision].itemsize)
+    available = memory_bytes(ranks.device)
+    if needed > available:
         raise ConfigError(
-            f"train.batch_size (the global batch) must be at least the number of processes ({world_size}), "
-            "and train.epochs at least 0",
+            f"data.image_size {size}: one training step of {settings.model} on {shard} images of {size}x{size} "
+            f"takes at least {needed / 1e9:,.1f} GB, more than the {available / 1e9:,.1f} GB of memory here; "
+            "choose a smaller data.image_size or train.batch_size",
+            "data.image_size",
             "train.batch_size",
-            "train.epochs",
+        )
+
+
+def check_settings(settings: TrainConfig, world_size: int) -> None:
+    """Refuse, in one line naming the keys, settings that cannot train together (each one's own range is
+    checked by `RunConfig.check`)."""
+    if settings.batch_size < world_size:
+        raise ConfigError(
+            f"train.batch_size (the global batch) must be at least the number of processes ({world_size})",
+            "train.batch_size",
         )
     if settings.unfreeze_epochs and not settings.head_only:
         raise ConfigError(
@@ -147,21 +180,13 @@ def check_settings(settings: TrainConfig, world_size: int) -> None:
             "train.unfreeze_epochs",
         )
     smallest = model_spec(settings.model).min_input_size
-    if settings.low_res and (settings.low_res < smallest or not 0 < settings.low_res_share <= 1):
+    if settings.low_res and settings.low_res < smallest:
         raise ConfigError(
-            f"train.low_res must be at least {settings.model}'s smallest input ({smallest} px), and "
-            f"train.low_res_share in (0, 1]; got {settings.low_res} px and {settings.low_res_share}",
+            f"train.low_res must be at least {settings.model}'s smallest input ({smallest} px), not {settings.low_res}",
             "train.low_res",
-            "train.low_res_share",
         )
-    if not 0 < settings.select_share <= 1 or (settings.select_share < 1 and settings.head_only):
+    if settings.select_share < 1 and settings.head_only:
         raise ConfigError(
-            f"train.select_share is a share of the train split in (0, 1], and selects images for the whole "
-            f"network's steps, not for train.head_only; got {settings.select_share}",
+            "train.select_share selects images for the whole network's steps, not for train.head_only",
             "train.select_share",
-        )
-    if not 0 < settings.tta_below <= 1:
-        raise ConfigError(
-            f"train.tta_below is a probability in (0, 1] (1: every image gets the TTA views), not {settings.tta_below}",
-            "train.tta_below",
         )

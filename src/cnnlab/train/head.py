@@ -16,7 +16,7 @@ from cnnlab.data.loader import in_order
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import ConfigError
 from cnnlab.models.inference import Logits, Scores
-from cnnlab.train.loop import EarlyStopping, train_epochs
+from cnnlab.train.loop import train_epochs
 from cnnlab.train.progress import Reporter
 from cnnlab.train.state import NonFiniteLoss, Recorder, TrainState
 
@@ -41,20 +41,17 @@ def body_features(state: TrainState, split: Split, reporter: Reporter, name: str
 def fine_tune(state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter) -> None:
     """The head alone on cached features, then, with `unfreeze_epochs`, the whole network from the best head.
     One early stopping spans both phases: the model ends on the best epoch of either."""
-    stopping = EarlyStopping(state.settings.patience)
     if state.unfrozen_at is None:
-        train_head(state, dataset, recorder, reporter, stopping)
+        train_head(state, dataset, recorder, reporter)
         if not state.settings.unfreeze_epochs:
             return
         state.unfreeze(len(state.history))
         recorder.save_checkpoint(len(state.history), state.steps_in_epoch(len(state.history)))
         reporter.message(f"unfreezing: the whole network trains for {state.settings.unfreeze_epochs:g} epochs")
-    train_epochs(state, dataset, recorder, reporter, stopping=stopping)
+    train_epochs(state, dataset, recorder, reporter)
 
 
-def train_head(
-    state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter, stopping: EarlyStopping
-) -> None:
+def train_head(state: TrainState, dataset: Dataset, recorder: Recorder, reporter: Reporter) -> None:
     """Train the classifier on cached features, epoch by epoch, as `loop.train_epochs` runs epochs (with its
     checkpoints, signals and early stopping)."""
     if state.spec.split_head is None:
@@ -66,9 +63,7 @@ def train_head(
     splits = dataset.splits()
     cached = {name: body_features(state, split, reporter, name) for name, split in splits.items()}
     labels = {name: torch.from_numpy(split.labels).to(state.ranks.device) for name, split in splits.items()}
-    train_epochs(
-        state, dataset, recorder, reporter, lambda epoch, _: _epoch(state, head, cached, labels, epoch), stopping
-    )
+    train_epochs(state, dataset, recorder, reporter, lambda epoch, _: _epoch(state, head, cached, labels, epoch))
 
 
 def _epoch(

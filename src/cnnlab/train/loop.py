@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import signal
 import time
 from collections.abc import Callable
@@ -38,14 +37,12 @@ def train_epochs(
     recorder: Recorder,
     reporter: Reporter,
     one_epoch: EpochFunction | None = None,
-    stopping: EarlyStopping | None = None,
 ) -> None:
     """Every epoch still to train (`one_epoch`, by default an epoch of the image loop), each checkpointed and
     logged. SIGINT and SIGTERM stop training at the next step (or epoch end), on every process, after a checkpoint.
     With `patience`, training stops once the validation loss has not improved for that many epochs, and the model
-    keeps the weights of the best epoch (`stopping` carries the best over from an earlier phase)."""
+    keeps the weights of the best epoch (of this phase or an earlier one)."""
     settings, ranks = state.settings, state.ranks
-    stopping = stopping or EarlyStopping(settings.patience)
     with StopOnSignal() as stop:
 
         def after_step(epoch: int, step: int) -> None:
@@ -71,31 +68,11 @@ def train_epochs(
             if ranks.any(stop.signal is not None):  # a signal during the evaluation, or an epoch without steps
                 steps = state.steps_in_epoch(epoch)
                 raise TrainingStopped(stop.signal or signal.SIGTERM, recorder.run_dir.path, epoch, steps)
-            if stopping.should_stop(state, metrics):
+            if state.stopping.should_stop(state.model, metrics, state.first_epoch):
                 reporter.message(f"early stop: no better validation loss for {settings.patience} epochs")
                 break
-    stopping.keep_best(state, reporter)
-
-
-class EarlyStopping:
-    """Remembers the weights of the epoch with the lowest validation loss; with `patience` 0 it does nothing."""
-
-    def __init__(self, patience: int):
-        self.patience = patience
-        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val loss, epoch, weights)
-
-    def should_stop(self, state: TrainState, metrics: dict[str, Any]) -> bool:
-        if not self.patience or "val_loss" not in metrics:
-            return False
-        if self.best is None or metrics["val_loss"] < self.best[0]:
-            self.best = (metrics["val_loss"], metrics["epoch"], copy.deepcopy(state.model.state_dict()))
-        # Patience counts from the phase's start: a new phase gets its own epochs to improve on an earlier best.
-        return bool(metrics["epoch"] - max(self.best[1], state.first_epoch - 1) >= self.patience)
-
-    def keep_best(self, state: TrainState, reporter: Reporter) -> None:
-        if self.best is None:
-            return
-        loss, epoch, weights = self.best
+    if state.stopping.best is not None:
+        loss, epoch, weights = state.stopping.best
         state.model.load_state_dict(weights)
         state.best_epoch = epoch
         reporter.message(f"kept epoch {epoch}, the best validation loss ({loss:.4f})")

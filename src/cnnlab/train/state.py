@@ -32,6 +32,7 @@ from cnnlab.models.files import package_version
 from cnnlab.models.registry import fitting_tensors
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, with_sync_bn
+from cnnlab.train.early_stopping import EarlyStopping
 from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule, resolution_at
 
 log = logging.getLogger("cnnlab")
@@ -110,6 +111,7 @@ class TrainState:
         )
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
+        self.stopping = EarlyStopping(settings.patience)
         self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
         self.init_seconds = 0.0  # the data-dependent initialisation's (the pretrained weights load before)
 
@@ -187,6 +189,7 @@ class TrainState:
             "unfrozen_at": self.unfrozen_at,
             "history": self.history,
             "partial_epoch": partial,
+            "early_stopping": self.stopping.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -200,6 +203,7 @@ class TrainState:
         self.batches.load_state_dict(state["loader"])
         restore_global_rng_states(state["global_rng"])
         self.history = state["history"]
+        self.stopping.load_state_dict(state.get("early_stopping"))  # absent from checkpoints before it was kept
         partial = state["partial_epoch"]
         if partial is not None:
             # The sums a checkpoint holds are carried on by one process; the others start their share at zero.
