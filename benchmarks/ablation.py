@@ -66,7 +66,7 @@ def main() -> None:
             progress=lambda line: print(line, flush=True),
         )
         runs = result["results"]
-        accuracy = [r["final_accuracy_tta"] or r["final_accuracy"] for r in runs]
+        accuracy = [r["accuracy"] for r in runs]
         delivered = [r["delivered_seconds"] for r in runs]
         marks = [r["time_to"]["0.70"] if args.recipe == "fast70" else r["time_to"]["0.90"] for r in runs]
         table.append(

@@ -77,9 +77,8 @@ for path in sys.argv[1:]:
     summary = json.load(open(path))
     for result in summary["results"]:
         marks = "  ".join(f"{float(m):.0%}@{'-' if s is None else f'{s:.1f}s'}" for m, s in result["time_to"].items())
-        tta = result["final_accuracy_tta"]
         print(
-            f"{path.split('/')[-1]:>14} {result['recipe']:>10}: {tta if tta is not None else result['final_accuracy']:.2%}"
+            f"{path.split('/')[-1]:>14} {result['recipe']:>10}: {result['accuracy']:.2%} (epoch {result['kept_epoch']})"
             f" in {result['train_seconds']:.1f}s ({result['precision']}, {result['images_per_s']:,.0f} img/s)  {marks}"
         )
 EOF

@@ -27,7 +27,7 @@ for round in $(seq "$rounds"); do
 import json, sys
 out, round_, side, recipe, wall = sys.argv[1:]
 history = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
-accuracy = history[-1].get("test_acc_tta", history[-1]["test_acc"])
+accuracy = history[-1]["test_delivered_acc"]
 print(f"round {round_} {side:6} {recipe:12} train {sum(m['seconds'] for m in history):6.2f} s  "
       f"accuracy {accuracy:.4f}  wall {float(wall):6.1f} s")
 PY

@@ -86,7 +86,7 @@ def test_compare_writes_markdown_and_json_tables(tmp_path):
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [r["model"] for r in table["results"]] == ["tutorial-mlp", "tutorial-cnn"]
-    assert all(0 < r["test_accuracy"] <= 1 and r["parameters"] > 0 for r in table["results"])
+    assert all(0 < r["accuracy"] <= 1 and r["parameters"] > 0 for r in table["results"])
     assert "| tutorial-cnn |" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 

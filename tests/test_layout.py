@@ -295,9 +295,12 @@ def test_one_evaluation_path_gives_plain_and_delivered_scores(trained_run):
     assert isinstance(both, Scores) and both.accuracy == plain.accuracy and both.loss == pytest.approx(plain.loss)
     assert both.delivered_accuracy == pytest.approx((logits.delivered.argmax(1).numpy() == test.labels).mean())
     assert plain.accuracy == pytest.approx(trained.info.metrics["test_acc"]) and plain.accuracy > 0.5
-    assert set(both.metrics("test")) == {"test_loss", "test_acc", "test_acc_tta", "test_tta_share"}
+    entries = {"test_loss", "test_acc", "test_delivered_loss", "test_delivered_acc", "test_tta", "test_tta_share"}
+    assert set(both.metrics("test")) == set(plain.metrics("test")) == entries
     assert both.tta_share == 1.0 and plain.tta_share == 0.0
-    assert set(plain.metrics("test")) == {"test_loss", "test_acc"}
+    recorded = plain.metrics("test")
+    assert (recorded["test_delivered_acc"], recorded["test_tta"]) == (plain.accuracy, "none")  # delivered is plain
+    assert Scores.from_metrics(both.metrics("test"), "test") == both  # read back as written
 
 
 def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):

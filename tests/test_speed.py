@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.bench import summarise
+from cnnlab.bench import format_result, summarise
 from cnnlab.data.augment import alternating_flips, jittered, mirror, random_jitter, random_shifts, translate
 from cnnlab.data.transforms import channel_statistics, downscaled
 from cnnlab.errors import ConfigError
 from cnnlab.models import create_model, model_spec
 from cnnlab.models.fast import WHITEN_KERNEL
-from cnnlab.models.inference import tta_logits, views
+from cnnlab.models.inference import Scores, tta_logits, views
 from cnnlab.recipes import resolve_run_config
-from cnnlab.train import fit, loop
+from cnnlab.runs import ChildRun
+from cnnlab.train import fit, phases
 from cnnlab.train.fit import check_settings
 from cnnlab.train.optim import Muon, make_optimizer, make_schedule, orthogonalized, resolution_at
 from cnnlab.train.progress import LineReporter
@@ -223,30 +224,34 @@ def test_a_tiny_fast_run_on_digits_beats_90_percent(tmp_path, monkeypatch):
         }
     )
     seen = []  # the input sizes the training steps see
-    monkeypatch.setattr(loop, "downscaled", lambda x, size: seen.append(size) or downscaled(x, size))
+    monkeypatch.setattr(phases, "downscaled", lambda x, size: seen.append(size) or downscaled(x, size))
     trims = []  # the heap handed back to the OS at each change of size, and around each epoch's evaluation
-    monkeypatch.setattr(loop, "release_freed_memory", lambda: trims.append(len(seen)))
+    monkeypatch.setattr(phases, "release_freed_memory", lambda: trims.append(len(seen)))
     result = fit(config, reporter=LineReporter())
     assert seen[0] == (12, 12) and seen[-1] == (32, 32) and seen == sorted(seen)
     assert len(trims) == len(set(seen)) - 1 + 2 * len(result.history)
-    assert result.history[-1]["test_acc_tta"] > 0.90
+    assert result.history[-1]["test_delivered_acc"] > 0.90
     assert 0 < result.history[-1]["test_tta_share"] < 1  # selective TTA: the less sure share of the test split
     first, last = result.history[0], result.history[-1]
     assert first["init_seconds"] > 0 and "init_seconds" not in last  # the whitening, timed once
     assert all(m["test_seconds"] > 0 for m in result.history)
 
 
-def test_delivered_time_adds_the_initialisation_and_one_final_evaluation_to_the_training():
-    history = [
-        {"epoch": 1, "seconds": 10.0, "test_seconds": 2.0, "init_seconds": 1.5, "test_acc": 0.6,
-         "test_acc_tta": 0.72, "images_per_s": 100.0, "precision": "fp32"},
-        {"epoch": 2, "seconds": 10.0, "test_seconds": 2.5, "test_acc": 0.8, "test_acc_tta": 0.91,
-         "images_per_s": 100.0, "precision": "fp32"},
-    ]  # fmt: skip
-    result = summarise("r", 0, {"history": history, "peak_rss_mb": 1.0}, 1e6, {"fp32_peak_gflops": 1.0})
-    assert result["train_seconds"] == 20.0 and result["delivered_seconds"] == 1.5 + 20.0 + 2.5
+def test_bench_counts_every_epoch_trained_and_reports_the_epoch_the_run_kept():
+    def line(epoch, plain, delivered, **more):
+        scores = Scores("flip", 1.0, plain, 1.0, delivered, 0.5).metrics("test")
+        return {"epoch": epoch, "seconds": 10.0, "images_per_s": 100.0, "precision": "fp32", **scores, **more}
+
+    history = [line(1, 0.6, 0.72, test_seconds=2.0, init_seconds=1.5), line(2, 0.8, 0.91, test_seconds=2.5),
+               line(3, 0.7, 0.75, test_seconds=2.0)]  # fmt: skip
+    config = resolve_run_config({"train": {"recipe": "fast70"}})
+    run = ChildRun(config, history, history[1] | {"best_epoch": 2}, "flip", 1.0)  # early stopping kept epoch 2
+    result = summarise(run, 0, 1e6, {"fp32_peak_gflops": 1.0})
+    assert (result["kept_epoch"], result["accuracy"], result["plain_accuracy"]) == (2, 0.91, 0.8)
+    assert result["train_seconds"] == 30.0 and result["delivered_seconds"] == 1.5 + 30.0 + 2.5
     assert result["train_time_to"]["0.70"] == 10.0 and result["time_to"]["0.70"] == 1.5 + 10.0 + 2.0
     assert result["time_to"]["0.90"] == 24.0 and result["time_to"]["0.93"] is None  # marks use the TTA accuracy
+    assert "accuracy 0.9100 (with flip TTA on the 50% least sure; 0.8000 without) (epoch 2)" in format_result(result)
 
 
 def test_a_fractional_epoch_trains_part_of_the_last_epoch(tmp_path):

@@ -1,20 +1,19 @@
 """Time-to-accuracy benchmark: train recipes side by side and report how fast each reaches each mark.
 
-Each run is a separate `cnnlab train` process, so that its peak memory is its own and no run warms
-the caches of the next; the runs are measured in the same session, one after the other, so their
-ratios are comparable. Training seconds exclude the per-epoch evaluations; delivered seconds, which the
-time-to-accuracy marks count, add what else it takes to deliver the accuracy: the data-dependent
-initialisation and one evaluation of the test split with the recipe's TTA. Dense peaks are measured in
-a few seconds, only for the precisions that this machine's recipes run in (never an emulated bf16).
-"""
+Each run is a separate `cnnlab train` process (`runs.train_in_child`, as `compare` runs models), so that its
+peak memory is its own and no run warms the caches of the next; the runs are measured in the same session, one
+after the other, so their ratios are comparable. The accuracy is that of the epoch the run kept. Training
+seconds exclude the per-epoch evaluations; delivered seconds, which the time-to-accuracy marks count, add what
+else it takes to deliver the accuracy: the data-dependent initialisation and one evaluation of the test split
+with the recipe's TTA. Dense peaks are measured in a few seconds, only for the precisions that this machine's
+recipes run in (never an emulated bf16)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -28,11 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
-from cnnlab.errors import CnnlabError
 from cnnlab.machine import DTYPES, Machine, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import create_model
+from cnnlab.models.inference import Scores
 from cnnlab.recipes import resolve_run_config
-from cnnlab.run_dir import RunDir
+from cnnlab.runs import ChildRun, train_in_child
 
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
 
@@ -84,34 +83,9 @@ def training_flops_per_image(model_name: str, input_shape: tuple[int, int, int],
     return 3.0 * float(counter.get_total_flops())
 
 
-def run_recipe(
-    recipe: str, data: DataConfig, out: Path, seed: int, epochs: float | None, train_flags: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Train one recipe in a child process (with any extra `cnnlab train` flags); return its per-epoch history
-    and peak RSS."""
-    command = [sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, "--out", str(out), "--seed", str(seed)]
-    command += ["--no-report", "-q", *train_flags]
-    command += ["--dataset", data.dataset] if data.dataset else ["--data", str(data.data)]
-    if data.cache_dir:
-        command += ["--cache-dir", data.cache_dir]
-    if epochs is not None:
-        command += ["--epochs", str(epochs)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert process.stdout is not None  # stdout=PIPE
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise CnnlabError(f"benchmark run of {recipe} failed: {output.strip().splitlines()[-1] if output else status}")
-    history = RunDir(out).read_metrics()
-    return {"history": history, "peak_rss_mb": usage.ru_maxrss / 1024}  # Linux reports KiB
-
-
-def summarise(
-    recipe: str, seed: int, run: dict[str, Any], flops_per_image: float, peaks: dict[str, float]
-) -> dict[str, Any]:
-    history = run["history"]
-    uses_tta = "test_acc_tta" in history[0]
+def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str, float]) -> dict[str, Any]:
+    """A run's timings and time-to-accuracy marks, and the accuracy of the epoch it kept."""
+    history = run.history
     initialisation = history[0].get("init_seconds", 0.0)
     epochs, seconds = [], 0.0
     for metrics in history:
@@ -123,36 +97,43 @@ def summarise(
                 # Delivering this epoch's accuracy: the initialisation, the training so far and one evaluation
                 # of the test split with the recipe's TTA (the other epochs' evaluations only monitor).
                 "delivered_seconds": initialisation + seconds + metrics.get("test_seconds", 0.0),
-                "test_acc": metrics["test_acc"],
-                "test_acc_tta": metrics.get("test_acc_tta"),
+                "accuracy": _delivered(metrics, run.tta),
             }
         )
-    delivered = "test_acc_tta" if uses_tta else "test_acc"
 
     def first(clock: str, mark: float) -> float | None:
-        return next((e[clock] for e in epochs if e[delivered] >= mark), None)
+        return next((e[clock] for e in epochs if e["accuracy"] >= mark), None)
 
-    time_to = {f"{mark:.2f}": first("delivered_seconds", mark) for mark in MARKS}
-    train_time_to = {f"{mark:.2f}": first("seconds_cum", mark) for mark in MARKS}
     images = sum(m["images_per_s"] * m["seconds"] for m in history)
     gflops = flops_per_image * images / seconds / 1e9
     precision = history[-1].get("precision", "fp32")
+    kept, scores = run.kept_epoch, run.scores
     return {
-        "recipe": recipe,
+        "recipe": run.config.train.recipe,
         "seed": seed,
         "epochs": epochs,
-        "time_to": time_to,  # delivered seconds
-        "train_time_to": train_time_to,
-        "final_accuracy": history[-1]["test_acc"],
-        "final_accuracy_tta": history[-1].get("test_acc_tta"),
+        "time_to": {f"{mark:.2f}": first("delivered_seconds", mark) for mark in MARKS},  # delivered seconds
+        "train_time_to": {f"{mark:.2f}": first("seconds_cum", mark) for mark in MARKS},
+        "kept_epoch": kept,
+        "accuracy": scores.delivered_accuracy,  # of the kept epoch
+        "plain_accuracy": scores.accuracy,
+        "tta": scores.tta,
+        "tta_share": scores.tta_share,
         "train_seconds": seconds,
-        "delivered_seconds": epochs[-1]["delivered_seconds"],
+        # Every epoch trained, and the kept epoch's evaluation.
+        "delivered_seconds": initialisation + seconds + history[kept - 1].get("test_seconds", 0.0),
         "images_per_s": images / seconds,
         "gflops": gflops,
         "precision": precision,
         "fraction_of_peak": gflops / peaks[f"{precision}_peak_gflops"],  # the peak of the precision it ran in
-        "peak_rss_mb": run["peak_rss_mb"],
+        "peak_rss_mb": run.peak_rss_mb,
     }
+
+
+def _delivered(metrics: dict[str, Any], tta: str) -> float:
+    scores = Scores.from_metrics(metrics, "test", tta)
+    assert scores is not None, "every epoch is scored on the test split"
+    return scores.delivered_accuracy
 
 
 def bench(
@@ -182,8 +163,11 @@ def bench(
         flops = training_flops_per_image(model, (channels, height, width), len(dataset.classes))
         for seed in range(seeds):
             progress(f"training {recipe} (seed {seed})")
-            run = run_recipe(recipe, data, out / f"{recipe}-seed{seed}", seed, epochs, train_flags)
-            results.append(summarise(recipe, seed, run, flops, peaks))
+            train = {"recipe": recipe, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
+            config = resolve_run_config(
+                {"data": asdict(data), "train": train, "out": str(out / f"{recipe}-seed{seed}")}
+            )
+            results.append(summarise(train_in_child(config, train_flags), seed, flops, peaks))
             progress(format_result(results[-1]))
     summary = {
         "machine": {**machine.to_dict(), "cpu_count": os.cpu_count(), "device": str(torch_device), **peaks},
@@ -201,7 +185,7 @@ def across_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summaries = []
     for recipe in dict.fromkeys(r["recipe"] for r in results):
         runs = [r for r in results if r["recipe"] == recipe]
-        accuracy = torch.tensor([r["final_accuracy_tta"] or r["final_accuracy"] for r in runs], dtype=torch.float64)
+        accuracy = torch.tensor([r["accuracy"] for r in runs], dtype=torch.float64)
         seconds = torch.tensor([r["train_seconds"] for r in runs], dtype=torch.float64)
         delivered = torch.tensor([r["delivered_seconds"] for r in runs], dtype=torch.float64)
         summaries.append(
@@ -234,11 +218,12 @@ def format_result(result: dict[str, Any]) -> str:
         f"{float(mark):.0%}@{'-' if seconds is None else f'{seconds:.0f}s'}"
         for mark, seconds in result["time_to"].items()
     )
-    tta = result["final_accuracy_tta"]
-    plain = result["final_accuracy"]
-    accuracy = f"{plain:.2%}" if tta is None else f"{tta:.2%} with TTA ({plain:.2%} without)"
+    scores = Scores(
+        result["tta"], math.nan, result["plain_accuracy"], math.nan, result["accuracy"], result["tta_share"]
+    )
     return (
-        f"{result['recipe']:>14} seed {result['seed']}: {accuracy} in {result['train_seconds']:.1f}s of training "
+        f"{result['recipe']:>14} seed {result['seed']}: {scores.describe()} (epoch {result['kept_epoch']}) "
+        f"in {result['train_seconds']:.1f}s of training "
         f"({result['delivered_seconds']:.1f}s delivered), "
         f"{result['images_per_s']:,.0f} img/s, {result['gflops']:.0f} GFLOP/s "
         f"({result['fraction_of_peak']:.0%} of the {result['precision']} peak), "

@@ -1,21 +1,22 @@
-"""Comparison: train several models, each with its own recipe, on one dataset, and tabulate them."""
+"""Comparison: train several models, each with its own recipe, on one dataset, and tabulate what each delivered."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cnnlab.atomic import write_text
-from cnnlab.config import DataConfig, RunConfig
+from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
+from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import Evaluation, evaluate, write_evaluation
-from cnnlab.models import parameter_count
+from cnnlab.models import load_model, parameter_count
 from cnnlab.recipes import resolve_run_config
 from cnnlab.report import write_comparison_report
-from cnnlab.train import fit
-from cnnlab.train.progress import Reporter
+from cnnlab.runs import train_in_child
 
 TABLE_FILES = ("comparison.md", "comparison.json", "report.html")
 
@@ -24,8 +25,9 @@ TABLE_FILES = ("comparison.md", "comparison.json", "report.html")
 class ComparisonRow:
     model: str
     recipe: str | None
-    epochs: int
-    test_accuracy: float  # delivered: with the recipe's TTA when it has one
+    epochs: int  # trained
+    kept_epoch: int  # whose weights the model has: the last, or the one early stopping kept
+    accuracy: float  # delivered, at the kept epoch: with the recipe's TTA when it has one
     plain_accuracy: float  # each test image seen once
     tta: str
     macro_f1: float
@@ -40,38 +42,45 @@ def compare(
     data: DataConfig,
     out: Path,
     train_overrides: dict[str, Any] | None = None,  # TrainConfig values over each model's default recipe
-    reporter: Reporter | None = None,
+    echo: Callable[[str], object] | None = None,
 ) -> list[ComparisonRow]:
-    """Train each model into out/<model>/; write out/comparison.md, out/comparison.json and out/report.html."""
+    """Train each model into out/<model>/ (each in a child process, as `bench` runs recipes, its lines handed to
+    `echo`); write out/comparison.md, out/comparison.json and out/report.html."""
+    if not models:
+        raise CnnlabError("compare needs at least one model")
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(data)
     rows = []
     evaluations: dict[str, Evaluation] = {}
     histories = {}
     for name in models:
-        config: RunConfig = resolve_run_config(
+        config = resolve_run_config(
             {"data": asdict(data), "train": {"model": name, **(train_overrides or {})}, "out": str(out / name)}
         )
-        if reporter is not None:
-            reporter.message(f"training {name} (recipe {config.train.recipe})")
-        result = fit(config, dataset, reporter)
-        evaluation = evaluate(result.model, dataset.test)
-        write_evaluation(evaluation, result.run_dir)
-        evaluations[name], histories[name] = evaluation, result.history
-        seconds = sum(epoch["seconds"] for epoch in result.history)
+        # At the size this model is made for (as `cnnlab train` reads the data); it also fills the cache, so
+        # that the run does not decode the images again.
+        dataset = load_dataset(config.data)
+        if echo is not None:
+            echo(f"training {name} (recipe {config.train.recipe})")
+        run = train_in_child(config, echo=echo)
+        model = load_model(run.run_dir)
+        evaluation = evaluate(model, dataset.test)  # the per-class report; the accuracy is the run's own
+        write_evaluation(evaluation, run.run_dir)
+        evaluations[name], histories[name] = evaluation, run.history
+        scores = run.scores
         rows.append(
             ComparisonRow(
                 model=name,
                 recipe=config.train.recipe,
-                epochs=len(result.history),
-                test_accuracy=evaluation.accuracy,
-                plain_accuracy=evaluation.scores.accuracy,
-                tta=evaluation.scores.tta,
+                epochs=len(run.history),
+                kept_epoch=run.kept_epoch,
+                accuracy=scores.delivered_accuracy,
+                plain_accuracy=scores.accuracy,
+                tta=scores.tta,
                 macro_f1=evaluation.macro_f1,
-                parameters=parameter_count(result.model.module),
-                train_seconds=seconds,
-                seconds_per_epoch=seconds / max(1, len(result.history)),
-                run_dir=str(result.run_dir),
+                parameters=parameter_count(model.module),
+                train_seconds=run.train_seconds,
+                seconds_per_epoch=run.train_seconds / max(1, len(run.history)),
+                run_dir=str(run.run_dir),
             )
         )
     write_text(out / TABLE_FILES[0], comparison_markdown(rows, dataset.name))
@@ -86,12 +95,12 @@ def comparison_markdown(rows: list[ComparisonRow], dataset_name: str) -> str:
     lines = [
         f"# Comparison on {dataset_name}",
         "",
-        "| model | recipe | epochs | test accuracy (delivered) | without TTA | macro F1 | parameters | training s "
-        "| s / epoch |",
+        "| model | recipe | epochs (kept) | test accuracy (delivered) | without TTA | macro F1 | parameters "
+        "| training s | s / epoch |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r.model} | {r.recipe or '-'} | {r.epochs} | {r.test_accuracy:.2%}{_tta_label(r.tta)} "
+        f"| {r.model} | {r.recipe or '-'} | {r.epochs} ({r.kept_epoch}) | {r.accuracy:.2%}{_tta_label(r.tta)} "
         f"| {r.plain_accuracy:.2%} | {r.macro_f1:.4f} | {r.parameters:,} "
         f"| {r.train_seconds:.1f} | {r.seconds_per_epoch:.2f} |"
         for r in rows

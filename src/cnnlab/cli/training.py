@@ -19,7 +19,7 @@ from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
 from cnnlab.config import DataConfig, load_toml
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, create_model, model_spec, parameter_count
-from cnnlab.models.inference import describe_accuracy
+from cnnlab.models.inference import Scores
 from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.report import write_run_report
 from cnnlab.train import run
@@ -59,13 +59,9 @@ def train(
         result = launch(run_config)
     if result is None or not result.is_main:  # launched processes report for themselves
         return
-    final = result.model.info.metrics
-    test = describe_accuracy(
-        final.get("test_acc_tta", float("nan")),
-        final.get("test_acc", float("nan")),
-        result.model.info.tta,
-        final.get("test_tta_share", 1.0),
-    )
+    info = result.model.info
+    recorded = Scores.from_metrics(info.metrics, "test", info.tta)
+    test = recorded.describe() if recorded is not None else "accuracy not measured (no test split)"
     console.print(f"run folder: {result.run_dir}  test {test}")
     if report:
         console.print(f"report: {write_run_report(result.run_dir, result.dataset.test)}")
@@ -78,7 +74,7 @@ def compare_command(
     flags: Flags,
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = "tutorial-mlp,tutorial-cnn",
     out: Annotated[Path | None, typer.Option(help="Folder (default runs/compare-<data>-<time>).")] = None,
-    quiet: Quiet = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the table alone, not each run's epochs.")] = False,
 ) -> None:
     """Train each model with its default recipe on one dataset and print a comparison table."""
     data_config = DataConfig(**flags.data)
@@ -86,7 +82,7 @@ def compare_command(
     for name in names:
         model_spec(name)  # fail on a misspelt name before any training starts
     out = out or Path("runs") / f"compare-{data_config.label}-{datetime.now():%Y%m%d-%H%M%S}"
-    rows = compare(names, data_config, out, flags.train, default_reporter(quiet))
+    rows = compare(names, data_config, out, flags.train, None if quiet else console.print)
     console.print(comparison_markdown(rows, data_config.label))
     console.print(f"wrote {', '.join(str(out / name) for name in TABLE_FILES)}")
 

@@ -149,16 +149,9 @@ class TrainBatches:
         """Steps done+1 .. `steps` of `epoch` (1-based). With `done` > 0 this continues the epoch that a
         checkpoint stopped in: the permutation is redrawn from `order_state` (a selecting epoch's order is kept
         whole, as the losses it was selected by have changed since), the draws go on from `random`."""
-        if done and self.order is not None:
-            order = self.order
-        elif done:
-            current = self.random.get_state()
-            self.random.set_state(self.order_state)
-            order = torch.randperm(self.size, generator=self.random)
-            self.random.set_state(current)
-        else:
-            self.order_state = self.random.get_state()
-            order = self._selected(torch.randperm(self.size, generator=self.random))
+        order = self.order if done and self.order is not None else self.permutation(resumed=done > 0)
+        if not done:
+            order = self._selected(order)
         flips = alternating_flips(self.flip_half, epoch) if self.flip == "alternating" else None
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         shares = [self._share(len(batch)) for batch in batches[done:steps]]
@@ -181,6 +174,18 @@ class TrainBatches:
                 images = resized_crops(images, boxes[mine])
             jittered = jitter[mine] if jitter is not None else None
             yield step, Batch(images, labels, count, len(batch), jittered, batch if self.selecting else None)
+
+    def permutation(self, resumed: bool = False) -> torch.Tensor:
+        """A new epoch's order of the split's images, drawn from `random`; `resumed`: the order of the epoch in
+        progress again, redrawn from the generator's state when it was first drawn (the draws go on as they were)."""
+        if not resumed:
+            self.order_state = self.random.get_state()
+            return torch.randperm(self.size, generator=self.random)
+        current = self.random.get_state()
+        self.random.set_state(self.order_state)
+        order = torch.randperm(self.size, generator=self.random)
+        self.random.set_state(current)
+        return order
 
     @property
     def selecting(self) -> bool:

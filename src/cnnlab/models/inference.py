@@ -1,13 +1,16 @@
 """Running a model over batches of images without gradients, and the one way cnnlab scores it.
 
-Every accuracy cnnlab reports comes from `evaluate`: the plain one (each image seen once) and, when the
-model has test-time augmentation, the delivered one (its views averaged, as predict and serve answer).
+Every accuracy cnnlab reports is a `Scores`: the plain one (each image seen once) and the delivered one (with
+the model's test-time augmentation, its views averaged, as predict and serve answer; the plain one without).
+Training writes it into each metrics.jsonl line (`Scores.metrics`); everything after reads it back from there
+(`Scores.from_metrics`) and says it one way (`Scores.describe`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,25 +51,41 @@ class Scores:
         share = logits.viewed.float().mean().item() if len(logits.viewed) else 0.0
         return cls(logits.tta, loss, accuracy, *delivered, share)
 
-    def metrics(self, split: str) -> dict[str, float]:
-        """Log entries: `<split>_loss`, `<split>_acc` (plain) and, with TTA, `<split>_acc_tta` (delivered) and
-        `<split>_tta_share` (the share of images it viewed)."""
-        entries = {f"{split}_loss": self.loss, f"{split}_acc": self.accuracy}
-        if self.tta == "none":
-            return entries
-        return entries | {f"{split}_acc_tta": self.delivered_accuracy, f"{split}_tta_share": self.tta_share}
+    def metrics(self, split: str) -> dict[str, Any]:
+        """A split's entries in a metrics.jsonl line: plain `<split>_loss` and `<split>_acc` (each image seen
+        once), delivered `<split>_delivered_loss` and `<split>_delivered_acc` (the plain ones without TTA),
+        `<split>_tta` (the views) and `<split>_tta_share` (the share of images that got them)."""
+        return {
+            f"{split}_loss": self.loss,
+            f"{split}_acc": self.accuracy,
+            f"{split}_delivered_loss": self.delivered_loss,
+            f"{split}_delivered_acc": self.delivered_accuracy,
+            f"{split}_tta": self.tta,
+            f"{split}_tta_share": self.tta_share,
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any], split: str, tta: str = "none") -> Scores | None:
+        """The scores a metrics line recorded for `split`, read back, never recomputed; None when it has none.
+        Lines written before the delivered entries had `<split>_acc_tta` alone, with the model's `tta`."""
+        if f"{split}_acc" not in metrics:
+            return None
+        plain_loss, plain = metrics[f"{split}_loss"], metrics[f"{split}_acc"]
+        if f"{split}_delivered_acc" in metrics:
+            delivered = metrics[f"{split}_delivered_loss"], metrics[f"{split}_delivered_acc"]
+            return cls(metrics[f"{split}_tta"], plain_loss, plain, *delivered, metrics[f"{split}_tta_share"])
+        if f"{split}_acc_tta" not in metrics:
+            return cls("none", plain_loss, plain, plain_loss, plain, 0.0)
+        share = metrics.get(f"{split}_tta_share", 1.0)
+        return cls(tta, plain_loss, plain, float("nan"), metrics[f"{split}_acc_tta"], share)
 
     def describe(self) -> str:
-        return describe_accuracy(self.delivered_accuracy, self.accuracy, self.tta, self.tta_share)
-
-
-def describe_accuracy(delivered: float, plain: float, tta: str, tta_share: float = 1.0) -> str:
-    """ "accuracy 0.9412 (with flip-translate TTA; 0.9310 without)": the delivered accuracy, labelled; selective
-    TTA says on what share of the images: "(with flip TTA on the 25% least sure; ...)"."""
-    if tta == "none":
-        return f"accuracy {plain:.4f}"
-    covered = "" if tta_share == 1 else f" on the {tta_share:.0%} least sure"
-    return f"accuracy {delivered:.4f} (with {tta} TTA{covered}; {plain:.4f} without)"
+        """ "accuracy 0.9412 (with flip-translate TTA; 0.9310 without)": the delivered accuracy, labelled;
+        selective TTA says on what share of the images: "(with flip TTA on the 25% least sure; ...)"."""
+        if self.tta == "none":
+            return f"accuracy {self.accuracy:.4f}"
+        covered = "" if self.tta_share == 1 else f" on the {self.tta_share:.0%} least sure"
+        return f"accuracy {self.delivered_accuracy:.4f} (with {self.tta} TTA{covered}; {self.accuracy:.4f} without)"
 
 
 def _loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

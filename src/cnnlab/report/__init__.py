@@ -111,8 +111,8 @@ def write_comparison_report(
         [
             r.model,
             r.recipe or "-",
-            r.epochs,
-            r.test_accuracy,
+            f"{r.epochs} ({r.kept_epoch})",
+            r.accuracy,
             r.plain_accuracy,
             r.macro_f1,
             r.parameters,
@@ -138,7 +138,7 @@ def write_comparison_report(
                 [
                     "model",
                     "recipe",
-                    "epochs",
+                    "epochs (kept)",
                     "test accuracy (delivered)",
                     "without TTA",
                     "macro F1",
@@ -154,7 +154,7 @@ def write_comparison_report(
         ("Training curves", f'<div class="side">{curves}</div>'),
         ("Runs", f"<pre>{escape(json.dumps([asdict(r) for r in rows], indent=2))}</pre>"),
     ]
-    best = max(rows, key=lambda r: r.test_accuracy)
-    summary = f"best: {best.model} at {best.test_accuracy:.2%} test accuracy on {dataset.name}"
+    best = max(rows, key=lambda r: r.accuracy)
+    summary = f"best: {best.model} at {best.accuracy:.2%} test accuracy on {dataset.name}"
     write_text(out / RunDir.REPORT, html.page(f"Comparison on {dataset.name}", sections, summary))
     return out / RunDir.REPORT

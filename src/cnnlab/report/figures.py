@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from cnnlab.atomic import atomic_write
+from cnnlab.models.inference import Scores
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
@@ -115,10 +116,10 @@ def training_curves(history: list[dict[str, Any]], title: str = "") -> Figure:
             if f"{split}_loss" in history[0]:
                 loss_axis.plot(epochs, [m[f"{split}_loss"] for m in history], "o-", color=color, label=split)
                 accuracy_axis.plot(epochs, [m[f"{split}_acc"] for m in history], "o-", color=color, label=split)
-        if "test_acc_tta" in history[0]:
-            accuracy_axis.plot(
-                epochs, [m["test_acc_tta"] for m in history], "o--", color=TEST_COLOR, label="test (TTA)"
-            )
+        delivered = [Scores.from_metrics(m, "test") for m in history]
+        if delivered[0] is not None and delivered[0].tta != "none":
+            accuracy_axis.plot(epochs, [s.delivered_accuracy for s in delivered if s is not None], "o--",
+                               color=TEST_COLOR, label=f"test ({delivered[0].tta} TTA)")  # fmt: skip
         loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
         accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         for axis in (loss_axis, accuracy_axis):

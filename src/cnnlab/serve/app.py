@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnlab.data import images as image_io
 from cnnlab.models import ModelInfo
+from cnnlab.models.inference import Scores
 from cnnlab.predict import Classifier
 
 
@@ -121,12 +122,13 @@ def decode_upload(data: bytes, name: str, classifier: Classifier, config: ServeC
 def describe(info: ModelInfo) -> dict[str, Any]:
     """GET /model: what the model is, and its delivered test accuracy (with its TTA, as /predict answers)
     with the plain one (each image once) beside it."""
+    recorded = Scores.from_metrics(info.metrics, "test", info.tta)
     return {
         "architecture": info.architecture,
         "classes": info.classes,
         "input_shape": info.input_shape,
-        "test_accuracy": info.metrics.get("test_acc_tta", info.metrics.get("test_acc")),
-        "test_accuracy_without_tta": info.metrics.get("test_acc"),
+        "test_accuracy": recorded.delivered_accuracy if recorded is not None else None,
+        "test_accuracy_without_tta": recorded.accuracy if recorded is not None else None,
         "tta": info.tta,
         "tta_below": info.tta_below,  # selective TTA: the views only for images less sure than this
     }

@@ -1,7 +1,8 @@
 """Training: `fit(RunConfig)` trains a registered model into a run folder; `resume` continues one.
 
 Launched by torchrun, the same calls train data-parallel (see `distributed`): every process trains, the
-main one alone writes the run folder. The step loop is in `loop`, the state it carries in `state`.
+main one alone writes the run folder. The loop over phases, epochs and steps is in `engine`, the phases in
+`phases`, the state they carry in `state`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from cnnlab.machine import DTYPES, Precision, memory_bytes, resolve_device, reso
 from cnnlab.models import TrainedModel, model_spec, save_model
 from cnnlab.models.registry import least_step_bytes
 from cnnlab.run_dir import RunDir
+from cnnlab.train import engine
 from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_contact, restarted_by_torchrun
-from cnnlab.train.head import fine_tune
-from cnnlab.train.loop import train_epochs
 from cnnlab.train.progress import LineReporter, Reporter, default_reporter
 from cnnlab.train.runtime import keep_freed_memory
 from cnnlab.train.state import Recorder, TrainState, reproducible
@@ -121,10 +121,7 @@ def _train(
         state.initialize(dataset)
     try:
         recorder.start()
-        if settings.head_only:
-            fine_tune(state, dataset, recorder, reporter)
-        else:
-            train_epochs(state, dataset, recorder, reporter)
+        engine.train(state, recorder, reporter)
         info = state.model_info(config, list(dataset.classes))
         if ranks.is_main:
             save_model(state.model, info, run_dir.path)

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from cnnlab.models.inference import Scores
+
 
 class Reporter(Protocol):
     def epoch_started(self, epoch: int, epochs: float, steps: int) -> None: ...
@@ -18,10 +20,13 @@ class Reporter(Protocol):
 
 
 def epoch_line(metrics: dict[str, Any], epochs: float) -> str:
+    """An epoch's line: its training figures, then each scored split's loss and delivered accuracy."""
     parts = [f"epoch {metrics['epoch']}/{epochs:g}"]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
-        if key in metrics:
-            parts.append(f"{key} {metrics[key]:.4f}")
+    parts += [f"{key} {metrics[key]:.4f}" for key in ("train_loss", "train_acc") if key in metrics]
+    for split in ("val", "test"):
+        scores = Scores.from_metrics(metrics, split)
+        if scores is not None:
+            parts.append(f"{split}_loss {scores.loss:.4f}  {split} {scores.describe()}")
     parts.append(f"{metrics['seconds']:.1f}s {metrics['images_per_s']:,.0f} img/s")
     return "  ".join(parts)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -26,14 +25,15 @@ from cnnlab.data.download import download
 from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import channel_statistics, images_within, to_input
 from cnnlab.errors import CnnlabError, ConfigError
-from cnnlab.machine import DTYPES, Precision, synchronize
+from cnnlab.machine import Precision, synchronize
 from cnnlab.models import ModelInfo, ModelSpec, create_model, model_spec, parameter_count
 from cnnlab.models.files import package_version
 from cnnlab.models.registry import fitting_tensors
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import Ranks, with_sync_bn
 from cnnlab.train.early_stopping import EarlyStopping
-from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule, resolution_at
+from cnnlab.train.optim import Lookahead
+from cnnlab.train.phases import HeadPhase, ImagePhase, Phase, UnfreezePhase
 
 log = logging.getLogger("cnnlab")
 # At most, for a family's data-dependent initialisation: images, and their H x W summed (5,000 CIFAR images;
@@ -99,13 +99,8 @@ class TrainState:
             settings.color_jitter,
             settings.select_share,
         )
-        # The epochs of the phase in training: all of them, or after head_only, those of the unfreeze phase.
-        self.first_epoch, self.phase_epochs = 1, settings.epochs
-        self.unfrozen_at: int | None = None  # the last head-only epoch, once the whole network trains
-        self.total_steps = math.ceil(self.batches.steps_per_epoch * settings.epochs)
-        self.optimizer = make_optimizer(self.model, self.spec.parameter_groups(self.model), settings, DTYPES[precision])
-        self.schedule = make_schedule(self.optimizer, settings, self.total_steps)
-        self.lookahead: Lookahead | None = None
+        self.dataset = dataset
+        self.phase: Phase = (HeadPhase if settings.head_only else ImagePhase)(self, dataset, 1, settings.epochs)
         self.class_weights = loss_weights(
             dataset.train.labels, len(dataset.classes), settings.class_weights, ranks.device
         )
@@ -134,36 +129,11 @@ class TrainState:
         synchronize(self.ranks.device)
         self.init_seconds = time.perf_counter() - started
 
-    def unfreeze(self, after_epoch: int) -> None:
-        """Start the unfreeze phase after head-only epoch `after_epoch`: the whole network trains for
-        `unfreeze_epochs`, with layer-wise learning rates on a triangle schedule of its own."""
-        assert self.spec.split_head is not None
-        settings = self.settings
-        self.unfrozen_at, self.first_epoch, self.phase_epochs = after_epoch, after_epoch + 1, settings.unfreeze_epochs
-        self.total_steps = math.ceil(self.batches.steps_per_epoch * settings.unfreeze_epochs)
-        self.optimizer = make_layerwise_optimizer(self.model, self.spec.split_head(self.model)[1], settings)
-        self.schedule = make_schedule(
-            self.optimizer, dataclasses.replace(settings, schedule="triangle"), self.total_steps
-        )
-        self.lookahead = None
-
-    @property
-    def last_epoch(self) -> int:
-        return self.first_epoch - 1 + math.ceil(self.phase_epochs)
-
-    def global_step(self, epoch: int, step: int) -> int:
-        """Steps into the phase in training."""
-        return (epoch - self.first_epoch) * self.batches.steps_per_epoch + step
-
-    def input_size_at(self, global_step: int) -> tuple[int, int]:
-        """The (height, width) that step `global_step` (1-based, into the phase) sees: smaller early with low_res."""
-        _, height, width = self.input_shape
-        return resolution_at(global_step - 1, self.total_steps, self.settings, (height, width))
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        """All steps of an epoch, or fewer in a fractional last epoch."""
-        steps_per_epoch = self.batches.steps_per_epoch
-        return min(steps_per_epoch, self.total_steps - (epoch - self.first_epoch) * steps_per_epoch)
+    def next_phase(self) -> Phase | None:
+        """The phase that follows the one in training: after the head, with `unfreeze_epochs`, the whole network."""
+        if isinstance(self.phase, HeadPhase) and self.settings.unfreeze_epochs:
+            return UnfreezePhase(self, self.dataset, len(self.history))
+        return None
 
     def summed(self, loss_sum: torch.Tensor | float, correct: torch.Tensor | int, seen: int) -> tuple[float, int, int]:
         """An epoch's running totals summed over the processes."""
@@ -180,13 +150,13 @@ class TrainState:
             partial = {**dataclasses.asdict(self.partial), "loss_sum": loss_sum, "correct": correct, "seen": seen}
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+            "optimizer": self.phase.optimizer.state_dict(),
+            "schedule": self.phase.schedule.state_dict(),
+            "lookahead": self.phase.lookahead.state_dict() if self.phase.lookahead is not None else None,
             "loader": self.batches.state_dict(),
             "global_rng": global_rng_states(),
             "epoch": len(self.history),
-            "unfrozen_at": self.unfrozen_at,
+            "unfrozen_at": self.phase.unfrozen_at(),
             "history": self.history,
             "partial_epoch": partial,
             "early_stopping": self.stopping.state_dict(),
@@ -194,12 +164,12 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("unfrozen_at") is not None:  # the optimizer saved is the unfreeze phase's
-            self.unfreeze(state["unfrozen_at"])
+            self.phase = UnfreezePhase(self, self.dataset, state["unfrozen_at"])
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        self.phase.optimizer.load_state_dict(state["optimizer"])
+        self.phase.schedule.load_state_dict(state["schedule"])
         if state["lookahead"] is not None:
-            self.lookahead = Lookahead.from_state_dict(self.model, state["lookahead"])
+            self.phase.lookahead = Lookahead.from_state_dict(self.model, state["lookahead"])
         self.batches.load_state_dict(state["loader"])
         restore_global_rng_states(state["global_rng"])
         self.history = state["history"]
@@ -265,7 +235,8 @@ class Recorder:
         if state.ranks.is_main:
             about = {"classes": self.classes, "input_shape": list(state.input_shape)}
             self.run_dir.save_checkpoint({**saved, **about, "config": dataclasses.asdict(self.config)})
-            self.intact = f"epoch {epoch}" if step == state.steps_in_epoch(epoch) else f"epoch {epoch} step {step}"
+            finished = step == state.phase.steps_in_epoch(epoch)
+            self.intact = f"epoch {epoch}" if finished else f"epoch {epoch} step {step}"
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         if self.state.ranks.is_main:

@@ -1,0 +1,221 @@
+"""The engine: one loop over a run's phases and their epochs, and one training step that serves them all.
+
+    for each phase still to train (`train.phases`: images; or head, then unfreeze):
+        for each epoch:
+            for each batch:  train_step, then the hooks' after_step
+            the hooks' end_epoch, then the phase scores the epoch: a metrics.jsonl line
+            early stopping remembers the best epoch; checkpoint, log, report; stop on a signal or early
+        the model takes the best epoch's weights
+
+The hooks, in the order they run after each step: hard-example selection records each image's loss, lookahead
+averages the weights, progress reports, checkpoints are written (every N steps, and on SIGINT or SIGTERM, which
+then stop the run).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cnnlab.machine import synchronize
+from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay
+from cnnlab.train.phases import Phase, StepBatch
+from cnnlab.train.progress import Reporter
+from cnnlab.train.signals import StopOnSignal, TrainingStopped
+from cnnlab.train.state import NonFiniteLoss, PartialEpoch, Recorder, TrainState
+
+REPORT_EVERY = 25  # steps between progress-bar updates; each update reads the loss back from the device
+
+
+def train(state: TrainState, recorder: Recorder, reporter: Reporter) -> None:
+    """Every phase and epoch still to train, each epoch checkpointed and logged. SIGINT and SIGTERM stop training
+    at the next step (or epoch end), on every process, after a checkpoint. With `patience`, a phase stops once
+    the validation loss has not improved for that many epochs, and the model keeps the best epoch's weights
+    (of this phase or an earlier one)."""
+    settings, ranks = state.settings, state.ranks
+    with StopOnSignal() as stop:
+        hooks = (HardExampleSelection(), WeightAveraging(), Progress(reporter), Checkpoints(recorder, stop))
+        phase: Phase | None = state.phase
+        while phase is not None:
+            phase.start(reporter)
+            for epoch in range(max(len(state.history) + 1, phase.first_epoch), phase.last_epoch + 1):
+                reporter.epoch_started(epoch, phase.last_epoch, phase.steps_in_epoch(epoch))
+                metrics = train_epoch(state, phase, epoch, hooks)
+                if epoch == 1:  # what the run spent before its first step, for the time it takes to deliver
+                    metrics["init_seconds"] = state.init_seconds
+                state.history.append(metrics)
+                # Before the checkpoint: a run resumed from it must know this epoch if it was the best.
+                stopping = state.stopping.should_stop(state.model, metrics, phase.first_epoch)
+                recorder.save_checkpoint(epoch, phase.steps_in_epoch(epoch))
+                recorder.log_epoch(metrics)
+                reporter.epoch_done(metrics)
+                if ranks.any(stop.signal is not None):  # a signal during the evaluation, or an epoch without steps
+                    steps = phase.steps_in_epoch(epoch)
+                    raise TrainingStopped(stop.signal or signal.SIGTERM, recorder.run_dir.path, epoch, steps)
+                if stopping:
+                    reporter.message(f"early stop: no better validation loss for {settings.patience} epochs")
+                    break
+            keep_best(state, reporter)
+            phase = state.next_phase()
+            if phase is not None:
+                state.phase = phase
+                recorder.save_checkpoint(len(state.history), state.batches.steps_per_epoch)
+                reporter.message(f"{phase.name}: {phase.epochs:g} epochs from epoch {phase.first_epoch}")
+
+
+def keep_best(state: TrainState, reporter: Reporter) -> None:
+    best = state.stopping.best
+    if best is None:
+        return
+    loss, epoch, weights = best
+    state.model.load_state_dict(weights)
+    state.best_epoch = epoch
+    reporter.message(f"kept epoch {epoch}, the best validation loss ({loss:.4f})")
+
+
+def train_step(phase: Phase, batch: StepBatch, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of `phase` on a batch (this process's shard of a global batch); returns each image's
+    loss and its logits, detached."""
+    logits = phase.forward(batch, global_step)
+    loss, losses = phase.objective(logits, batch)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss("non-finite loss")
+    phase.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    phase.optimizer.step()
+    phase.schedule.step()
+    return losses, logits.detach()
+
+
+@dataclass
+class StepDone:
+    """What the hooks see after a step."""
+
+    state: TrainState
+    phase: Phase
+    epoch: int
+    step: int  # 1-based, into the epoch
+    global_step: int  # 1-based, into the phase
+    batch: StepBatch
+    losses: torch.Tensor  # (b,) each image's loss
+    progress: PartialEpoch  # the epoch's totals, this step included
+
+
+class Hook:
+    """Something that happens around the steps; each method does nothing unless a hook says otherwise."""
+
+    def after_step(self, done: StepDone) -> None:
+        """After every step, with the state complete: may checkpoint, or raise to stop."""
+
+    def end_epoch(self, state: TrainState, phase: Phase) -> None:
+        """After an epoch's last step, before it is scored."""
+
+
+def train_epoch(state: TrainState, phase: Phase, epoch: int, hooks: tuple[Hook, ...]) -> dict[str, Any]:
+    """Train one epoch of `phase`, or finish the one a mid-epoch checkpoint stopped in, then score it: its
+    metrics.jsonl line, training figures summed over the processes."""
+    ranks = state.ranks
+    phase.begin_epoch(epoch)
+    resumed = state.partial if state.partial is not None and state.partial.epoch == epoch else None
+    progress = resumed or PartialEpoch(
+        epoch, 0, torch.tensor(0.0, device=ranks.device), torch.tensor(0, device=ranks.device), 0, 0.0
+    )
+    started = time.perf_counter() - progress.seconds
+    for step, batch in phase.batches(epoch, progress.step):
+        global_step = phase.global_step(epoch, step)
+        try:
+            losses, logits = train_step(phase, batch, global_step)
+        except NonFiniteLoss:
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept") from None
+        if batch.count:
+            progress.loss_sum += losses.sum()
+            progress.correct += (logits.argmax(1) == batch.labels).sum()
+            progress.seen += batch.count
+        progress.step, progress.seconds = step, time.perf_counter() - started
+        state.partial = progress
+        done = StepDone(state, phase, epoch, step, global_step, batch, losses, progress)
+        for hook in hooks:
+            hook.after_step(done)
+    state.partial = None
+    for hook in hooks:
+        hook.end_epoch(state, phase)
+    ranks.copy_buffers_from_main(state.model)
+    loss_sum, correct, seen = state.summed(progress.loss_sum, progress.correct, progress.seen)
+    synchronize(ranks.device)
+    seconds = time.perf_counter() - started
+    training = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen}
+    return (
+        training
+        | phase.evaluate()
+        | {
+            "lr": phase.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "images_per_s": seen / seconds,
+            "precision": state.precision,
+        }
+    )
+
+
+class HardExampleSelection(Hook):
+    """Records the loss each image of a global batch had, by which the next epoch selects its images."""
+
+    def after_step(self, done: StepDone) -> None:
+        batch = done.batch
+        if batch.indices is not None:
+            gathered = done.state.ranks.gather_rows(done.losses[: batch.count], len(batch.indices))
+            done.state.batches.record_losses(batch.indices, gathered)
+
+
+class WeightAveraging(Hook):
+    """Lookahead: from LOOKAHEAD_START_EPOCH, every LOOKAHEAD_EVERY steps, pull the weights to their average;
+    at each epoch's end, onto it."""
+
+    def after_step(self, done: StepDone) -> None:
+        phase, model = done.phase, done.state.model
+        if not (done.state.settings.lookahead and phase.averages_weights) or done.epoch < LOOKAHEAD_START_EPOCH:
+            return
+        if done.global_step % LOOKAHEAD_EVERY:
+            return
+        if phase.lookahead is None:
+            phase.lookahead = Lookahead(model)
+        else:
+            phase.lookahead.update(model, lookahead_decay(done.global_step, phase.total_steps))
+
+    def end_epoch(self, state: TrainState, phase: Phase) -> None:
+        if phase.lookahead is not None:
+            phase.lookahead.update(state.model, decay=1.0)
+
+
+class Progress(Hook):
+    """A progress bar's running loss, accuracy and speed, every REPORT_EVERY steps (this process's share)."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+
+    def after_step(self, done: StepDone) -> None:
+        if done.step % REPORT_EVERY:
+            return
+        progress = done.progress
+        seen = max(progress.seen, 1)
+        speed = progress.seen * done.state.ranks.world_size / progress.seconds
+        self.reporter.steps_done(done.step, progress.loss_sum.item() / seen, progress.correct.item() / seen, speed)
+
+
+class Checkpoints(Hook):
+    """A checkpoint every `checkpoint_every` steps of a phase; on SIGINT or SIGTERM, one and a stop (every
+    process stops at the same step, so that the checkpoint's collectives line up)."""
+
+    def __init__(self, recorder: Recorder, stop: StopOnSignal):
+        self.recorder, self.stop = recorder, stop
+
+    def after_step(self, done: StepDone) -> None:
+        every = done.state.settings.checkpoint_every
+        if done.state.ranks.any(self.stop.signal is not None):
+            self.recorder.save_checkpoint(done.epoch, done.step)
+            raise TrainingStopped(self.stop.signal or signal.SIGTERM, self.recorder.run_dir.path, done.epoch, done.step)
+        if every and done.global_step % every == 0:
+            self.recorder.save_checkpoint(done.epoch, done.step)
