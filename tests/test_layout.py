@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ import torch
 import typer
 from PIL import Image
 from safetensors.torch import load_file
-from torch import nn
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
@@ -26,7 +26,8 @@ from cnnlab.data.images import to_array
 from cnnlab.data.loader import EVALUATION_PIXELS, Batch, InMemory, OnDisk, TrainBatches, disk_copy
 from cnnlab.data.transforms import channel_statistics
 from cnnlab.errors import CnnlabError
-from cnnlab.models import MODELS, ModelSpec, create_model, load_model, model_spec
+from cnnlab.models import MODELS, create_model, load_model, registry
+from cnnlab.models.families.fast import FastNet
 from cnnlab.models.inference import Scores, evaluate, in_order
 from cnnlab.recipes import RECIPES, resolve_run_config
 from cnnlab.run_dir import RunDir
@@ -116,8 +117,8 @@ def test_large_images_are_evaluated_and_initialised_from_in_bounded_pieces(tmp_p
     assert {len(batch) for batch in list(in_order(large))[:-1]} == {EVALUATION_PIXELS // 224**2}
     seen = []
     name = RECIPES["fast70"]["model"]
-    counting = dataclasses.replace(model_spec(name), init_from_data=lambda _, x: seen.append(len(x)))
-    monkeypatch.setitem(MODELS, name, counting)
+    monkeypatch.setattr(FastNet, "init_from_data", lambda _, x: seen.append(len(x)))
+    assert create_model(name, (3, 32, 32), 2).initialises_from_data
     monkeypatch.setattr(state_module, "INIT_PIXELS", 10 * 64 * 64)
     write_image_folder(tmp_path / "photos", classes=2, per_class=20, size=64, split=False)
     config = resolve_run_config(
@@ -238,42 +239,18 @@ def test_every_family_says_its_recipe_its_grad_cam_layer_and_its_parameter_group
     for name, spec in MODELS.items():
         assert spec.default_recipe in RECIPES and resolve_run_config({"train": {"model": name}}).train.model == name
         model = create_model(name, (3, 32, 32), 10)
-        layer = spec.gradcam_layer(model)
+        layer = model.gradcam_layer()
         assert layer is None or any(layer is module for module in model.modules())
-        groups = spec.parameter_groups(model)
+        groups = model.parameter_groups()
         grouped = [id(p) for p in groups.filters + groups.norm_biases + groups.others]
         assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad), name
-    assert model_spec("tutorial-mlp").gradcam_layer(create_model("tutorial-mlp", (3, 32, 32), 10)) is None
+    assert create_model("tutorial-mlp", (3, 32, 32), 10).gradcam_layer() is None
+    assert not create_model("tutorial-cnn", (3, 32, 32), 10).initialises_from_data
 
 
-class Linear(nn.Module):
-    def __init__(self, shape: tuple[int, int, int], classes: int):
-        super().__init__()
-        self.layer = nn.Linear(int(np.prod(shape)), classes)
-        self.starts: list[int] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x.flatten(1))
-
-
-def test_a_new_family_is_one_spec_and_its_hooks_are_called(tmp_path, monkeypatch):
-    calls: dict[str, object] = {}
-
-    def init(model: nn.Module, images: torch.Tensor) -> None:
-        calls["init"] = tuple(images.shape)
-
-    def start(model: nn.Module, epoch: int, whiten_bias_epochs: int) -> None:
-        model.starts.append(epoch)
-
-    spec = ModelSpec(
-        "linear",
-        lambda shape, classes, _generator: Linear(shape, classes),
-        "one dense layer",
-        default_recipe="tutorial-mlp",
-        init_from_data=init,
-        start_epoch=start,
-    )
-    monkeypatch.setitem(MODELS, "linear", spec)
+def test_a_new_family_is_one_file_and_its_hooks_are_called(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "MODELS", dict(MODELS))  # registered for this test alone
+    runpy.run_path(str(Path(__file__).with_name("family_linear.py")))  # the file, as cnnlab.models imports one
     config = resolve_run_config(
         {
             "data": {"dataset": "digits", "image_size": 8},
@@ -283,7 +260,9 @@ def test_a_new_family_is_one_spec_and_its_hooks_are_called(tmp_path, monkeypatch
     )
     assert config.train.recipe == "tutorial-mlp" and config.train.optimizer == "sgd"
     result = fit(config, reporter=LineReporter())
-    assert calls["init"][1:] == (1, 8, 8) and result.model.module.starts == [1, 2]
+    model = result.model.module
+    assert model.initialised_on[1:] == (1, 8, 8) and model.starts == [1, 2]
+    assert load_model(tmp_path).module.layer.weight.shape == (10, 64)
 
 
 def test_one_evaluation_path_gives_plain_and_delivered_scores(trained_run):

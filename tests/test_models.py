@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, create_model, model_spec, parameter_count
-from cnnlab.models.fast import max_pool_2x2
+from cnnlab.models.families.fast import max_pool_2x2
 
 
 @pytest.mark.parametrize(("name", "expected"), [("tutorial-mlp", 12_230_010), ("tutorial-cnn", 167_562)])

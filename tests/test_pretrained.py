@@ -25,7 +25,7 @@ from cnnlab.evaluate import evaluate_saved
 from cnnlab.explain import explain
 from cnnlab.export import export_onnx
 from cnnlab.models import create_model, load_model
-from cnnlab.models.efficientnet import LITE_NORMALIZATION, MBConv, load_imagenet_weights, same_padding
+from cnnlab.models.families.efficientnet import LITE_NORMALIZATION, MBConv, load_imagenet_weights, same_padding
 from cnnlab.predict import predict_files
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir

@@ -10,8 +10,8 @@ from cnnlab.bench import format_result, summarise
 from cnnlab.data.augment import alternating_flips, jittered, mirror, random_jitter, random_shifts, translate
 from cnnlab.data.transforms import channel_statistics, downscaled
 from cnnlab.errors import ConfigError
-from cnnlab.models import create_model, model_spec
-from cnnlab.models.fast import WHITEN_KERNEL
+from cnnlab.models import create_model
+from cnnlab.models.families.fast import WHITEN_KERNEL
 from cnnlab.models.inference import Scores, tta_logits, views
 from cnnlab.recipes import resolve_run_config
 from cnnlab.runs import ChildRun
@@ -157,7 +157,7 @@ def test_sizes_and_thresholds_that_cannot_work_are_refused_naming_their_keys(wro
 def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
     config = resolve_run_config({"train": {"recipe": "airbench94"}}).train
     model = create_model("fast-tiny", (3, 16, 16), 10)
-    optimizer = make_optimizer(model, model_spec("fast-tiny").parameter_groups(model), config)
+    optimizer = make_optimizer(model, model.parameter_groups(), config)
     schedule = make_schedule(optimizer, config, total_steps=100)
     factors = []
     for _ in range(100):
@@ -191,7 +191,7 @@ def test_orthogonalized_updates_have_all_singular_values_near_one(dtype):
 def test_muon_orthogonalises_the_filters_and_steps_the_rest_as_sgd():
     config = resolve_run_config({"train": {"recipe": "fast90", "optimizer": "muon", "momentum": 0.0}}).train
     model = create_model("fast-tiny", (3, 16, 16), 10)
-    optimizer = make_optimizer(model, model_spec("fast-tiny").parameter_groups(model), config, torch.bfloat16)
+    optimizer = make_optimizer(model, model.parameter_groups(), config, torch.bfloat16)
     assert isinstance(optimizer, Muon)
     conv, head = model.blocks[0].conv1.weight, model.head.weight
     for parameter in model.parameters():

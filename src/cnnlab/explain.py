@@ -20,7 +20,7 @@ from torch import nn
 from cnnlab.atomic import write_text
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError
-from cnnlab.models import TrainedModel, model_spec
+from cnnlab.models import TrainedModel
 from cnnlab.report import figures
 
 
@@ -41,7 +41,7 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = None) -> Explanation:
     """Explain the model's view of one (H, W, C) uint8 image at its input size."""
     layers = conv_layers(model.module)
-    target_layer = model_spec(model.info.architecture).gradcam_layer(model.module)  # the family's choice
+    target_layer = model.module.gradcam_layer()  # the family's choice
     if not layers or target_layer is None:
         raise CnnlabError(f"{model.info.architecture} has no convolutional layers to explain")
     if not any(layer is target_layer for _, layer in layers):

@@ -24,7 +24,7 @@ from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.machine import inference_precision
 from cnnlab.models.inference import predict_logits
-from cnnlab.models.registry import create_model
+from cnnlab.models.registry import Classifier, create_model
 from cnnlab.run_dir import RunDir
 
 FORMAT_VERSION = 1
@@ -63,7 +63,7 @@ class ModelInfo:
 
 @dataclass
 class TrainedModel:
-    module: nn.Module
+    module: Classifier
     info: ModelInfo
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""The model registry: each family module registers its variants, each with the spec that the rest of cnnlab
-reads instead of probing the network (`create_model("tutorial-cnn", (3, 32, 32), 10)`).
+"""The model registry: every network is a `Classifier`, registered by name with the facts the rest of cnnlab reads
+instead of probing it (`create_model("tutorial-cnn", (3, 32, 32), 10)`).
 
-A family is one file in cnnlab/models/ that calls `register(ModelSpec(...))` for each variant and is
-imported by cnnlab.models; nothing else needs to change to add one.
+A family is one file in cnnlab/models/families/: a `Classifier` subclass that overrides the hooks it needs, and a
+factory per variant decorated with `@register(name, summary=...)`. Every file there is imported when
+cnnlab.models is; nothing else needs to change to add one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError, ConfigError
 
@@ -46,10 +48,46 @@ def last_conv(model: nn.Module) -> nn.Module | None:
     return convs[-1] if convs else None
 
 
+class Classifier(nn.Module):
+    """A registered network: (B, C, H, W) inputs -> (B, classes) logits, with the hooks training, fine-tuning and
+    explanation call. Each does nothing, or what suits most networks, unless a family overrides it."""
+
+    def load_pretrained(self) -> None:
+        """Load the family's pretrained weights into a new model before training (none by default)."""
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialisation from a seeded sample of normalised (N, C, H, W) training images (at most
+        5,000, fewer for large images: see train.state.INIT_PIXELS); none by default."""
+
+    @property
+    def initialises_from_data(self) -> bool:
+        """Whether `init_from_data` does anything: training then draws the sample it needs."""
+        return type(self).init_from_data is not Classifier.init_from_data
+
+    def start_epoch(self, epoch: int, settings: TrainConfig) -> None:
+        """Before each training epoch (1-based): parameters that learn only for a while."""
+
+    def parameter_groups(self) -> ParameterGroups:
+        """The trainable parameters as the optimizers treat them."""
+        return standard_groups(self)
+
+    def split_head(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module] | None:
+        """A pretrained model's (features of inputs -> (B, F), the head that maps them to logits), for training
+        the head alone on features computed once; None: not a pretrained family."""
+        return None
+
+    def gradcam_layer(self) -> nn.Module | None:
+        """The layer Grad-CAM weighs (the last convolution by default); None: none."""
+        return last_conv(self)
+
+
+Build = Callable[[InputShape, int, torch.Generator], Classifier]  # (input shape, classes, init RNG)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    build: Callable[[InputShape, int, torch.Generator], nn.Module]  # (input shape, classes, init RNG)
+    build: Build
     summary: str
     default_recipe: str | None = None  # the recipe a bare `--model NAME` trains with (see cnnlab.recipes)
     min_input_size: int = 1  # pixels per side
@@ -57,17 +95,6 @@ class ModelSpec:
     # Fixed input statistics (a pretrained network's); None: from the training data, as the recipe says.
     normalization: Normalization | None = None
     weights: str | None = None  # where pretrained weights come from, in words; None: trained from scratch
-    load_weights: Callable[[nn.Module], None] | None = None  # loads them into a new model before training
-    gradcam_layer: Callable[[nn.Module], nn.Module | None] = last_conv  # the layer Grad-CAM weighs; None: none
-    # Data-dependent initialisation from a seeded sample of normalised (N, C, H, W) training images (at most
-    # 5,000, fewer for large images: see train.state.INIT_PIXELS).
-    init_from_data: Callable[[nn.Module, torch.Tensor], None] | None = None
-    # Before each epoch (1-based) with the run's whiten_bias_epochs: parameters that learn only for a while.
-    start_epoch: Callable[[nn.Module, int, int], None] | None = None
-    parameter_groups: Callable[[nn.Module], ParameterGroups] = standard_groups
-    # A pretrained model's (features of (B, C, H, W) inputs -> (B, F), the head that maps them to logits), for
-    # training the head alone on features computed once; None: not a pretrained family.
-    split_head: Callable[[nn.Module], tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]] | None = None
 
     def check_input(self, input_shape: InputShape) -> None:
         _, height, width = input_shape
@@ -82,11 +109,26 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register(spec: ModelSpec) -> ModelSpec:
-    if spec.name in MODELS:
-        raise ValueError(f"model {spec.name!r} is registered twice")
-    MODELS[spec.name] = spec
-    return spec
+def register(
+    name: str,
+    *,
+    summary: str,
+    default_recipe: str | None = None,
+    min_input_size: int = 1,
+    input_size: int | None = None,
+    normalization: Normalization | None = None,
+    weights: str | None = None,
+) -> Callable[[Build], Build]:
+    """Register the decorated factory `(input shape, classes, init RNG) -> Classifier` as model `name`."""
+
+    def decorate(build: Build) -> Build:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        MODELS[name] = ModelSpec(name, build, summary, default_recipe, min_input_size, input_size, normalization,
+                                 weights)  # fmt: skip
+        return build
+
+    return decorate
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -95,7 +137,7 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def create_model(name: str, input_shape: InputShape, num_classes: int, seed: int = 0) -> nn.Module:
+def create_model(name: str, input_shape: InputShape, num_classes: int, seed: int = 0) -> Classifier:
     """A freshly initialised model, in channels_last memory order (faster convolutions on CPU and GPU)."""
     spec = model_spec(name)
     spec.check_input(input_shape)

@@ -31,6 +31,7 @@ from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.run_dir import RunDir
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -170,13 +171,13 @@ def joined(device: torch.device) -> Iterator[Ranks]:
             dist.destroy_process_group()
 
 
-def with_sync_bn(model: nn.Module, enabled: bool, ranks: Ranks) -> nn.Module:
+def with_sync_bn(model: M, enabled: bool, ranks: Ranks) -> M:
     """BatchNorm layers that normalise over the global batch instead of each process's shard."""
     if enabled and ranks.distributed and ranks.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA: torch's SyncBatchNorm has no CPU implementation", "train.sync_bn")
     if not (enabled and ranks.distributed):
         return model
-    synced: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
+    synced: M = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]  # the same module
     return synced
 
 

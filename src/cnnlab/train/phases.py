@@ -119,7 +119,7 @@ class ImagePhase(Phase):
 
     def __init__(self, state: TrainState, dataset: Dataset, first_epoch: int, epochs: float):
         super().__init__(state, dataset, first_epoch, epochs)
-        groups = state.spec.parameter_groups(state.model)
+        groups = state.model.parameter_groups()
         self.optimizer = make_optimizer(state.model, groups, state.settings, DTYPES[state.precision])
         self.schedule = make_schedule(self.optimizer, state.settings, self.total_steps)
         self.forward_module: nn.Module = state.compiled
@@ -132,8 +132,7 @@ class ImagePhase(Phase):
             for module in state.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        if state.spec.start_epoch is not None:
-            state.spec.start_epoch(state.model, epoch, state.settings.whiten_bias_epochs)
+        state.model.start_epoch(epoch, state.settings)
         self.forward_module = state.ranks.wrap(state.compiled)  # after start_epoch: DDP must see which learn
 
     def batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
@@ -184,8 +183,9 @@ class UnfreezePhase(ImagePhase):
     def __init__(self, state: TrainState, dataset: Dataset, after_epoch: int):
         Phase.__init__(self, state, dataset, after_epoch + 1, state.settings.unfreeze_epochs)
         settings = state.settings
-        assert state.spec.split_head is not None
-        self.optimizer = make_layerwise_optimizer(state.model, state.spec.split_head(state.model)[1], settings)
+        split = state.model.split_head()
+        assert split is not None, "the unfreeze phase follows the head phase"
+        self.optimizer = make_layerwise_optimizer(state.model, split[1], settings)
         self.schedule = make_schedule(self.optimizer, dataclasses.replace(settings, schedule="triangle"),
                                       self.total_steps)  # fmt: skip
         self.forward_module = state.compiled
@@ -202,13 +202,14 @@ class HeadPhase(Phase):
 
     def __init__(self, state: TrainState, dataset: Dataset, first_epoch: int, epochs: float):
         super().__init__(state, dataset, first_epoch, epochs)
-        if state.spec.split_head is None:
+        split = state.model.split_head()
+        if split is None:
             raise ConfigError(f"train.head_only needs a model with a pretrained body; {state.spec.name} has none",
                               "train.head_only")  # fmt: skip
         if state.ranks.world_size > 1:
             raise ConfigError("train.head_only trains in seconds in one process; leave out nproc", "train.head_only")
-        self.body, self.head = state.spec.split_head(state.model)
-        groups = state.spec.parameter_groups(state.model)
+        self.body, self.head = split
+        groups = state.model.parameter_groups()
         self.optimizer = make_optimizer(state.model, groups, state.settings, DTYPES[state.precision])
         self.schedule = make_schedule(self.optimizer, state.settings, self.total_steps)
         self.features: dict[str, torch.Tensor] = {}  # split name -> (N, F)

@@ -26,7 +26,7 @@ from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import channel_statistics, images_within, to_input
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.machine import Precision, synchronize
-from cnnlab.models import ModelInfo, ModelSpec, create_model, model_spec, parameter_count
+from cnnlab.models import Classifier, ModelInfo, ModelSpec, create_model, model_spec, parameter_count
 from cnnlab.models.files import package_version
 from cnnlab.models.registry import fitting_tensors
 from cnnlab.run_dir import RunDir
@@ -68,7 +68,7 @@ class TrainState:
         self.input_shape = (channels, height, width)
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
         warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
-        self.model: nn.Module = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
+        self.model: Classifier = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
         if settings.compile and self.bf16:
             raise ConfigError(
                 "train.compile with bf16 gives non-finite gradients with torch's inductor (seen on the fast nets "
@@ -115,9 +115,9 @@ class TrainState:
         its data-dependent initialisation (the fast nets' whitening) from a seeded sample."""
         if self.settings.weights:
             load_compatible_weights(self.model, weights_file(self.settings.weights, self.cache_root))
-        elif self.spec.load_weights is not None:
-            self.spec.load_weights(self.model)
-        if self.spec.init_from_data is None:
+        else:
+            self.model.load_pretrained()
+        if not self.model.initialises_from_data:
             return
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.settings.seed)
@@ -125,7 +125,7 @@ class TrainState:
         count = images_within(INIT_PIXELS, height, width, most=INIT_SAMPLE)
         sample = torch.randperm(len(dataset.train), generator=generator)[:count].numpy()
         images = torch.from_numpy(dataset.train.images[sample]).to(self.ranks.device)
-        self.spec.init_from_data(self.model, to_input(images, self.normalization))
+        self.model.init_from_data(to_input(images, self.normalization))
         synchronize(self.ranks.device)
         self.init_seconds = time.perf_counter() - started
 

