@@ -60,7 +60,7 @@ def keras_run(keras, name: str, dataset: Dataset, seed: int) -> tuple[float, flo
     """(test accuracy, seconds per epoch) of the tutorial's Keras code."""
     keras.utils.set_random_seed(seed)
     x_train, x_test = dataset.train.images / 255.0, dataset.test.images / 255.0  # the tutorial's float64 scaling
-    model = keras_tutorial_model(keras, name, dataset.image_shape, len(dataset.classes))
+    model = keras_tutorial_model(keras, name, dataset.image_shape.hwc, len(dataset.classes))
     epochs = int(recipe_values(name)["epochs"])  # the tutorial's, recorded once in cnnlab's recipe
     started = time.perf_counter()
     model.fit(x_train, dataset.train.labels, epochs=epochs, verbose=2)

@@ -6,14 +6,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlab.config import TrainConfig
-from cnnlab.models.registry import Classifier, InputShape, register
+from cnnlab.data.dataset import ImageShape
+from cnnlab.models.registry import Classifier, register
 
 
 class Linear(Classifier):
     """One dense layer, recording when its hooks are called."""
 
-    def __init__(self, shape: InputShape, classes: int):
+    def __init__(self, shape: ImageShape, classes: int):
         super().__init__()
         self.layer = nn.Linear(int(np.prod(shape)), classes)
         self.initialised_on: tuple[int, ...] = ()
@@ -25,10 +25,10 @@ class Linear(Classifier):
     def init_from_data(self, images: torch.Tensor) -> None:
         self.initialised_on = tuple(images.shape)
 
-    def start_epoch(self, epoch: int, settings: TrainConfig) -> None:
+    def start_epoch(self, epoch: int, family: object) -> None:
         self.starts.append(epoch)
 
 
 @register("linear", summary="one dense layer", default_recipe="tutorial-mlp")
-def linear(shape: InputShape, classes: int, generator: torch.Generator) -> Classifier:
+def linear(shape: ImageShape, classes: int, generator: torch.Generator) -> Classifier:
     return Linear(shape, classes)

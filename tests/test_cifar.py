@@ -26,7 +26,7 @@ def test_download_verifies_extracts_and_parses(server, tmp_path):
     source = local_source(f"{base}/good.tar.gz", write_cifar10_archive(root / "good.tar.gz"))
     dataset = cifar.load_cifar(source, tmp_path / "cache")
     assert len(dataset.train) == 100 and len(dataset.test) == 20
-    assert dataset.image_shape == (32, 32, 3) and dataset.classes[0] == "c0"
+    assert dataset.image_shape == (3, 32, 32) and dataset.classes[0] == "c0"
     extracted = sorted(p.name for p in (tmp_path / "cache" / "cifar-10-batches-py").iterdir())
     assert extracted == sorted(cifar.CIFAR10.members)
     # the second load uses the cache: the server is no longer needed
@@ -65,7 +65,7 @@ def test_local_archive_and_extracted_folder_load_through_data(tmp_path):
         t.extractall(tmp_path / "x", filter="data")
     from_folder = load_dataset(DataConfig(data=str(tmp_path / "x")))
     assert (from_archive.train.images == from_folder.train.images).all()
-    assert load_dataset(DataConfig(data=str(archive), image_size=16)).image_shape == (16, 16, 3)
+    assert load_dataset(DataConfig(data=str(archive), image_size=16)).image_shape == (3, 16, 16)
 
 
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):

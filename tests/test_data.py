@@ -27,7 +27,7 @@ def test_split_layout_keeps_train_and_test(tmp_path):
     dataset = load_dataset(folder_config(tmp_path))
     assert dataset.classes == ("class0", "class1", "class2")
     assert len(dataset.train) == 12 and len(dataset.test) == 12
-    assert dataset.image_shape == (12, 12, 3)
+    assert dataset.image_shape == (3, 12, 12)
     assert dataset.train.images.dtype == np.uint8 and dataset.train.labels.dtype == np.int64
     # pixels survive PNG round trip exactly
     np.testing.assert_array_equal(dataset.train.images[0], pattern_image(0, 12, 0))
@@ -98,11 +98,11 @@ def test_grayscale_datasets_stay_single_channel_and_mixed_become_rgb(tmp_path):
                 tmp_path / "gray" / f"c{label}" / f"{i}.png"
             )
     gray = load_dataset(folder_config(tmp_path / "gray"))
-    assert gray.image_shape == (10, 10, 1)
+    assert gray.image_shape == (1, 10, 10)
 
     Image.fromarray(np.zeros((10, 10, 4), np.uint8), "RGBA").save(tmp_path / "gray" / "c0" / "rgba.png")
     mixed = load_dataset(folder_config(tmp_path / "gray"))
-    assert mixed.image_shape == (10, 10, 3)
+    assert mixed.image_shape == (3, 10, 10)
 
 
 def test_modes_are_converted_consistently(tmp_path):
@@ -132,8 +132,8 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_default_size_is_the_most_common_and_image_size_overrides(tmp_path):
     write_image_folder(tmp_path, classes=2, per_class=3, size=12)
     Image.fromarray(pattern_image(0, 20)).save(tmp_path / "train" / "class0" / "big.png")
-    assert load_dataset(folder_config(tmp_path)).image_shape == (12, 12, 3)
-    assert load_dataset(folder_config(tmp_path, image_size=16)).image_shape == (16, 16, 3)
+    assert load_dataset(folder_config(tmp_path)).image_shape == (3, 12, 12)
+    assert load_dataset(folder_config(tmp_path, image_size=16)).image_shape == (3, 16, 16)
 
 
 def test_unreadable_files_are_skipped_with_one_warning_or_refused_when_strict(tmp_path, caplog):
@@ -181,9 +181,9 @@ def test_second_load_comes_from_the_cache_and_changes_invalidate_it(tmp_path, mo
 
 def test_digits_is_upsampled_to_32_by_default_and_kept_native_on_request():
     dataset = load_dataset(DataConfig(dataset="digits"))
-    assert dataset.image_shape == (32, 32, 1) and len(dataset.train) + len(dataset.test) == 1797
+    assert dataset.image_shape == (1, 32, 32) and len(dataset.train) + len(dataset.test) == 1797
     assert len(dataset.classes) == 10
-    assert load_dataset(DataConfig(dataset="digits", image_size=8)).image_shape == (8, 8, 1)
+    assert load_dataset(DataConfig(dataset="digits", image_size=8)).image_shape == (1, 8, 8)
 
 
 def test_unknown_dataset_and_conflicting_sources_are_refused():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.config import DataConfig, RunConfig, TrainConfig
+from cnnlab.config import SECTIONS, DataConfig, RunConfig, TrainConfig
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.data import transforms as transforms_module
 from cnnlab.data.augment import random_crop_boxes, resized_crops
@@ -101,7 +101,7 @@ def test_an_image_folder_stays_on_disk_and_trains_as_from_memory(tmp_path):
     assert memory.keys() == disk.keys() and all(torch.equal(memory[name], disk[name]) for name in memory)
     assert isinstance(dataset.train.images, DiskImages) and isinstance(dataset.test.images, DiskImages)
     files = sorted((tmp_path / "photos").rglob("*.png"))
-    size = dataset.image_shape[:2]  # the family's input size, 32
+    size = dataset.image_shape.size  # the family's input size, 32
     decoded = {to_array(Image.open(f), size, 3).tobytes(): f.parent.name for f in files if f.name != "broken.png"}
     seen = [(image.tobytes(), dataset.classes[label]) for split in (dataset.train, dataset.test)
             for image, label in zip(np.asarray(split.images), split.labels, strict=True)]  # fmt: skip
@@ -258,7 +258,7 @@ def test_a_new_family_is_one_file_and_its_hooks_are_called(tmp_path, monkeypatch
             "out": str(tmp_path),
         }
     )
-    assert config.train.recipe == "tutorial-mlp" and config.train.optimizer == "sgd"
+    assert config.train.recipe == "tutorial-mlp" and config.train.optim.optimizer == "sgd"
     result = fit(config, reporter=LineReporter())
     model = result.model.module
     assert model.initialised_on[1:] == (1, 8, 8) and model.starts == [1, 2]
@@ -296,8 +296,11 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
 def test_every_config_field_has_exactly_one_flag_carrying_its_help():
     commands = {command.name: command for command in typer.main.get_command(app).commands.values()}
     options = {param.name: param for param in commands["train"].params}
-    for config in (DataConfig, TrainConfig):
+    families = {spec.settings for spec in MODELS.values()}
+    for config in (DataConfig, TrainConfig, *SECTIONS.values(), *families):
         for field in dataclasses.fields(config):
+            if field.name in ("family", *SECTIONS):  # [train]'s tables: their fields have the flags
+                continue
             flag = "--" + field.name.replace("_", "-")
             assert options[field.name].opts == [flag], field.name
             assert options[field.name].help == field.metadata["help"], field.name
@@ -318,7 +321,12 @@ def test_a_bare_model_on_the_command_line_trains_with_its_family_recipe(tmp_path
                                       "--out", str(run), "-q", "--no-report"])  # fmt: skip
     assert result.exit_code == 0, result.output
     config = RunDir(run).read_config().train
-    assert (config.recipe, config.optimizer, config.tta, config.low_res) == ("fast70", "sgd", "flip", 20)
+    assert (config.recipe, config.optim.optimizer, config.inference.tta, config.augment.low_res) == (
+        "fast70",
+        "sgd",
+        "flip",
+        20,
+    )
 
 
 def test_importing_and_reporting_never_picks_a_matplotlib_backend(trained_run):

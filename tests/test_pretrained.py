@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cnnlab.config import TrainConfig
+from cnnlab.config import FinetuneConfig, OptimConfig
 from cnnlab.data.images import to_array
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError, ConfigError
@@ -152,13 +152,15 @@ def test_unfreezing_trains_the_whole_network_with_frozen_statistics_and_resumes_
 
 def test_earlier_layers_learn_more_slowly_when_unfrozen():
     model = create_model("efficientnet-lite0", (3, 32, 32), 3)
-    settings = TrainConfig(optimizer="adam", unfreeze_lr=1e-3, layer_lr_ratio=0.01)
-    optimizer = make_layerwise_optimizer(model, nn.Sequential(model.dropout, model.classifier), settings)
+    finetune = FinetuneConfig(unfreeze_lr=1e-3, layer_lr_ratio=0.01)
+    optimizer = make_layerwise_optimizer(
+        model, nn.Sequential(model.dropout, model.classifier), OptimConfig("adam"), finetune
+    )
     rates = [group["lr"] for group in optimizer.param_groups]
     assert rates[0] == pytest.approx(1e-5) and rates[-1] == 1e-3 and rates == sorted(rates)
     assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
     with pytest.raises(ConfigError, match="adam or sgd"):
-        make_layerwise_optimizer(model, model.classifier, TrainConfig(optimizer="muon"))
+        make_layerwise_optimizer(model, model.classifier, OptimConfig(optimizer="muon"), FinetuneConfig())
 
 
 def test_training_can_start_from_a_compatible_weights_file_and_refuses_another(tmp_path, trained_run, caplog):

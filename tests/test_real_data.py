@@ -19,7 +19,7 @@ pytestmark = [
 
 def test_tutorial_cnn_reaches_50_percent_after_one_epoch_on_real_cifar10(tmp_path):
     dataset = load_dataset(DataConfig(data=str(SHARED_CIFAR)))
-    assert (len(dataset.train), len(dataset.test), dataset.image_shape) == (50_000, 10_000, (32, 32, 3))
+    assert (len(dataset.train), len(dataset.test), dataset.image_shape) == (50_000, 10_000, (3, 32, 32))
     assert dataset.classes[:3] == ("airplane", "automobile", "bird")
     config = resolve_run_config(
         {

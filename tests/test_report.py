@@ -35,7 +35,7 @@ def assert_real_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
 
 
 def test_run_report_writes_every_figure_and_a_self_contained_page(trained_run):
-    page = write_run_report(trained_run).read_text()
+    page = write_run_report(trained_run).path.read_text()
     for name in ("training_curves.png", "confusion_matrix.png", "per_class_scores.png", "confidently_wrong.png"):
         assert_real_png(trained_run / name)
     assert page.count('src="data:image/png;base64,') == 4
@@ -123,7 +123,7 @@ def test_gradcam_points_at_the_square_that_decides_the_class(tmp_path):
 
 def test_report_html_renders_in_headless_chromium(trained_run, browser_page):
     """Every image loads and nothing errors, in real Chromium."""
-    browser_page.goto(write_run_report(trained_run).as_uri())
+    browser_page.goto(write_run_report(trained_run).path.as_uri())
     widths = browser_page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
     browser_page.screenshot(path=str(ARTIFACTS / "run-report.png"), full_page=True)
     assert len(widths) == 4 and all(width > 0 for width in widths)

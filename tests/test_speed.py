@@ -130,13 +130,13 @@ def test_selective_tta_equals_full_tta_on_the_images_it_covers_and_the_plain_log
 
 
 def test_progressive_resizing_rises_from_the_low_size_to_full_size_in_steps_of_four_pixels():
-    config = resolve_run_config({"train": {"recipe": "fast70", "low_res": 16, "low_res_share": 0.5}}).train
+    config = resolve_run_config({"train": {"recipe": "fast70", "low_res": 16, "low_res_share": 0.5}}).train.augment
     sizes = [resolution_at(step, 100, config, (32, 32)) for step in range(100)]
     sides = [height for height, _ in sizes]
     assert sides[0] == 16 and all(side == 32 for side in sides[50:]) and sides == sorted(sides)
     assert set(sides) == {16, 20, 24, 28, 32} and all(height == width for height, width in sizes)
     assert resolution_at(0, 100, config, (32, 48)) == (16, 24)  # the shorter side; the aspect ratio kept
-    off = resolve_run_config({"train": {"recipe": "fast70", "low_res": 0}}).train
+    off = resolve_run_config({"train": {"recipe": "fast70", "low_res": 0}}).train.augment
     assert {resolution_at(step, 100, off, (32, 32)) for step in range(100)} == {(32, 32)}
 
 
@@ -155,7 +155,7 @@ def test_sizes_and_thresholds_that_cannot_work_are_refused_naming_their_keys(wro
 
 
 def test_triangle_schedule_rises_to_the_peak_then_falls_to_the_end_value():
-    config = resolve_run_config({"train": {"recipe": "airbench94"}}).train
+    config = resolve_run_config({"train": {"recipe": "airbench94"}}).train.optim
     model = create_model("fast-tiny", (3, 16, 16), 10)
     optimizer = make_optimizer(model, model.parameter_groups(), config)
     schedule = make_schedule(optimizer, config, total_steps=100)
@@ -189,7 +189,7 @@ def test_orthogonalized_updates_have_all_singular_values_near_one(dtype):
 
 
 def test_muon_orthogonalises_the_filters_and_steps_the_rest_as_sgd():
-    config = resolve_run_config({"train": {"recipe": "fast90", "optimizer": "muon", "momentum": 0.0}}).train
+    config = resolve_run_config({"train": {"recipe": "fast90", "optimizer": "muon", "momentum": 0.0}}).train.optim
     model = create_model("fast-tiny", (3, 16, 16), 10)
     optimizer = make_optimizer(model, model.parameter_groups(), config, torch.bfloat16)
     assert isinstance(optimizer, Muon)

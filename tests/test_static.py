@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,14 @@ def test_no_file_or_function_is_too_long_to_read_in_one_sitting():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.name}: {node.name} is {length} lines")
     assert not too_long, too_long
+
+
+def test_every_module_the_readme_names_in_how_it_is_built_exists():
+    root = SOURCE.parents[1]
+    section = (root / "README.md").read_text().split("## How it is built", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_/]+\.py|[a-z_]+/)`", section))
+    assert {"engine.py", "phases.py", "registry.py", "families/"} <= named
+    files = {path.name for path in SOURCE.rglob("*.py")}
+    folders = {f"{path.name}/" for path in SOURCE.rglob("*") if path.is_dir()}
+    missing = [name for name in named if name not in files | folders and not (root / name).exists()]
+    assert not missing, missing

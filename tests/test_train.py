@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cnnlab.config import load_toml, to_toml
 from cnnlab.data import DataConfig, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import evaluate
@@ -23,10 +25,16 @@ def digits_config(out, **train):
 
 def test_recipes_reproduce_the_tutorial_and_flags_override_them():
     cnn = resolve_run_config({"train": {"model": "tutorial-cnn"}}).train
-    assert (cnn.optimizer, cnn.lr, cnn.adam_eps, cnn.batch_size, cnn.epochs) == ("adam", 1e-3, 1e-7, 32, 10)
+    assert (cnn.optim.optimizer, cnn.optim.lr, cnn.optim.adam_eps, cnn.optim.batch_size, cnn.optim.epochs) == (
+        "adam",
+        1e-3,
+        1e-7,
+        32,
+        10,
+    )
     mlp = resolve_run_config({"train": {"model": "tutorial-mlp"}}).train
-    assert (mlp.optimizer, mlp.lr, mlp.batch_size, mlp.epochs) == ("sgd", 0.01, 32, 5)
-    assert resolve_run_config({"train": {"model": "tutorial-mlp"}}, {"train": {"epochs": 2}}).train.epochs == 2
+    assert (mlp.optim.optimizer, mlp.optim.lr, mlp.optim.batch_size, mlp.optim.epochs) == ("sgd", 0.01, 32, 5)
+    assert resolve_run_config({"train": {"model": "tutorial-mlp"}}, {"train": {"epochs": 2}}).train.optim.epochs == 2
 
 
 @pytest.mark.parametrize(
@@ -40,7 +48,8 @@ def test_recipes_reproduce_the_tutorial_and_flags_override_them():
 )
 def test_a_bare_model_trains_with_its_family_recipe(model, recipe, optimizer):
     config = resolve_run_config({"train": {"model": model}}).train
-    assert (config.model, config.recipe, config.optimizer) == (model, recipe, optimizer) and config.tta != "none"
+    assert (config.model, config.recipe, config.optim.optimizer) == (model, recipe, optimizer)
+    assert config.inference.tta != "none"
 
 
 def test_config_refuses_unknown_keys_and_wrong_types():
@@ -170,3 +179,21 @@ def test_patience_in_the_image_loop_keeps_the_epoch_with_the_best_validation_los
     assert losses[best - 1] == min(losses) and info.metrics == result.history[best - 1] | {"best_epoch": best}
     kept = evaluate(load_model(tmp_path / "run"), result.dataset.test).scores.accuracy
     assert kept == pytest.approx(result.history[best - 1]["test_acc"])
+
+
+def test_config_is_in_sections_and_a_flat_train_table_is_read_into_them(tmp_path):
+    flat = tmp_path / "flat.toml"  # the form config files had before the sections, and flags and recipes still use
+    flat.write_text('[train]\nmodel = "fast-tiny"\nlr = 0.3\ntta = "flip"\nseed = 4\nwhiten_bias_epochs = 2\n')
+    nested = tmp_path / "nested.toml"
+    nested.write_text(
+        '[train]\nmodel = "fast-tiny"\n[train.optim]\nlr = 0.3\n[train.inference]\ntta = "flip"\n'
+        "[train.system]\nseed = 4\n[train.family]\nwhiten_bias_epochs = 2\n"
+    )
+    a, b = (resolve_run_config(load_toml(path)) for path in (flat, nested))
+    assert a == b and (a.train.optim.lr, a.train.inference.tta, a.train.system.seed) == (0.3, "flip", 4)
+    assert a.train.family == {"whiten_bias_epochs": 2} and a.train.optim.optimizer == "sgd"  # fast70's, by sections
+    assert resolve_run_config(tomllib.loads(to_toml(a))) == a  # written by sections, read back the same
+    with pytest.raises(CnnlabError, match=r"train.family \(tutorial-cnn\): unknown key\(s\) whiten_bias_epochs"):
+        resolve_run_config({"train": {"model": "tutorial-cnn", "whiten_bias_epochs": 2}})
+    # A recipe's family settings stay with its family: fast70's whitening setting is not the tutorial CNN's.
+    assert resolve_run_config({"train": {"recipe": "fast70", "model": "tutorial-cnn"}}).train.family == {}

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
+from cnnlab.data.dataset import ImageShape
 from cnnlab.machine import DTYPES, Machine, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import create_model
 from cnnlab.models.inference import Scores
@@ -75,7 +76,7 @@ def _gflops(work: Callable[[], object], flops: float, device: torch.device, budg
     return flops / best / 1e9
 
 
-def training_flops_per_image(model_name: str, input_shape: tuple[int, int, int], classes: int) -> float:
+def training_flops_per_image(model_name: str, input_shape: ImageShape, classes: int) -> float:
     """Forward FLOPs of one image times 3: the backward pass costs about twice the forward."""
     model = create_model(model_name, input_shape, classes)
     with FlopCounterMode(display=False) as counter:
@@ -155,12 +156,12 @@ def bench(
     peaks = dense_peaks(torch_device, machine)
     progress(format_peaks(peaks))
     dataset = load_dataset(data)  # also fills the cache, so that no timed run pays for decoding
-    height, width, channels = dataset.image_shape
+    shape = dataset.image_shape
     train_flags = ["--device", device, *train_flags]
     results = []
     for recipe in [*compare, *recipes]:
         model = resolve_run_config({"train": {"recipe": recipe}}).train.model
-        flops = training_flops_per_image(model, (channels, height, width), len(dataset.classes))
+        flops = training_flops_per_image(model, shape, len(dataset.classes))
         for seed in range(seeds):
             progress(f"training {recipe} (seed {seed})")
             train = {"recipe": recipe, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}

@@ -55,7 +55,7 @@ def check_ranges(config: DataclassInstance, section: str) -> None:
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check_ranges(value, item.name)
+            check_ranges(value, section or item.name)  # a section's keys are named train.key, as flat [train] has them
             continue
         if value is None:
             continue
@@ -75,7 +75,11 @@ class DataConfig:
         None, "Resize images to this many pixels per side (default: the source's).", at_least=1
     )
     val_fraction: float = setting(
-        0.0, "Share of train held out for validation, stratified (0 to 1).", at_least=0, below=1
+        0.0,
+        "Share of train held out for validation, stratified (0 to 1); 0: none, or 0.1 when train.patience needs "
+        "one and the data has none.",
+        at_least=0,
+        below=1,
     )
     test_fraction: float = setting(0.2, "Test share when the data has no test split (0 to 1).", above=0, below=1)
     split_seed: int = setting(0, "Seed of the validation/test splits, independent of the training seed.")
@@ -96,12 +100,9 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    model: str = setting("tutorial-cnn", "Model name; see `cnnlab models`.")
-    recipe: str | None = setting(None, "Training recipe (default: the model's own).")
-    weights: str | None = setting(
-        None, "Start from this safetensors file's weights (a classifier of another size is left out)."
-    )
+class OptimConfig:
+    """The optimizer, its learning-rate schedule, the loss and how long training lasts (`train.optim`)."""
+
     optimizer: Literal["sgd", "adam", "muon"] = setting(
         "adam", "muon: orthogonalised updates for conv filters, Nesterov SGD for the rest."
     )
@@ -118,8 +119,6 @@ class TrainConfig:
     epochs: float = setting(
         10, "Epochs; a fraction trains part of the last one, the schedule spanning exactly that.", above=0
     )
-    seed: int = setting(0, "Seed of weight init, data order and augmentation.")
-    device: str = setting("auto", "auto (cuda when present, else cpu), cpu or cuda.")
     schedule: Literal["constant", "triangle"] = setting(
         "constant", "triangle: linear from lr*lr_start up to lr at peak_fraction of the steps, then down to lr*lr_end."
     )
@@ -134,9 +133,24 @@ class TrainConfig:
         1.0, "BatchNorm biases learn this many times faster, with the same decay per step.", above=0
     )
     lookahead: bool = setting(False, "Average weights into an EMA every 5 steps from epoch 4, copied back each time.")
-    whiten_bias_epochs: int = setting(
-        0, "Epochs during which the fast nets' frozen whitening layer's bias learns.", at_least=0
+    select_share: float = setting(
+        1.0,
+        "Hard-example selection: each epoch trains on this share of the train split, the images with the highest "
+        "loss when last trained on (unseen ones first); 1: all.",
+        above=0,
+        at_most=1,
     )
+    patience: int = setting(
+        0,
+        "Stop after this many epochs without a better validation loss, keeping the best epoch; 0: never.",
+        at_least=0,
+    )
+
+
+@dataclass
+class AugmentConfig:
+    """How training images are normalised and augmented (`train.augment`)."""
+
     normalize: Literal["unit", "standardize"] = setting(
         "unit", "unit: pixels on [0, 1]; standardize: per-channel mean 0, std 1 (from a sample of train)."
     )
@@ -150,6 +164,11 @@ class TrainConfig:
         above=0,
         at_most=1,
     )
+    color_jitter: float = setting(
+        0.0,
+        "Random brightness shift (in standard deviations) and contrast scale (1 +/- this) per image, up to this.",
+        at_least=0,
+    )
     low_res: int = setting(
         0,
         "Progressive resizing: the first steps see images downscaled to this many pixels (shorter side); 0: off.",
@@ -161,18 +180,12 @@ class TrainConfig:
         above=0,
         at_most=1,
     )
-    select_share: float = setting(
-        1.0,
-        "Hard-example selection: each epoch trains on this share of the train split, the images with the highest "
-        "loss when last trained on (unseen ones first); 1: all.",
-        above=0,
-        at_most=1,
-    )
-    color_jitter: float = setting(
-        0.0,
-        "Random brightness shift (in standard deviations) and contrast scale (1 +/- this) per image, up to this.",
-        at_least=0,
-    )
+
+
+@dataclass
+class InferenceConfig:
+    """How the model answers: its test-time augmentation (`train.inference`)."""
+
     tta: Literal["none", "flip", "flip-translate"] = setting("none", "Test-time views averaged at evaluation.")
     tta_below: float = setting(
         1.0,
@@ -180,22 +193,14 @@ class TrainConfig:
         above=0,
         at_most=1,
     )
-    precision: Literal["auto", "fp32", "bf16"] = setting(
-        "auto", "bf16 autocast for convolutions and matmuls; auto: bf16 where this machine has it natively."
-    )
-    compile: bool = setting(False, "torch.compile the training forward (its first steps pay for compiling).")
-    loader: Literal["auto", "memory", "disk"] = setting(
-        "auto",
-        "Where training batches come from: memory, or a uint8 .npy in the cache read batch by batch; auto: disk "
-        "for an image folder larger than a quarter of this machine's memory.",
-    )
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained model: its head alone, then the whole network (`train.finetune`)."""
+
     head_only: bool = setting(
         False, "Train only the classifier, on features the frozen pretrained body computes once per image."
-    )
-    patience: int = setting(
-        0,
-        "Stop after this many epochs without a better validation loss, keeping the best epoch; 0: never.",
-        at_least=0,
     )
     unfreeze_epochs: float = setting(
         0,
@@ -209,10 +214,45 @@ class TrainConfig:
         above=0,
         at_most=1,
     )
+
+
+@dataclass
+class SystemConfig:
+    """Where and how the run computes, and what it keeps on the way (`train.system`)."""
+
+    seed: int = setting(0, "Seed of weight init, data order and augmentation.")
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu or cuda.")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto", "bf16 autocast for convolutions and matmuls; auto: bf16 where this machine has it natively."
+    )
+    compile: bool = setting(False, "torch.compile the training forward (its first steps pay for compiling).")
+    loader: Literal["auto", "memory", "disk"] = setting(
+        "auto",
+        "Where training batches come from: memory, or a uint8 .npy in the cache read batch by batch; auto: disk "
+        "for an image folder larger than a quarter of this machine's memory.",
+    )
     checkpoint_every: int = setting(
         0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.", at_least=0
     )
     sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how, in sections, each read by the component it names; `family` holds the settings of
+    the model's family (see `cnnlab models`), checked by that family."""
+
+    model: str = setting("tutorial-cnn", "Model name; see `cnnlab models`.")
+    recipe: str | None = setting(None, "Training recipe (default: the model's own).")
+    weights: str | None = setting(
+        None, "Start from this safetensors file's weights (a classifier of another size is left out)."
+    )
+    family: dict[str, Any] = field(default_factory=dict, metadata={"help": "The model family's own settings."})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
 
 @dataclass
@@ -226,8 +266,33 @@ class RunConfig:
         check_ranges(self, "")
 
 
+SECTIONS: dict[str, type[DataclassInstance]] = {
+    "optim": OptimConfig,
+    "augment": AugmentConfig,
+    "inference": InferenceConfig,
+    "finetune": FinetuneConfig,
+    "system": SystemConfig,
+}
+SECTION_OF = {key.name: name for name, section in SECTIONS.items() for key in dataclasses.fields(section)}
+TOP_LEVEL = ("model", "recipe", "weights", "family", *SECTIONS)
+
+
+def sectioned(train: dict[str, Any]) -> dict[str, Any]:
+    """A [train] table with each setting in its section. The flat form, every key directly under [train] (as
+    recipes, flags and config files written before the sections have it), is read by each key's section; a key
+    of no section is the model family's (`family`), which its family checks."""
+    tables: dict[str, Any] = {name: dict(train.get(name, {})) for name in ("family", *SECTIONS) if name in train}
+    flat = {key: value for key, value in train.items() if key not in TOP_LEVEL}
+    for key, value in flat.items():
+        tables.setdefault(SECTION_OF.get(key, "family"), {})[key] = value
+    return {key: value for key, value in train.items() if key in ("model", "recipe", "weights")} | tables
+
+
 def build(cls: type[T], values: dict[str, Any], where: str) -> T:
-    """Make dataclass `cls` from `values`, refusing unknown keys and values of the wrong type."""
+    """Make dataclass `cls` from `values`, refusing unknown keys and values of the wrong type (a flat [train]
+    table is read by sections first: see `sectioned`)."""
+    if cls is TrainConfig:
+        values = sectioned(values)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
@@ -260,6 +325,10 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
             except CnnlabError as error:
                 errors.append(str(error))
         raise CnnlabError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CnnlabError(f"{where} must be a table, not {type(value).__name__} {value!r}")
+        return dict(value)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

@@ -117,7 +117,7 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
         if not recorded:
             raise CnnlabError("this model records no dataset; pass --dataset or --data")
         data = build(DataConfig, recorded, "model.json data")
-    height, width = model.info.image_size
+    height, width = model.info.shape.size
     if height == width and (data.dataset or data.image_size is None):
         data = replace(data, image_size=height)
     dataset: Dataset = load_dataset(replace(data, val_fraction=0.0))
@@ -125,7 +125,7 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
         raise CnnlabError(
             f"the data's classes {list(dataset.classes)} differ from the model's {list(model.info.classes)}"
         )
-    images = match_channels(resize_images(dataset.test.images, (height, width)), model.info.channels)
+    images = match_channels(resize_images(dataset.test.images, (height, width)), model.info.shape.channels)
     return Split(images, dataset.test.labels)
 
 

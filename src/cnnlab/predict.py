@@ -66,7 +66,7 @@ def predict_files(model: Classifier, paths: list[Path], top_k: int = 3) -> list[
             try:
                 if not path.is_file():
                     raise image_io.ImageError(f"{path}: no such file")
-                decoded[i] = image_io.decode(path, str(path), model.info.image_size, model.info.channels)
+                decoded[i] = image_io.decode(path, str(path), model.info.shape.size, model.info.shape.channels)
             except image_io.ImageError as error:
                 failed[i] = str(error)
         probabilities = model.probabilities(np.stack(list(decoded.values()))) if decoded else None

@@ -6,9 +6,10 @@ is named, its registered default recipe applies (the fast nets train with their 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from cnnlab.config import RunConfig, TrainConfig, build, merge
+from cnnlab.config import RunConfig, TrainConfig, build, merge, sectioned
 from cnnlab.errors import CnnlabError
 from cnnlab.models import model_spec
 
@@ -158,12 +159,18 @@ def recipe_values(name: str) -> dict[str, Any]:
 def resolve_run_config(*layers: dict[str, Any]) -> RunConfig:
     """Merge config layers (later wins) over the recipe they name, or the recipe named like their model."""
     layered: dict[str, Any] = {}
-    for layer in layers:
-        layered = merge(layered, layer)
+    for layer in layers:  # each [train] by sections first, so that a flat key and its section's merge as one
+        layered = merge(layered, {**layer, "train": sectioned(layer["train"])} if "train" in layer else layer)
     train = layered.get("train", {})
     name = train.get("recipe") or model_spec(train.get("model", TrainConfig.model)).default_recipe
-    recipe = {"train": {**recipe_values(name), "recipe": name}} if name else {}
+    recipe = {"train": sectioned({**recipe_values(name), "recipe": name})} if name else {}
+    # A recipe's family settings are for the model it names; another family's model takes its other settings.
+    model = model_spec(train.get("model") or recipe.get("train", {}).get("model", TrainConfig.model))
+    takes = {field.name for field in dataclasses.fields(model.settings)}
+    if "family" in recipe.get("train", {}):
+        recipe["train"]["family"] = {key: value for key, value in recipe["train"]["family"].items() if key in takes}
     config = build(RunConfig, merge(recipe, layered), "config")
+    model.family_settings(config.train.family)  # refuses keys the family does not take
     # Photos are brought to the size the model is made for, not to the most common photo size.
     input_size = model_spec(config.train.model).input_size
     if config.data.data and config.data.image_size is None and input_size is not None:

@@ -30,7 +30,7 @@ from typing import IO, Any
 import torch
 
 from cnnlab.atomic import append_line, atomic_write, remove_temporaries, write_text
-from cnnlab.config import RunConfig, build, load_toml, to_toml
+from cnnlab.config import RunConfig, build, load_toml, sectioned, to_toml
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import this_machine
 
@@ -165,7 +165,7 @@ class RunDir:
 
     def write_config(self, config: RunConfig, precision: str) -> None:
         """config.toml: the resolved config, headed by a comment with the precision it resolved to here."""
-        header = f"# precision {config.train.precision} ran as {precision} on {this_machine().describe()}\n"
+        header = f"# precision {config.train.system.precision} ran as {precision} on {this_machine().describe()}\n"
         write_text(self / self.CONFIG, header + to_toml(config))
 
     def read_config(self) -> RunConfig:
@@ -218,13 +218,10 @@ class RunDir:
     def check_same_run(self, config: RunConfig, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume when config.toml no longer describes the checkpointed run (epochs may change)."""
         saved = checkpoint.get("config", {})
-        current = dataclasses.asdict(config)
-        conflicts = [
-            f"{section}.{key}"
-            for section in ("data", "train")
-            for key in sorted(set(saved.get(section, {})) | set(current[section]))
-            if key != "epochs" and saved.get(section, {}).get(key) != current[section].get(key)
-        ]
+        before = _leaves({"data": saved.get("data", {}), "train": sectioned(saved.get("train", {}))})
+        now = _leaves({"data": dataclasses.asdict(config.data), "train": dataclasses.asdict(config.train)})
+        conflicts = [key for key in sorted(set(before) | set(now)) if key != "train.optim.epochs"
+                     and before.get(key) != now.get(key)]  # fmt: skip
         if conflicts:
             raise CnnlabError(
                 f"{self.path}: {self.CONFIG} differs from the checkpointed run in {', '.join(conflicts)}; "
@@ -238,3 +235,14 @@ class RunDir:
                 f"{self.path}: the checkpoint was trained on classes {checkpoint.get('classes')} at input "
                 f"{checkpoint.get('input_shape')}, but the data now gives {classes} at {input_shape}"
             )
+
+
+def _leaves(tables: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train.optim.lr": 0.1, ...}: every value of nested tables by its dotted key."""
+    leaves: dict[str, Any] = {}
+    for key, value in tables.items():
+        if isinstance(value, dict) and value:
+            leaves |= _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves

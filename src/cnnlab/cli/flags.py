@@ -20,12 +20,22 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from cnnlab.config import DataConfig, RunConfig, TrainConfig
+from cnnlab.config import SECTIONS, DataConfig, RunConfig, TrainConfig
 from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.models import MODELS
 
-DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataConfig))
-TRAIN_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig))
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig}
+
+def _owners() -> dict[str, dict[str, type]]:
+    """Each flag's name and the dataclass whose field it is: [data]'s fields; [train]'s own, its sections' and
+    the model families' settings (all of them flat under [train], as flags and recipes give them)."""
+    train: dict[str, type] = {name: TrainConfig for name in ("model", "recipe", "weights")}
+    for section in [*SECTIONS.values(), *(spec.settings for spec in MODELS.values())]:
+        train |= {field.name: section for field in dataclasses.fields(section)}
+    return {"data": {field.name: DataConfig for field in dataclasses.fields(DataConfig)}, "train": train}
+
+
+OWNERS = _owners()
+DATA_FIELDS, TRAIN_FIELDS = tuple(OWNERS["data"]), tuple(OWNERS["train"])
 
 
 @dataclass
@@ -79,7 +89,7 @@ def takes_config(
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(command, eval_str=True)
         own = [parameter for parameter in signature.parameters.values() if parameter.name != "flags"]
-        added = [_option(SECTIONS[section], name) for section, names in chosen.items() for name in names]
+        added = [_option(OWNERS[section][name], name) for section, names in chosen.items() for name in names]
         added += [_option(RunConfig, "out")] if out else []
 
         @functools.wraps(command)

@@ -17,6 +17,7 @@ from cnnlab.cli import app, console, errors, handles_errors
 from cnnlab.cli.flags import DATA_FIELDS, TRAIN_FIELDS, Flags, takes_config
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
 from cnnlab.config import DataConfig, load_toml
+from cnnlab.data.dataset import ImageShape
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, create_model, model_spec, parameter_count
 from cnnlab.models.inference import Scores
@@ -64,12 +65,12 @@ def train(
     test = recorded.describe() if recorded is not None else "accuracy not measured (no test split)"
     console.print(f"run folder: {result.run_dir}  test {test}")
     if report:
-        console.print(f"report: {write_run_report(result.run_dir, result.dataset.test)}")
+        console.print(f"report: {write_run_report(result.run_dir, result.dataset.test).path}")
 
 
 @app.command(name="compare")
 @handles_errors
-@takes_config(data=DATA_FIELDS, train=("epochs",))
+@takes_config(data=DATA_FIELDS, train=("epochs", "patience"))
 def compare_command(
     flags: Flags,
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = "tutorial-mlp,tutorial-cnn",
@@ -130,7 +131,7 @@ def models() -> None:
     """List the registered models with their parameter counts at CIFAR-10's input (32x32 RGB, 10 classes)."""
     table = Table("model", "parameters (CIFAR-10)", "input (min)", "weights", "default recipe", "description")
     for spec in MODELS.values():
-        count = parameter_count(create_model(spec.name, (3, 32, 32), 10))
+        count = parameter_count(create_model(spec.name, ImageShape(3, 32, 32), 10))
         size = f"{spec.input_size or 'any'}px ({spec.min_input_size}px)"
         weights = spec.weights or "from scratch"
         table.add_row(spec.name, f"{count:,}", size, weights, spec.default_recipe or "-", spec.summary)

@@ -101,7 +101,8 @@ def report(
     split = None
     if flags.data.get("dataset") or flags.data.get("data"):
         split = test_split_for(load_model(run), DataConfig(**flags.data))
-    console.print(f"wrote {write_run_report(run, split)}")
+    written = write_run_report(run, split, own_split=split is None)
+    console.print(f"wrote {written.path}: {written.summary}")
 
 
 @app.command()
@@ -116,7 +117,7 @@ def explain(
 ) -> None:
     """Grad-CAM heat map, feature maps of every conv layer and the first layer's filters for one image."""
     trained = load_model(model)
-    pixels = image_io.decode(image, str(image), trained.info.image_size, trained.info.channels)
+    pixels = image_io.decode(image, str(image), trained.info.shape.size, trained.info.shape.channels)
     explanation = explain_image(trained, pixels, class_name)
     paths = write_explanation(explanation, pixels, out, image.name)
     console.print(

@@ -11,18 +11,29 @@ from pathlib import Path
 from cnnlab.config import DataConfig, check_ranges
 from cnnlab.data import cifar
 from cnnlab.data.cache import cache_root
-from cnnlab.data.dataset import Dataset, Split, match_channels, resize_images
+from cnnlab.data.dataset import Dataset, Split, SplitName, match_channels, resize_images
 from cnnlab.data.digits import load_digits_dataset
 from cnnlab.data.folder import load_image_folder
 from cnnlab.errors import CnnlabError, ConfigError
 
 NAMED_DATASETS = ("digits", *cifar.SOURCES)
+VALIDATION_SHARE = 0.1  # of train, carved when early stopping needs a validation split and none is asked for
 
-__all__ = ["NAMED_DATASETS", "DataConfig", "Dataset", "Split", "load_dataset", "match_channels", "resize_images"]
+__all__ = [
+    "NAMED_DATASETS",
+    "DataConfig",
+    "Dataset",
+    "Split",
+    "SplitName",
+    "load_dataset",
+    "match_channels",
+    "resize_images",
+    "validation_split",
+]
 
 
-def load_dataset(config: DataConfig) -> Dataset:
-    """Load the dataset that `config` names, with its validation split carved when asked for."""
+def load_dataset(config: DataConfig, needs_validation: bool = False) -> Dataset:
+    """Load the dataset that `config` names, with its validation split carved (`validation_split`)."""
     if bool(config.dataset) == bool(config.data):
         raise ConfigError(
             "give exactly one of data.dataset (a name) or data.data (a path)", "data.dataset", "data.data"
@@ -55,7 +66,15 @@ def load_dataset(config: DataConfig) -> Dataset:
                 cache_root=root,
                 strict=config.strict,
             )
-    return dataset.with_validation(config.val_fraction, config.split_seed)
+    return validation_split(dataset, config, needs_validation)
+
+
+def validation_split(dataset: Dataset, config: DataConfig, needed: bool = False) -> Dataset:
+    """The one place a validation split is carved out of train (seeded by `config.split_seed`, stratified):
+    `config.val_fraction` of it, or, at 0 and when `needed` (early stopping watches one), VALIDATION_SHARE of it
+    where the data has no validation split of its own."""
+    share = config.val_fraction or (VALIDATION_SHARE if needed and dataset.val is None else 0.0)
+    return dataset.with_validation(share, config.split_seed)
 
 
 def _sized(dataset: Dataset, image_size: int | None) -> Dataset:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +18,36 @@ from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.machine import memory_bytes
 
 Pixels = np.ndarray | DiskImages  # (N, H, W, C) uint8 images, in memory or read from disk as they are needed
+
+
+class ImageShape(NamedTuple):
+    """The shape of an image as a network takes it: channels, height and width in pixels."""
+
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.height, self.width
+
+    @property
+    def hwc(self) -> tuple[int, int, int]:
+        """(height, width, channels): the layout of the stored uint8 pixels."""
+        return self.height, self.width, self.channels
+
+
+class SplitName(StrEnum):
+    """The parts of a dataset, by the names metrics, reports and messages give them."""
+
+    TRAIN = "train"
+    VAL = "val"  # validation: what early stopping watches
+    TEST = "test"  # what the model is scored on
+
+    @property
+    def in_words(self) -> str:
+        return {"train": "training", "val": "validation", "test": "test"}[self.value]
 
 
 @dataclass(frozen=True)
@@ -47,10 +79,10 @@ class Dataset:
     layout: str = ""  # how the source was read into splits and classes, in words
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of every image."""
+    def image_shape(self) -> ImageShape:
+        """The shape of every image."""
         height, width, channels = self.train.images.shape[1:]
-        return height, width, channels
+        return ImageShape(channels, height, width)
 
     def with_validation(self, fraction: float, seed: int) -> Dataset:
         """Carve a stratified validation split out of train."""
@@ -64,19 +96,19 @@ class Dataset:
         train, val = split_stratified(self.train, fraction, seed, "validation")
         return replace(self, train=train, val=val)
 
-    def splits(self) -> dict[str, Split]:
+    def splits(self) -> dict[SplitName, Split]:
         """The splits there are, by name, in the order train, val, test."""
-        present = {"train": self.train, "val": self.val, "test": self.test}
+        present = {SplitName.TRAIN: self.train, SplitName.VAL: self.val, SplitName.TEST: self.test}
         return {name: split for name, split in present.items() if split is not None}
 
-    def class_counts(self) -> dict[str, np.ndarray]:
+    def class_counts(self) -> dict[SplitName, np.ndarray]:
         """Images per class, (K,) int, in each split there is."""
         return {name: np.bincount(split.labels, minlength=len(self.classes)) for name, split in self.splits().items()}
 
     def summary(self) -> list[str]:
         """What was loaded, for the user to check before training: the layout read, the splits and their size,
         and the images per class in each split (the smallest and largest when there are many classes)."""
-        height, width, channels = self.image_shape
+        channels, height, width = self.image_shape
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits().items())
         lines = [f"data: {self.name}{f' ({self.layout})' if self.layout else ''}"]
         lines.append(f"  {len(self.classes)} classes, {width}x{height}x{channels}; images: {sizes}")
@@ -89,7 +121,7 @@ class Dataset:
             )
             lines.append(f"  per class ({header}): {per_class}")
         else:
-            train = counts["train"]
+            train = counts[SplitName.TRAIN]
             lines.append(f"  per class in train: {train.min()} to {train.max()} images")
         return lines
 

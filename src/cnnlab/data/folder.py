@@ -28,11 +28,13 @@ import numpy as np
 from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
-from cnnlab.data.dataset import Dataset, Split, split_stratified
+from cnnlab.data.dataset import Dataset, Split, SplitName, split_stratified
 from cnnlab.data.disk_images import DiskImages, write_npy_header
-from cnnlab.data.layout import TEST, TRAIN, VAL, read_layout
+from cnnlab.data.layout import read_layout
 from cnnlab.data.walk import tar_member_bytes, walk_files
 from cnnlab.errors import CnnlabError, ConfigError
+
+CACHE_CODES = {name: code for code, name in enumerate(SplitName)}  # the int8 each image's split is cached as
 
 log = logging.getLogger("cnnlab")
 
@@ -90,18 +92,17 @@ def load_image_folder(
 
     classes = tuple(str(name) for name in arrays["classes"])
     everything = Split(images.take(arrays["rows"]), arrays["labels"].astype(np.int64))
-    split = arrays["split"]
     layout = str(arrays["layout"])
-    train = everything.take(np.flatnonzero(split == TRAIN))
-    val: Split | None = everything.take(np.flatnonzero(split == VAL)) if (split == VAL).any() else None
-    if (split == TEST).any():
-        test = everything.take(np.flatnonzero(split == TEST))
-    elif val is not None:  # a validation folder alone is what the model is scored on
-        test, val = val, None
-    else:
+    codes = arrays["split"]
+    train, val, test = (everything.take(np.flatnonzero(codes == CACHE_CODES[name])) for name in SplitName)
+    if not len(test) and len(val):  # a validation folder alone is what the model is scored on
+        test, val = val, test
+    elif not len(test):
         train, test = split_stratified(train, test_fraction, split_seed, "test")
         layout += f"; a seeded, stratified {test_fraction:g} of the images held out as the test split"
-    return Dataset(name=path.name, classes=classes, train=train, test=test, val=val, layout=layout)
+    return Dataset(
+        name=path.name, classes=classes, train=train, test=test, val=val if len(val) else None, layout=layout
+    )
 
 
 def _scan_folder(root: Path) -> tuple[list[Entry], str, list[str]]:
@@ -187,7 +188,7 @@ def _decode_dataset(
     return {
         "rows": np.array(kept, dtype=np.int64),  # the rows of images_file that hold readable images
         "labels": np.array([index[labelled[i][1]] for i in kept], dtype=np.int64),
-        "split": np.array([labelled[i][2] for i in kept], dtype=np.int8),  # TRAIN, VAL or TEST
+        "split": np.array([CACHE_CODES[labelled[i][2]] for i in kept], dtype=np.int8),
         "classes": np.array(layout.classes),
         "layout": np.array(layout.description),
         "failures": np.array(failures, dtype=str),  # why each left-out file is not a readable image

@@ -15,22 +15,21 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnlab.data.dataset import SplitName
 from cnnlab.errors import CnnlabError
 
 log = logging.getLogger("cnnlab")
 
-TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_FOLDERS = {
-    "train": TRAIN,
-    "training": TRAIN,
-    "val": VAL,
-    "valid": VAL,
-    "validation": VAL,
-    "dev": VAL,
-    "test": TEST,
-    "testing": TEST,
+    "train": SplitName.TRAIN,
+    "training": SplitName.TRAIN,
+    "val": SplitName.VAL,
+    "valid": SplitName.VAL,
+    "validation": SplitName.VAL,
+    "dev": SplitName.VAL,
+    "test": SplitName.TEST,
+    "testing": SplitName.TEST,
 }
-SPLIT_ROLES = {TRAIN: "training", VAL: "validation", TEST: "test"}
 EXPECTED = "expected train/<class>/* with val/<class>/* and/or test/<class>/*, or only <class>/* folders"
 
 Parts = tuple[str, ...]  # a file's path inside the dataset root, split into folders and file name
@@ -38,7 +37,7 @@ Parts = tuple[str, ...]  # a file's path inside the dataset root, split into fol
 
 @dataclass(frozen=True)
 class Layout:
-    placed: list[tuple[int, str, int]]  # (index into the files, class name, TRAIN/VAL/TEST) of each placed file
+    placed: list[tuple[int, str, SplitName]]  # (index into the files, class name, split) of each placed file
     classes: tuple[str, ...]  # sorted
     description: str  # how the folder was read, in words, for the user
 
@@ -72,42 +71,45 @@ def read_layout(path: Path, files: list[Parts]) -> Layout:
 
 
 def _split_folders(
-    path: Path, files: list[Parts], depth: int, tops: set[str], splits: dict[str, int]
-) -> tuple[list[tuple[int, str, int]], str]:
+    path: Path, files: list[Parts], depth: int, tops: set[str], splits: dict[str, SplitName]
+) -> tuple[list[tuple[int, str, SplitName]], str]:
     named = ", ".join(f"{name}/" for name in sorted(splits))
     others = sorted(tops - set(splits))
     if others:
         listed = ", ".join(f"{name}/" for name in others[:4]) + (" ..." if len(others) > 4 else "")
         raise CnnlabError(f"{path}: split folders ({named}) beside other folders ({listed}); {EXPECTED}")
-    for role in (TRAIN, VAL, TEST):
+    for role in SplitName:
         folders = sorted(name for name, split in splits.items() if split == role)
         if len(folders) > 1:
-            raise CnnlabError(f"{path}: {' and '.join(folders)} are both {SPLIT_ROLES[role]} folders; keep one")
-    if TRAIN not in splits.values():
+            raise CnnlabError(f"{path}: {' and '.join(folders)} are both {role.in_words} folders; keep one")
+    if SplitName.TRAIN not in splits.values():
         raise CnnlabError(f"{path}: {named} but no train/ folder; {EXPECTED}")
     _refuse_nested(path, [parts for parts in files if len(parts) > depth + 3], depth, 2)
     placed = [(i, parts[depth + 1], splits[parts[depth]]) for i, parts in enumerate(files) if len(parts) == depth + 3]
     counts = Counter((split, class_name) for _, class_name, split in placed)
     folder_of = {split: name for name, split in splits.items()}
-    train = folder_of[TRAIN]
+    train = folder_of[SplitName.TRAIN]
     for class_name in sorted({class_name for _, class_name, _ in placed}):
-        for split, folder in sorted(folder_of.items()):
+        for split in (split for split in SplitName if split in folder_of):
             if not counts[(split, class_name)]:
                 raise CnnlabError(
-                    f"{path}: class {class_name!r} has no images in {folder}/ ({counts[(TRAIN, class_name)]} in "
-                    f"{train}/); every split folder needs a folder for every class"
+                    f"{path}: class {class_name!r} has no images in {folder_of[split]}/ "
+                    f"({counts[(SplitName.TRAIN, class_name)]} in {train}/); every split folder needs a folder for "
+                    "every class"
                 )
     roles = set(splits.values())
-    if roles == {TRAIN, VAL}:
-        return placed, f"split folders {named}: no test folder, so {folder_of[VAL]}/ is the test split"
-    if roles == {TRAIN}:
+    if roles == {SplitName.TRAIN, SplitName.VAL}:
+        return placed, f"split folders {named}: no test folder, so {folder_of[SplitName.VAL]}/ is the test split"
+    if roles == {SplitName.TRAIN}:
         return placed, f"a {train}/ folder only"
-    return placed, f"split folders {named}" + (f" ({folder_of[VAL]}/ for validation)" if VAL in roles else "")
+    return placed, f"split folders {named}" + (
+        f" ({folder_of[SplitName.VAL]}/ for validation)" if SplitName.VAL in roles else ""
+    )
 
 
-def _class_folders(path: Path, files: list[Parts], depth: int) -> tuple[list[tuple[int, str, int]], str]:
+def _class_folders(path: Path, files: list[Parts], depth: int) -> tuple[list[tuple[int, str, SplitName]], str]:
     _refuse_nested(path, [parts for parts in files if len(parts) > depth + 2], depth, 1)
-    placed = [(i, parts[depth], TRAIN) for i, parts in enumerate(files) if len(parts) == depth + 2]
+    placed = [(i, parts[depth], SplitName.TRAIN) for i, parts in enumerate(files) if len(parts) == depth + 2]
     return placed, "one folder per class"
 
 

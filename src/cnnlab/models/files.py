@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from cnnlab.atomic import atomic_write, write_text
+from cnnlab.data.dataset import ImageShape
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.machine import inference_precision
@@ -53,12 +54,8 @@ class ModelInfo:
         return inference_precision(self.precision, device) == "bf16"
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return self.input_shape[1], self.input_shape[2]
-
-    @property
-    def channels(self) -> int:
-        return self.input_shape[0]
+    def shape(self) -> ImageShape:
+        return ImageShape(*self.input_shape)
 
 
 @dataclass
@@ -102,8 +99,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> TrainedModel:
     """Rebuild a model from a run folder or its model files; any mismatch is a one-line error."""
     folder = model_folder(path)
     info = read_info(folder / RunDir.INFO)
-    channels, height, width = info.input_shape
-    module = create_model(info.architecture, (channels, height, width), len(info.classes))
+    module = create_model(info.architecture, info.shape, len(info.classes))
     weights_path = folder / RunDir.WEIGHTS
     if not weights_path.is_file():
         raise CnnlabError(f"{weights_path}: missing; the model folder is incomplete")

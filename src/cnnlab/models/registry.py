@@ -11,15 +11,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cnnlab.config import TrainConfig
+from cnnlab.config import build, check_ranges
+from cnnlab.data.dataset import ImageShape
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError, ConfigError
 
-InputShape = tuple[int, int, int]  # (C, H, W)
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 @dataclass
@@ -64,8 +67,9 @@ class Classifier(nn.Module):
         """Whether `init_from_data` does anything: training then draws the sample it needs."""
         return type(self).init_from_data is not Classifier.init_from_data
 
-    def start_epoch(self, epoch: int, settings: TrainConfig) -> None:
-        """Before each training epoch (1-based): parameters that learn only for a while."""
+    def start_epoch(self, epoch: int, family: Any) -> None:
+        """Before each training epoch (1-based), with the family's settings (`ModelSpec.settings`): parameters
+        that learn only for a while."""
 
     def parameter_groups(self) -> ParameterGroups:
         """The trainable parameters as the optimizers treat them."""
@@ -81,7 +85,12 @@ class Classifier(nn.Module):
         return last_conv(self)
 
 
-Build = Callable[[InputShape, int, torch.Generator], Classifier]  # (input shape, classes, init RNG)
+@dataclass
+class NoSettings:
+    """The settings of a family that has none of its own."""
+
+
+Build = Callable[[ImageShape, int, torch.Generator], Classifier]  # (input shape, classes, init RNG)
 
 
 @dataclass(frozen=True)
@@ -95,8 +104,15 @@ class ModelSpec:
     # Fixed input statistics (a pretrained network's); None: from the training data, as the recipe says.
     normalization: Normalization | None = None
     weights: str | None = None  # where pretrained weights come from, in words; None: trained from scratch
+    settings: type[DataclassInstance] = NoSettings  # the family's own settings, given as train.family
 
-    def check_input(self, input_shape: InputShape) -> None:
+    def family_settings(self, values: dict[str, Any]) -> Any:
+        """The family's settings from `values` (train.family), refusing unknown keys and values out of range."""
+        chosen = build(self.settings, values, f"train.family ({self.name})")
+        check_ranges(chosen, "train.family")
+        return chosen
+
+    def check_input(self, input_shape: ImageShape) -> None:
         _, height, width = input_shape
         if min(height, width) < self.min_input_size:
             raise ConfigError(
@@ -118,6 +134,7 @@ def register(
     input_size: int | None = None,
     normalization: Normalization | None = None,
     weights: str | None = None,
+    settings: type[DataclassInstance] = NoSettings,
 ) -> Callable[[Build], Build]:
     """Register the decorated factory `(input shape, classes, init RNG) -> Classifier` as model `name`."""
 
@@ -125,7 +142,7 @@ def register(
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         MODELS[name] = ModelSpec(name, build, summary, default_recipe, min_input_size, input_size, normalization,
-                                 weights)  # fmt: skip
+                                 weights, settings)  # fmt: skip
         return build
 
     return decorate
@@ -137,7 +154,7 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def create_model(name: str, input_shape: InputShape, num_classes: int, seed: int = 0) -> Classifier:
+def create_model(name: str, input_shape: ImageShape, num_classes: int, seed: int = 0) -> Classifier:
     """A freshly initialised model, in channels_last memory order (faster convolutions on CPU and GPU)."""
     spec = model_spec(name)
     spec.check_input(input_shape)
@@ -155,7 +172,7 @@ def fitting_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple
     return fitting, sorted(set(ours) - set(fitting))
 
 
-def least_step_bytes(name: str, input_shape: InputShape, batch_size: int, element_bytes: int) -> int:
+def least_step_bytes(name: str, input_shape: ImageShape, batch_size: int, element_bytes: int) -> int:
     """A lower bound on the memory one training step of model `name` takes with `batch_size` inputs of
     `input_shape`: the input, every layer's output (kept for the backward pass), and the weights with their
     gradients, at `element_bytes` each. Measured on the meta device, where nothing is allocated."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from cnnlab.atomic import atomic_write, write_text
 from cnnlab.data import Dataset, Split
 from cnnlab.evaluate import Evaluation, evaluate, test_split_for, write_evaluation
 from cnnlab.models import load_model
+from cnnlab.models.inference import Scores
 from cnnlab.report import figures, html
 from cnnlab.run_dir import RunDir
 
@@ -50,8 +51,15 @@ def run_figures(history: list[dict[str, Any]], evaluation: Evaluation, split: Sp
     return pngs
 
 
-def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
-    """Evaluate a finished run on its test split and write its figures and report.html into the run folder."""
+@dataclass(frozen=True)
+class RunReport:
+    path: Path  # report.html
+    summary: str  # its headline: the delivered test accuracy and the rest
+
+
+def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool = True) -> RunReport:
+    """Evaluate a finished run on its test split (or `split`) and write its figures and report.html into the run
+    folder. On the run's own test split (`own_split`) the headline is the accuracy training recorded."""
     model = load_model(run_dir)
     split = split if split is not None else test_split_for(model, None)
     evaluation = evaluate(model, split)
@@ -78,13 +86,15 @@ def write_run_report(run_dir: Path, split: Split | None = None) -> Path:
             for name, data in pngs.items()
         ),
     ]
+    recorded = Scores.from_metrics(model.info.metrics, "test", model.info.tta) if own_split else None
+    scores = recorded or evaluation.scores
     summary = (
-        f"test {evaluation.scores.describe()}, balanced accuracy {evaluation.balanced_accuracy:.4f}, "
-        f"loss {evaluation.loss:.4f}, on {len(split)} images"
+        f"test {scores.describe()}, balanced accuracy {evaluation.balanced_accuracy:.4f}, "
+        f"loss {scores.delivered_loss:.4f}, on {len(split)} images"
     )
     title = f"{model.info.architecture} on {model.info.config.get('data', {}).get('dataset') or run_dir.name}"
     write_text(folder / RunDir.REPORT, html.page(title, sections, summary))
-    return folder / RunDir.REPORT
+    return RunReport(folder / RunDir.REPORT, summary)
 
 
 def write_data_overview(dataset: Dataset, out: Path, per_class: int) -> tuple[Path, Path, dict[str, list[int]]]:

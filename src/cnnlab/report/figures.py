@@ -6,7 +6,7 @@ Each function takes plain data and returns a Figure; `save` writes it as PNG and
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from cnnlab.atomic import atomic_write
+from cnnlab.data.dataset import SplitName
 from cnnlab.models.inference import Scores
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def sample_grid(images: Pixels, labels: np.ndarray, classes: Sequence[str], per_
     return figure
 
 
-def class_counts(counts: dict[str, np.ndarray], classes: Sequence[str]) -> Figure:
+def class_counts(counts: Mapping[SplitName, np.ndarray], classes: Sequence[str]) -> Figure:
     """Grouped bars: images per class in each split."""
     with matplotlib.rc_context(STYLE):
         figure, axis = subplots(figsize=(max(6, 0.6 * len(classes) * len(counts)), 3.5))

@@ -114,7 +114,7 @@ def decode_upload(data: bytes, name: str, classifier: Classifier, config: ServeC
         found = image_io.header(data, name)  # refuses any format outside image_io.ALLOWED_FORMATS
         if found.height * found.width > config.max_pixels:
             raise BadImage(f"{name}: {found.width}x{found.height} pixels, over the limit of {config.max_pixels:,}")
-        return image_io.decode(data, name, classifier.info.image_size, classifier.info.channels)
+        return image_io.decode(data, name, classifier.info.shape.size, classifier.info.shape.channels)
     except image_io.ImageError as error:
         raise BadImage(str(error)) from None
 

@@ -57,7 +57,7 @@ def train(state: TrainState, recorder: Recorder, reporter: Reporter) -> None:
                     steps = phase.steps_in_epoch(epoch)
                     raise TrainingStopped(stop.signal or signal.SIGTERM, recorder.run_dir.path, epoch, steps)
                 if stopping:
-                    reporter.message(f"early stop: no better validation loss for {settings.patience} epochs")
+                    reporter.message(f"early stop: no better validation loss for {settings.optim.patience} epochs")
                     break
             keep_best(state, reporter)
             phase = state.next_phase()
@@ -176,7 +176,7 @@ class WeightAveraging(Hook):
 
     def after_step(self, done: StepDone) -> None:
         phase, model = done.phase, done.state.model
-        if not (done.state.settings.lookahead and phase.averages_weights) or done.epoch < LOOKAHEAD_START_EPOCH:
+        if not (done.state.settings.optim.lookahead and phase.averages_weights) or done.epoch < LOOKAHEAD_START_EPOCH:
             return
         if done.global_step % LOOKAHEAD_EVERY:
             return
@@ -213,7 +213,7 @@ class Checkpoints(Hook):
         self.recorder, self.stop = recorder, stop
 
     def after_step(self, done: StepDone) -> None:
-        every = done.state.settings.checkpoint_every
+        every = done.state.settings.system.checkpoint_every
         if done.state.ranks.any(self.stop.signal is not None):
             self.recorder.save_checkpoint(done.epoch, done.step)
             raise TrainingStopped(self.stop.signal or signal.SIGTERM, self.recorder.run_dir.path, done.epoch, done.step)

@@ -16,8 +16,9 @@ from rich.console import Console
 
 from cnnlab.atomic import WriteError
 from cnnlab.config import RunConfig, TrainConfig
-from cnnlab.data import Dataset, load_dataset
+from cnnlab.data import Dataset, load_dataset, validation_split
 from cnnlab.data.cache import cache_root
+from cnnlab.data.dataset import ImageShape
 from cnnlab.errors import CnnlabError, ConfigError, first_line
 from cnnlab.machine import DTYPES, Precision, memory_bytes, resolve_device, resolve_precision, this_machine
 from cnnlab.models import TrainedModel, model_spec, save_model
@@ -28,8 +29,6 @@ from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_cont
 from cnnlab.train.progress import LineReporter, Reporter, default_reporter
 from cnnlab.train.runtime import keep_freed_memory
 from cnnlab.train.state import Recorder, TrainState, reproducible
-
-EARLY_STOPPING_VALIDATION = 0.1  # the share of train carved as a validation split when the data has none
 
 
 @dataclass
@@ -50,14 +49,14 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
     check_restartable(config.out)
     config.check()
     with (
-        joined(resolve_device(config.train.device)) as ranks,
-        reproducible(config.train.seed, ranks.device),
+        joined(resolve_device(config.train.system.device)) as ranks,
+        reproducible(config.train.system.seed, ranks.device),
         contextlib.ExitStack() as held,
     ):
-        precision = resolve_precision(config.train.precision, ranks.device)
+        precision = resolve_precision(config.train.system.precision, ranks.device)
         check_step_fits(config, precision, ranks)
         run_dir = ranks.from_main(lambda: held.enter_context(RunDir.claim(config)))
-        dataset = validation_for(config, dataset if dataset is not None else load_dataset(config.data))
+        dataset = data_for(config, dataset)
         if ranks.is_main:
             run_dir.write_config(config, precision)
         return _train(config, precision, dataset, run_dir, reporter or default_reporter(), None, ranks)
@@ -72,27 +71,28 @@ def resume(
     checkpoint = folder.load_checkpoint()
     folder.check_same_run(config, checkpoint)
     if epochs is not None:
-        config.train.epochs = epochs
+        config.train.optim.epochs = epochs
     config.check()
     with (
-        joined(resolve_device(config.train.device)) as ranks,
-        reproducible(config.train.seed, ranks.device),
+        joined(resolve_device(config.train.system.device)) as ranks,
+        reproducible(config.train.system.seed, ranks.device),
         contextlib.ExitStack() as held,
     ):
         ranks.from_main(lambda: held.enter_context(folder.locked()))
         # Re-resolved: a run checkpointed on a machine with native bf16 continues in fp32 on one without.
-        precision = resolve_precision(config.train.precision, ranks.device)
+        precision = resolve_precision(config.train.system.precision, ranks.device)
         if epochs is not None and ranks.is_main:
             folder.write_config(config, precision)
-        dataset = validation_for(config, dataset if dataset is not None else load_dataset(config.data))
+        dataset = data_for(config, dataset)
         return _train(config, precision, dataset, folder, reporter or default_reporter(), checkpoint, ranks)
 
 
-def validation_for(config: RunConfig, dataset: Dataset) -> Dataset:
-    """Early stopping needs a validation split: carved from train (seeded, stratified) when the data has none."""
-    if not config.train.patience or dataset.val is not None:
-        return dataset
-    return dataset.with_validation(EARLY_STOPPING_VALIDATION, config.data.split_seed)
+def data_for(config: RunConfig, dataset: Dataset | None) -> Dataset:
+    """`config.data` loaded, or the `dataset` given, with the validation split early stopping watches."""
+    needed = bool(config.train.optim.patience)
+    if dataset is None:
+        return load_dataset(config.data, needs_validation=needed)
+    return dataset if dataset.val is not None else validation_split(dataset, config.data, needed)
 
 
 def _train(
@@ -113,7 +113,7 @@ def _train(
     state = TrainState(settings, precision, dataset, ranks, cache_root(config.data.cache_dir))
     for line in dataset.summary():
         reporter.message(line)
-    reporter.message(f"precision {precision} ({settings.precision}; {this_machine().describe()})")
+    reporter.message(f"precision {precision} ({settings.system.precision}; {this_machine().describe()})")
     recorder = Recorder(state, run_dir, config, list(dataset.classes))
     if checkpoint is not None:
         recorder.restore(checkpoint)
@@ -150,8 +150,8 @@ def check_step_fits(config: RunConfig, precision: Precision, ranks: Ranks) -> No
     if size is None:
         return
     settings = config.train
-    shard = -(-settings.batch_size // ranks.world_size)  # this process's images per step
-    needed = least_step_bytes(settings.model, (1, size, size), shard, DTYPES[precision].itemsize)
+    shard = -(-settings.optim.batch_size // ranks.world_size)  # this process's images per step
+    needed = least_step_bytes(settings.model, ImageShape(1, size, size), shard, DTYPES[precision].itemsize)
     available = memory_bytes(ranks.device)
     if needed > available:
         raise ConfigError(
@@ -166,23 +166,24 @@ def check_step_fits(config: RunConfig, precision: Precision, ranks: Ranks) -> No
 def check_settings(settings: TrainConfig, world_size: int) -> None:
     """Refuse, in one line naming the keys, settings that cannot train together (each one's own range is
     checked by `RunConfig.check`)."""
-    if settings.batch_size < world_size:
+    if settings.optim.batch_size < world_size:
         raise ConfigError(
             f"train.batch_size (the global batch) must be at least the number of processes ({world_size})",
             "train.batch_size",
         )
-    if settings.unfreeze_epochs and not settings.head_only:
+    if settings.finetune.unfreeze_epochs and not settings.finetune.head_only:
         raise ConfigError(
             "train.unfreeze_epochs follows head-only training; set train.head_only (the finetune recipe does)",
             "train.unfreeze_epochs",
         )
     smallest = model_spec(settings.model).min_input_size
-    if settings.low_res and settings.low_res < smallest:
+    if settings.augment.low_res and settings.augment.low_res < smallest:
         raise ConfigError(
-            f"train.low_res must be at least {settings.model}'s smallest input ({smallest} px), not {settings.low_res}",
+            f"train.low_res must be at least {settings.model}'s smallest input ({smallest} px), "
+            f"not {settings.augment.low_res}",
             "train.low_res",
         )
-    if settings.select_share < 1 and settings.head_only:
+    if settings.optim.select_share < 1 and settings.finetune.head_only:
         raise ConfigError(
             "train.select_share selects images for the whole network's steps, not for train.head_only",
             "train.select_share",

@@ -1,4 +1,4 @@
-"""Optimisers, learning-rate schedules and weight averaging, built from a TrainConfig."""
+"""Optimisers, learning-rate schedules and weight averaging, built from the config's optim section."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.config import TrainConfig
+from cnnlab.config import AugmentConfig, FinetuneConfig, OptimConfig
 from cnnlab.errors import ConfigError
 from cnnlab.models.registry import ParameterGroups
 
@@ -20,7 +20,7 @@ LAYER_GROUPS = 8  # learning-rate steps across a body being fine-tuned
 
 
 def make_optimizer(
-    model: nn.Module, groups: ParameterGroups, config: TrainConfig, matmul_dtype: torch.dtype = torch.float32
+    model: nn.Module, groups: ParameterGroups, config: OptimConfig, matmul_dtype: torch.dtype = torch.float32
 ) -> torch.optim.Optimizer:
     """SGD, Adam or Muon over a model's parameter groups (its family says which are filters and norm biases).
 
@@ -46,7 +46,9 @@ def make_optimizer(
     return sgd_or_adam(param_groups, config)
 
 
-def make_layerwise_optimizer(model: nn.Module, head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_layerwise_optimizer(
+    model: nn.Module, head: nn.Module, config: OptimConfig, finetune: FinetuneConfig
+) -> torch.optim.Optimizer:
     """SGD or Adam over the whole network for fine-tuning it after its head (fastai's discriminative rates): the
     head learns at `unfreeze_lr`, and the body's parameters, in LAYER_GROUPS consecutive groups from input to
     output, at rates rising geometrically from `unfreeze_lr * layer_lr_ratio` towards it, so the early, generic
@@ -58,16 +60,16 @@ def make_layerwise_optimizer(model: nn.Module, head: nn.Module, config: TrainCon
     chunk = -(-len(body) // LAYER_GROUPS)  # ceiling division: at most LAYER_GROUPS groups
     param_groups: list[dict[str, Any]] = [
         {"params": body[start : start + chunk],
-         "lr": config.unfreeze_lr * config.layer_lr_ratio ** (1 - start / len(body))}
+         "lr": finetune.unfreeze_lr * finetune.layer_lr_ratio ** (1 - start / len(body))}
         for start in range(0, len(body), chunk)
     ]  # fmt: skip
-    param_groups.append({"params": list(head.parameters()), "lr": config.unfreeze_lr})
+    param_groups.append({"params": list(head.parameters()), "lr": finetune.unfreeze_lr})
     for group in param_groups:
         group["weight_decay"] = config.weight_decay
     return sgd_or_adam(param_groups, config)
 
 
-def sgd_or_adam(param_groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+def sgd_or_adam(param_groups: list[dict[str, Any]], config: OptimConfig) -> torch.optim.Optimizer:
     """The config's SGD or Adam over `param_groups`. Fused kernels update every parameter in one call: fewer
     passes over memory than the default loop."""
     if config.optimizer == "sgd":
@@ -129,7 +131,7 @@ def orthogonalized(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def make_schedule(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step multiplier of each group's learning rate."""
     if config.schedule == "constant":
@@ -147,7 +149,7 @@ def make_schedule(
 RESOLUTION_STEP = 4  # progressive resizing grows the shorter side in steps of this many pixels
 
 
-def resolution_at(step: int, total_steps: int, config: TrainConfig, full: tuple[int, int]) -> tuple[int, int]:
+def resolution_at(step: int, total_steps: int, config: AugmentConfig, full: tuple[int, int]) -> tuple[int, int]:
     """The (height, width) a training step sees: with `config.low_res`, the shorter side rises linearly from it
     at the first step to full size at `low_res_share` of the steps, rounded down to RESOLUTION_STEP pixels (so
     that few shapes are compiled); the longer side keeps the aspect ratio."""

@@ -120,8 +120,8 @@ class ImagePhase(Phase):
     def __init__(self, state: TrainState, dataset: Dataset, first_epoch: int, epochs: float):
         super().__init__(state, dataset, first_epoch, epochs)
         groups = state.model.parameter_groups()
-        self.optimizer = make_optimizer(state.model, groups, state.settings, DTYPES[state.precision])
-        self.schedule = make_schedule(self.optimizer, state.settings, self.total_steps)
+        self.optimizer = make_optimizer(state.model, groups, state.settings.optim, DTYPES[state.precision])
+        self.schedule = make_schedule(self.optimizer, state.settings.optim, self.total_steps)
         self.forward_module: nn.Module = state.compiled
         self.frozen_statistics = False  # BatchNorm's running statistics stay as they are (fine-tuning)
 
@@ -132,7 +132,7 @@ class ImagePhase(Phase):
             for module in state.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        state.model.start_epoch(epoch, state.settings)
+        state.model.start_epoch(epoch, state.family)
         self.forward_module = state.ranks.wrap(state.compiled)  # after start_epoch: DDP must see which learn
 
     def batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
@@ -141,7 +141,7 @@ class ImagePhase(Phase):
     def input_size_at(self, global_step: int) -> tuple[int, int]:
         """The (height, width) that step `global_step` (1-based, into the phase) sees: smaller early with low_res."""
         _, height, width = self.state.input_shape
-        return resolution_at(global_step - 1, self.total_steps, self.state.settings, (height, width))
+        return resolution_at(global_step - 1, self.total_steps, self.state.settings.augment, (height, width))
 
     def forward(self, batch: StepBatch, global_step: int) -> torch.Tensor:
         assert isinstance(batch, Batch)
@@ -163,7 +163,7 @@ class ImagePhase(Phase):
             logits.float(),
             batch.labels,
             weight=state.class_weights,
-            label_smoothing=state.settings.label_smoothing,
+            label_smoothing=state.settings.optim.label_smoothing,
             reduction="none",
         )
         # DDP averages the processes' gradients: scaled so, the step is that of the global batch's mean loss.
@@ -181,12 +181,12 @@ class UnfreezePhase(ImagePhase):
     name = "unfreeze"
 
     def __init__(self, state: TrainState, dataset: Dataset, after_epoch: int):
-        Phase.__init__(self, state, dataset, after_epoch + 1, state.settings.unfreeze_epochs)
+        Phase.__init__(self, state, dataset, after_epoch + 1, state.settings.finetune.unfreeze_epochs)
         settings = state.settings
         split = state.model.split_head()
         assert split is not None, "the unfreeze phase follows the head phase"
-        self.optimizer = make_layerwise_optimizer(state.model, split[1], settings)
-        self.schedule = make_schedule(self.optimizer, dataclasses.replace(settings, schedule="triangle"),
+        self.optimizer = make_layerwise_optimizer(state.model, split[1], settings.optim, settings.finetune)
+        self.schedule = make_schedule(self.optimizer, dataclasses.replace(settings.optim, schedule="triangle"),
                                       self.total_steps)  # fmt: skip
         self.forward_module = state.compiled
         self.frozen_statistics = True
@@ -210,8 +210,8 @@ class HeadPhase(Phase):
             raise ConfigError("train.head_only trains in seconds in one process; leave out nproc", "train.head_only")
         self.body, self.head = split
         groups = state.model.parameter_groups()
-        self.optimizer = make_optimizer(state.model, groups, state.settings, DTYPES[state.precision])
-        self.schedule = make_schedule(self.optimizer, state.settings, self.total_steps)
+        self.optimizer = make_optimizer(state.model, groups, state.settings.optim, DTYPES[state.precision])
+        self.schedule = make_schedule(self.optimizer, state.settings.optim, self.total_steps)
         self.features: dict[str, torch.Tensor] = {}  # split name -> (N, F)
         self.labels: dict[str, torch.Tensor] = {}
 
@@ -241,7 +241,7 @@ class HeadPhase(Phase):
     def batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
         features, labels = self.features["train"], self.labels["train"]
         order = self.state.batches.permutation(resumed=done > 0).to(features.device)
-        batch_size = self.state.settings.batch_size
+        batch_size = self.state.settings.optim.batch_size
         starts = range(0, len(order), batch_size)[done : self.steps_in_epoch(epoch)]
         for step, start in enumerate(starts, start=done + 1):
             rows = order[start : start + batch_size]
@@ -253,7 +253,7 @@ class HeadPhase(Phase):
         return logits
 
     def objective(self, logits: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, smoothing = self.state.class_weights, self.state.settings.label_smoothing
+        weights, smoothing = self.state.class_weights, self.state.settings.optim.label_smoothing
         loss = F.cross_entropy(logits, batch.labels, weight=weights, label_smoothing=smoothing)
         with torch.no_grad():
             losses = F.cross_entropy(logits, batch.labels, weight=weights, label_smoothing=smoothing, reduction="none")
@@ -281,8 +281,8 @@ def evaluate_splits(state: TrainState, dataset: Dataset) -> dict[str, Any]:
             continue
         started = time.perf_counter()
         images = in_order(split.images[ranks.shard(len(split))])
-        shard = predict(state.model, images, state.normalization, ranks.device, settings.tta, state.bf16,
-                        settings.tta_below)  # fmt: skip
+        shard = predict(state.model, images, state.normalization, ranks.device, settings.inference.tta, state.bf16,
+                        settings.inference.tta_below)  # fmt: skip
         gathered = Logits(
             ranks.gather_rows(shard.plain, len(split)),
             ranks.gather_rows(shard.delivered, len(split)),

@@ -21,6 +21,7 @@ from torch import nn
 
 from cnnlab.config import RunConfig, TrainConfig
 from cnnlab.data import Dataset
+from cnnlab.data.dataset import ImageShape
 from cnnlab.data.download import download
 from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import channel_statistics, images_within, to_input
@@ -64,12 +65,12 @@ class TrainState:
         self.settings, self.precision, self.ranks = settings, precision, ranks
         self.bf16 = precision == "bf16"  # autocast for the forward pass and evaluation
         self.spec = model_spec(settings.model)
-        height, width, channels = dataset.image_shape
-        self.input_shape = (channels, height, width)
-        model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.seed)
+        self.family = self.spec.family_settings(settings.family)  # the family's own settings, checked
+        self.input_shape = dataset.image_shape
+        model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.system.seed)
         warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
-        self.model: Classifier = with_sync_bn(model, settings.sync_bn, ranks).to(ranks.device)
-        if settings.compile and self.bf16:
+        self.model: Classifier = with_sync_bn(model, settings.system.sync_bn, ranks).to(ranks.device)
+        if settings.system.compile and self.bf16:
             raise ConfigError(
                 "train.compile with bf16 gives non-finite gradients with torch's inductor (seen on the fast nets "
                 "with torch 2.13 on CPUs and 2.11 on an H200); set train.precision to fp32, or train without "
@@ -78,35 +79,37 @@ class TrainState:
                 "train.precision",
             )
         # The training forward, compiled when asked: it shares the model's parameters, which are what is saved.
-        self.compiled: nn.Module = torch.compile(self.model) if settings.compile else self.model  # type: ignore[assignment]
+        self.compiled: nn.Module = torch.compile(self.model) if settings.system.compile else self.model  # type: ignore[assignment]
         fixed = self.spec.normalization
         if fixed is not None:
-            self.normalization = fixed.for_channels(channels)
+            self.normalization = fixed.for_channels(self.input_shape.channels)
         else:
-            self.normalization = channel_statistics(dataset.train.images, settings.normalize)
+            self.normalization = channel_statistics(dataset.train.images, settings.augment.normalize)
         self.cache_root = cache_root
-        source = make_source(settings.loader, dataset.train, ranks.device, cache_root)
+        source = make_source(settings.system.loader, dataset.train, ranks.device, cache_root)
         self.batches = TrainBatches(
             dataset.train,
             source,
-            settings.batch_size,
-            settings.seed,
-            settings.flip,
-            settings.translate,
+            settings.optim.batch_size,
+            settings.system.seed,
+            settings.augment.flip,
+            settings.augment.translate,
             ranks.rank,
             ranks.world_size,
-            settings.crop_area,
-            settings.color_jitter,
-            settings.select_share,
+            settings.augment.crop_area,
+            settings.augment.color_jitter,
+            settings.optim.select_share,
         )
         self.dataset = dataset
-        self.phase: Phase = (HeadPhase if settings.head_only else ImagePhase)(self, dataset, 1, settings.epochs)
+        self.phase: Phase = (HeadPhase if settings.finetune.head_only else ImagePhase)(
+            self, dataset, 1, settings.optim.epochs
+        )
         self.class_weights = loss_weights(
-            dataset.train.labels, len(dataset.classes), settings.class_weights, ranks.device
+            dataset.train.labels, len(dataset.classes), settings.optim.class_weights, ranks.device
         )
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
-        self.stopping = EarlyStopping(settings.patience)
+        self.stopping = EarlyStopping(settings.optim.patience)
         self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
         self.init_seconds = 0.0  # the data-dependent initialisation's (the pretrained weights load before)
 
@@ -120,8 +123,8 @@ class TrainState:
         if not self.model.initialises_from_data:
             return
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(self.settings.seed)
-        height, width, _ = dataset.image_shape
+        generator = torch.Generator().manual_seed(self.settings.system.seed)
+        _, height, width = dataset.image_shape
         count = images_within(INIT_PIXELS, height, width, most=INIT_SAMPLE)
         sample = torch.randperm(len(dataset.train), generator=generator)[:count].numpy()
         images = torch.from_numpy(dataset.train.images[sample]).to(self.ranks.device)
@@ -131,7 +134,7 @@ class TrainState:
 
     def next_phase(self) -> Phase | None:
         """The phase that follows the one in training: after the head, with `unfreeze_epochs`, the whole network."""
-        if isinstance(self.phase, HeadPhase) and self.settings.unfreeze_epochs:
+        if isinstance(self.phase, HeadPhase) and self.settings.finetune.unfreeze_epochs:
             return UnfreezePhase(self, self.dataset, len(self.history))
         return None
 
@@ -200,8 +203,8 @@ class TrainState:
             classes=classes,
             input_shape=list(self.input_shape),
             normalization={"mean": list(normalization.mean), "std": list(normalization.std)},
-            tta=config.train.tta,
-            tta_below=config.train.tta_below,
+            tta=config.train.inference.tta,
+            tta_below=config.train.inference.tta_below,
             precision=self.precision,
             metrics=self.kept_metrics(),
             config=dataclasses.asdict(config),
@@ -295,7 +298,7 @@ def warn_if_oversized(spec: ModelSpec, model: nn.Module, input_shape: tuple[int,
     if spec.input_size is None or height * width <= spec.input_size**2:
         return
     count = parameter_count(model)
-    designed = parameter_count(create_model(name, (channels, spec.input_size, spec.input_size), classes))
+    designed = parameter_count(create_model(name, ImageShape(channels, spec.input_size, spec.input_size), classes))
     if count > 2 * designed:
         log.warning(
             "%s has %s parameters at %dx%d, %.0fx its %s at %dx%d it was made for: training will be slow and "

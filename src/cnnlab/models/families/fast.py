@@ -13,14 +13,16 @@ conv -> BatchNorm -> GELU, then a global max-pool and a scaled linear head. What
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.config import TrainConfig
-from cnnlab.models.registry import Classifier, InputShape, ParameterGroups, register, standard_groups
+from cnnlab.config import setting
+from cnnlab.data.dataset import ImageShape
+from cnnlab.models.registry import Classifier, ParameterGroups, register, standard_groups
 
 WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4  # added to the covariance eigenvalues: caps the gain on near-constant directions
@@ -92,13 +94,22 @@ class Block(nn.Module):
         return F.gelu(self.norm2(self.conv2(x)))
 
 
+@dataclass
+class FastSettings:
+    """The fast family's own settings (train.family)."""
+
+    whiten_bias_epochs: int = setting(
+        0, "Epochs during which the fast nets' frozen whitening layer's bias learns.", at_least=0
+    )
+
+
 class FastNet(Classifier):
     # The whitening conv takes one pixel off each side, then three 2x2 pools must each keep >= 1 pixel.
     min_input_size = WHITEN_KERNEL - 1 + 8
 
     def __init__(
         self,
-        input_shape: InputShape,
+        input_shape: ImageShape,
         num_classes: int,
         generator: torch.Generator,
         widths: tuple[int, int, int],
@@ -156,8 +167,8 @@ class FastNet(Classifier):
         filters = filters.reshape(-1, channels, WHITEN_KERNEL, WHITEN_KERNEL)
         self.whiten.weight.copy_(filters if self.linear_stem else torch.cat((filters, -filters)))
 
-    def start_epoch(self, epoch: int, settings: TrainConfig) -> None:
-        self.whiten_bias().requires_grad_(epoch <= settings.whiten_bias_epochs)
+    def start_epoch(self, epoch: int, family: FastSettings) -> None:
+        self.whiten_bias().requires_grad_(epoch <= family.whiten_bias_epochs)
 
     def parameter_groups(self) -> ParameterGroups:
         # Muon orthogonalises the blocks' 3x3 filter banks; the whitening filters are fixed.
@@ -179,4 +190,5 @@ for _name, _widths, _linear, _recipe, _note in (
         default_recipe=_recipe,
         min_input_size=FastNet.min_input_size,
         input_size=32,
+        settings=FastSettings,
     )(functools.partial(FastNet, widths=_widths, linear_stem=_linear))

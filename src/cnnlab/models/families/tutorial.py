@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.models.registry import Classifier, InputShape, register
+from cnnlab.data.dataset import ImageShape
+from cnnlab.models.registry import Classifier, register
 
 
 class TutorialMLP(Classifier):
@@ -73,7 +74,7 @@ def keras_init(model: Classifier, generator: torch.Generator) -> Classifier:
     default_recipe="tutorial-mlp",
     input_size=32,
 )
-def tutorial_mlp(shape: InputShape, classes: int, generator: torch.Generator) -> Classifier:
+def tutorial_mlp(shape: ImageShape, classes: int, generator: torch.Generator) -> Classifier:
     return keras_init(TutorialMLP(shape, classes), generator)
 
 
@@ -84,5 +85,5 @@ def tutorial_mlp(shape: InputShape, classes: int, generator: torch.Generator) ->
     min_input_size=TutorialCNN.min_input_size,
     input_size=32,
 )
-def tutorial_cnn(shape: InputShape, classes: int, generator: torch.Generator) -> Classifier:
+def tutorial_cnn(shape: ImageShape, classes: int, generator: torch.Generator) -> Classifier:
     return keras_init(TutorialCNN(shape, classes), generator)
