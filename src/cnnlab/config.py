@@ -1,5 +1,11 @@
 """Typed configuration that flows top-down: DataConfig and TrainConfig, bundled in RunConfig.
 
+TrainConfig names the model and holds the rest in sections, each read by the component it is named for:
+`optim` (cnnlab.train.optim and the engine), `augment` (the batch loader), `inference` (evaluation and
+prediction), `finetune` (the head and unfreeze phases), `system` (device, precision, checkpoints), and
+`family`, the model family's own settings, which that family checks (`ModelSpec.settings`). Every setting's name
+is unique, so flags, recipes and older config files give them flat under [train] (`sectioned`).
+
 Values are resolved in one order: dataclass defaults < the model's recipe < a TOML file < CLI flags.
 The resolved RunConfig is saved as `config.toml` in every run folder.
 """
