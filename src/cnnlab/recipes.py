@@ -79,12 +79,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "precision": "fp32",
     },
     # Toward 70% in seconds: the thin net with the linear stem (its first convolution reads the 12 whitened
-    # directions, not 24 signed GELUs of them: faster and more accurate here) for 0.9 epoch in small batches
-    # (more steps for the same FLOPs), seen at 20 px rising to 32 over the first two thirds of the steps
-    # (progressive resizing: the early steps cost 40% of a full-size one), unshifted (translation only slows a
-    # run under one epoch), a frozen whitening bias (training it makes the first block compute its input gradient:
-    # a third more time), and flip TTA for the images it is less than 50% sure of (about half): most of TTA's
-    # gain for a quarter of its cost.
+    # directions, not 24 signed GELUs of them) for under one epoch in small batches (more steps for the same
+    # FLOPs), seen small at first (progressive resizing: early steps cost a fraction of a full-size one),
+    # unshifted (translation only slows a run this short), a frozen whitening bias (training it makes the first
+    # block compute its input gradient), and flip TTA only for the images it is unsure of. BENCHMARKS.md has
+    # what each choice is worth.
     "fast70": {
         **_SPEED_RUN,
         "model": "fast-tiny-linear",
@@ -99,10 +98,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "tta": "flip",
         "tta_below": 0.5,
     },
-    # Toward 90%: Muon on a narrower middle block, seen at 20 px rising to 32 over the first half of the steps
-    # (about 80% of the full-size cost), nine epochs of the two thirds of the images with the highest losses
-    # (the cost of six full epochs, a point more accurate than six), the test-time views only for the images
-    # it is less than 70% sure of (about 40% of them), and batch 1500 as fast94's.
+    # Toward 90%: Muon on a narrower middle block, seen at 20 px rising to 32 over the first half of the steps,
+    # nine epochs of the two thirds of the images with the highest losses (the cost of six full epochs, and more
+    # accurate than six), the test-time views only for the images it is unsure of, and batch 1500 as fast94's.
     "fast90": {
         **_MUON_RUN,
         "model": "fast-mid",
@@ -115,10 +113,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "tta_below": 0.7,
     },
     # airbench94's network with Muon (named for the 94% that network reaches on the original CIFAR-10), ten
-    # epochs of the two thirds of the images with the highest losses (the cost of 6.7 full epochs, as accurate
-    # as nine), and the test-time views only below 70% sure. Batch 1500 keeps its peak memory under 3 GB (3.1
-    # GB at 2000); the SGD learning rates follow the batch linearly, Muon's needs no scaling. Progressive
-    # resizing cost this network accuracy.
+    # epochs of the two thirds of the images with the highest losses, and the test-time views only for the
+    # images it is unsure of. Batch 1500 keeps its peak memory under 3 GB; the SGD learning rates follow the
+    # batch linearly, Muon's needs no scaling. It trains at full size: progressive resizing cost it accuracy.
     "fast94": {
         **_MUON_RUN,
         "model": "fast",
