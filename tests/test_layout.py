@@ -288,8 +288,8 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
     )
     fit(config, reporter=LineReporter())
     state = torch.load(tmp_path / "run" / RunDir.CHECKPOINT, weights_only=True)
-    torch.save({**state, "format_version": 1}, tmp_path / "run" / RunDir.CHECKPOINT)
-    with pytest.raises(CnnlabError, match="checkpoint format 1, and this cnnlab resumes format 2"):
+    torch.save({**state, "format_version": 2}, tmp_path / "run" / RunDir.CHECKPOINT)
+    with pytest.raises(CnnlabError, match="checkpoint format 2, and this cnnlab resumes format 3"):
         resume(tmp_path / "run", epochs=2)
 
 

@@ -30,14 +30,16 @@ from typing import IO, Any
 import torch
 
 from cnnlab.atomic import append_line, atomic_write, remove_temporaries, write_text
-from cnnlab.config import RunConfig, build, load_toml, sectioned, to_toml
+from cnnlab.config import RunConfig, build, load_toml, to_toml
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import this_machine
 
 log = logging.getLogger("cnnlab")
 
 # Bump when the checkpoint's contents change shape; a checkpoint of another format is refused, not misread.
-CHECKPOINT_FORMAT = 2  # 2: the data order lives in the batch loader's state; 1 (unversioned) before
+# 3: the config in sections, and early stopping's best epoch; 2: the data order lives in the batch loader's state;
+# 1 (unversioned) before.
+CHECKPOINT_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ class RunDir:
     def check_same_run(self, config: RunConfig, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume when config.toml no longer describes the checkpointed run (epochs may change)."""
         saved = checkpoint.get("config", {})
-        before = _leaves({"data": saved.get("data", {}), "train": sectioned(saved.get("train", {}))})
+        before = _leaves({"data": saved.get("data", {}), "train": saved.get("train", {})})
         now = _leaves({"data": dataclasses.asdict(config.data), "train": dataclasses.asdict(config.train)})
         conflicts = [key for key in sorted(set(before) | set(now)) if key != "train.optim.epochs"
                      and before.get(key) != now.get(key)]  # fmt: skip

@@ -176,7 +176,7 @@ class TrainState:
         self.batches.load_state_dict(state["loader"])
         restore_global_rng_states(state["global_rng"])
         self.history = state["history"]
-        self.stopping.load_state_dict(state.get("early_stopping"))  # absent from checkpoints before it was kept
+        self.stopping.load_state_dict(state["early_stopping"])
         partial = state["partial_epoch"]
         if partial is not None:
             # The sums a checkpoint holds are carried on by one process; the others start their share at zero.
