@@ -4,7 +4,7 @@
 # (time to 90/93/94% in the same run), and a one-process torchrun job on nccl.
 #
 # Here, first:  benchmarks/gpu.sh --prepare
-#   copies the CIFAR-10 JPEG archive into .gpu/ and downloads, into .gpu/wheels, the pure-Python packages
+#   copies the CIFAR-10 archive (original pixels, PNG) into .gpu/ and downloads, into .gpu/wheels, the pure-Python packages
 #   that the GPU machine's Python 3.12 image lacks (it has torch, numpy, scikit-learn, matplotlib, ...).
 # There:        benchmarks/gpu.sh                      (device tool: carry .gpu)
 # Dry run here: benchmarks/gpu.sh --device cpu --epochs 0.05
@@ -26,7 +26,7 @@ done
 
 if [ "$prepare" = 1 ]; then
     mkdir -p .gpu/wheels
-    cp ../shared/data/cifar10-jpg.tar.gz .gpu/
+    cp ../shared/data/cifar10-png.tar.gz .gpu/
     # What `cnnlab` imports beyond the GPU image (see the device tool's KINDS.md), at this venv's versions.
     for name in tomli-w fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn \
         python-multipart; do
@@ -46,8 +46,8 @@ else  # the GPU machine: its python3 holds torch; cnnlab runs from src/ with the
     $python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/cnnlab-site .gpu/wheels/*.whl
     export PYTHONPATH="$PWD/src:/tmp/cnnlab-site"
 fi
-data=.gpu/cifar10-jpg.tar.gz
-[ -f "$data" ] || data=../shared/data/cifar10-jpg.tar.gz
+data=.gpu/cifar10-png.tar.gz
+[ -f "$data" ] || data=../shared/data/cifar10-png.tar.gz
 out=/tmp/cnnlab-gpu  # run folders; the two bench summaries are also copied to $OUT, where the device tool sets it
 rm -rf "$out" && mkdir -p "$out"
 export PYTHONUNBUFFERED=1

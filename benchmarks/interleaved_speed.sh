@@ -4,11 +4,11 @@
 # so without evaluation), delivered accuracy and wall seconds.
 #
 #   bash benchmarks/interleaved_speed.sh OLD_COMMIT [DATA] [ROUNDS]
-#   bash benchmarks/interleaved_speed.sh 46166ff ../shared/data/cifar10-jpg.tar.gz 3
+#   bash benchmarks/interleaved_speed.sh 46166ff ../shared/data/cifar10-png.tar.gz 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 old=${1:?usage: interleaved_speed.sh OLD_COMMIT [DATA] [ROUNDS]}
-data=${2:-../shared/data/cifar10-jpg.tar.gz}
+data=${2:-../shared/data/cifar10-png.tar.gz}
 rounds=${3:-3}
 scratch=$(mktemp -d)
 trap 'git worktree remove --force "$scratch/old" >/dev/null 2>&1 || true; rm -rf "$scratch"' EXIT

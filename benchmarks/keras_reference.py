@@ -22,7 +22,7 @@ from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.train import fit
 from cnnlab.train.runtime import keep_freed_memory
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-png.tar.gz"
 
 
 def keras_tutorial_model(keras, name: str, input_shape: tuple[int, int, int], classes: int):

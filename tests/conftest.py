@@ -22,7 +22,7 @@ from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
 from cnnlab.train.progress import LineReporter
 
-SHARED_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
+SHARED_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-png.tar.gz"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # screenshots and load figures, kept by CI
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -1,4 +1,4 @@
-"""On the real CIFAR-10 (the shared JPEG copy); skipped where it is absent, as on a user's laptop."""
+"""On the real CIFAR-10 (the shared copy of its original pixels); skipped where it is absent, as on a user's laptop."""
 
 from __future__ import annotations
 
