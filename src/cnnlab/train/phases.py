@@ -11,6 +11,7 @@ schedule, what a step feeds the network and minimises, and how an epoch is score
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import time
@@ -56,7 +57,7 @@ class FeatureBatch:
 StepBatch = Batch | FeatureBatch
 
 
-class Phase:
+class Phase(abc.ABC):
     """Epochs `first_epoch` .. `last_epoch` of a run, trained by `optimizer` on `schedule`, one step per batch."""
 
     name = "phase"
@@ -83,28 +84,28 @@ class Phase:
         steps_per_epoch = self.state.batches.steps_per_epoch
         return min(steps_per_epoch, self.total_steps - (epoch - self.first_epoch) * steps_per_epoch)
 
-    def start(self, reporter: Reporter) -> None:
+    def start(self, reporter: Reporter) -> None:  # noqa: B027  # a hook: most phases need nothing first
         """Before the phase's first epoch trains (again, after a resume)."""
 
+    @abc.abstractmethod
     def begin_epoch(self, epoch: int) -> None:
         """Put the trained modules in training mode for `epoch`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
         """Steps done+1 .. of `epoch`, each with its batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, batch: StepBatch, global_step: int) -> torch.Tensor:
         """The (b, classes) logits a training step computes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def objective(self, logits: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss to backpropagate, and each image's (weighted, smoothed) cross-entropy, detached."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self) -> dict[str, Any]:
         """The epoch's validation and test scores, as metrics.jsonl entries."""
-        raise NotImplementedError
 
     def unfrozen_at(self) -> int | None:
         """For a checkpoint: the last head-only epoch before the unfreeze phase, in that phase; None otherwise."""
