@@ -66,7 +66,7 @@ echo "== bench: fast94 against airbench94, eager"
 $python -m cnnlab bench --data "$data" --device "$device" --recipe fast94 --compare airbench94 \
     "${epochs_flag[@]}" --out "$out/eager" --json > "$out/eager.json"
 echo "== bench: the same with torch.compile"
-compile_args="--compile --precision fp32"  # cnnlab refuses to compile bf16 training (non-finite gradients)
+compile_args="--compile"
 $python -m cnnlab bench --data "$data" --device "$device" --recipe fast94 --compare airbench94 \
     "${epochs_flag[@]}" --train-args "$compile_args" --out "$out/compiled" --json > "$out/compiled.json"
 $python - "$out/eager.json" "$out/compiled.json" <<'EOF'

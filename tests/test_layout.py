@@ -309,10 +309,10 @@ def test_every_config_field_has_exactly_one_flag_carrying_its_help():
 
 
 def test_library_errors_name_config_keys_and_the_cli_says_them_as_flags(tmp_path):
-    args = ["train", "--recipe", "fast70", "--dataset", "digits", "--compile", "--precision", "bf16"]
+    args = ["train", "--model", "tutorial-cnn", "--dataset", "digits", "--unfreeze-epochs", "1"]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "error: --compile with bf16 gives" in result.output and "set --precision to fp32" in result.output
+    assert "error: --unfreeze-epochs follows head-only training; set --head-only" in result.output
 
 
 def test_a_bare_model_on_the_command_line_trains_with_its_family_recipe(tmp_path):

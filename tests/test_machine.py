@@ -16,7 +16,6 @@ import cnnlab.bench
 import cnnlab.machine
 from cnnlab.bench import dense_peaks
 from cnnlab.cli import app
-from cnnlab.errors import CnnlabError
 from cnnlab.machine import Machine, _cpuinfo, inference_precision, resolve_precision
 from cnnlab.models import load_model
 from cnnlab.recipes import resolve_run_config
@@ -192,9 +191,3 @@ def test_bench_prints_the_capability_line_and_carries_it_in_json(tmp_path):
     assert f"machine: {machine['summary']}" in result.stderr
     (run,) = summary["results"]
     assert run["precision"] in ("fp32", "bf16") and run["fraction_of_peak"] > 0
-
-
-def test_compiling_bf16_training_is_refused_in_one_line(tmp_path, monkeypatch):
-    on_machine(monkeypatch, ZEN4)
-    with pytest.raises(CnnlabError, match=r"train\.compile with bf16 gives non-finite gradients"):
-        fit(fast_digits(tmp_path / "run", compile=True), reporter=LineReporter())

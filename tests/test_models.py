@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, create_model, model_spec, parameter_count
-from cnnlab.models.families.fast import max_pool_2x2
+from cnnlab.models.families.fast import global_max_pool, max_pool_2x2
 
 
 @pytest.mark.parametrize(("name", "expected"), [("tutorial-mlp", 12_230_010), ("tutorial-cnn", 167_562)])
@@ -72,3 +72,21 @@ def test_the_fast_nets_pool_matches_torchs_values_and_gradients_without_keeping_
     assert torch.equal(pooled, expected) and torch.equal(ours.grad, reference.grad)
     assert ours.grad.stride() == reference.grad.stride()
     assert [t.dtype for t in saved] == [torch.int64]  # the winners only, not the input
+
+
+def test_the_fast_nets_global_max_pool_has_finite_compiled_bf16_gradients_equal_to_eager():
+    # inductor's amax backward misses the maximum of a bf16 GELU's output and divides by zero matches
+    # (pytorch/pytorch#186799); the pool takes torch.max's values when compiled
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return global_max_pool(F.gelu(x))
+
+    x = torch.randn(4, 8, 6, 6, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for function in (pooled, torch.compile(pooled)):
+        leaf = x.clone().requires_grad_()
+        values = function(leaf)
+        values.float().sum().backward()
+        grads.append((values.detach(), leaf.grad))
+    (eager, eager_grad), (compiled, compiled_grad) = grads
+    assert torch.equal(eager, compiled) and torch.isfinite(compiled_grad).all()
+    torch.testing.assert_close(compiled_grad.float(), eager_grad.float())

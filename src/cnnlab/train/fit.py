@@ -175,6 +175,7 @@ def check_settings(settings: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             "train.unfreeze_epochs follows head-only training; set train.head_only (the finetune recipe does)",
             "train.unfreeze_epochs",
+            "train.head_only",
         )
     smallest = model_spec(settings.model).min_input_size
     if settings.augment.low_res and settings.augment.low_res < smallest:

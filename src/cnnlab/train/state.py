@@ -70,14 +70,6 @@ class TrainState:
         model = create_model(settings.model, self.input_shape, len(dataset.classes), seed=settings.system.seed)
         warn_if_oversized(self.spec, model, self.input_shape, len(dataset.classes))
         self.model: Classifier = with_sync_bn(model, settings.system.sync_bn, ranks).to(ranks.device)
-        if settings.system.compile and self.bf16:
-            raise ConfigError(
-                "train.compile with bf16 gives non-finite gradients with torch's inductor (seen on the fast nets "
-                "with torch 2.13 on CPUs and 2.11 on an H200); set train.precision to fp32, or train without "
-                "train.compile",
-                "train.compile",
-                "train.precision",
-            )
         # The training forward, compiled when asked: it shares the model's parameters, which are what is saved.
         self.compiled: nn.Module = torch.compile(self.model) if settings.system.compile else self.model  # type: ignore[assignment]
         fixed = self.spec.normalization

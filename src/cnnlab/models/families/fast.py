@@ -73,6 +73,19 @@ class MaxPool2x2(torch.autograd.Function):
         return grad_input
 
 
+def global_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C), each channel's largest value.
+
+    Compiled, it takes torch.max's values, whose backward routes the gradient by the winner's index: inductor's
+    amax backward masks the input by exact equality with the maximum, but recomputes the input by another float
+    path than the forward (in fp32 after a bf16 GELU), so the mask can miss every element and its division by the
+    count of maxima gives NaN (pytorch/pytorch#186799, fix proposed in #186953). Eager keeps amax, which splits
+    the gradient among tied maxima."""
+    if torch.compiler.is_compiling():
+        return x.flatten(2).max(dim=2).values
+    return torch.amax(x, dim=(2, 3))
+
+
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     # Inference and export take torch's own pool; only a training step has an input to drop.
     if torch.is_grad_enabled() and x.requires_grad:
@@ -139,7 +152,7 @@ class FastNet(Classifier):
         if not self.linear_stem:
             x = F.gelu(x)
         x = self.blocks(x)  # (B, widths[2], h, w)
-        x = torch.amax(x, dim=(2, 3))  # (B, widths[2]) global max-pool
+        x = global_max_pool(x)  # (B, widths[2])
         logits: torch.Tensor = self.head(x) * LOGIT_SCALE  # (B, classes)
         return logits
 
