@@ -69,12 +69,10 @@ def train(state: TrainState, recorder: Recorder, reporter: Reporter) -> None:
 
 def keep_best(state: TrainState, reporter: Reporter) -> None:
     best = state.stopping.best
-    if best is None:
-        return
-    loss, epoch, weights = best
-    state.model.load_state_dict(weights)
-    state.best_epoch = epoch
-    reporter.message(f"kept epoch {epoch}, the best validation loss ({loss:.4f})")
+    if best is not None:
+        loss, epoch, weights = best
+        state.model.load_state_dict(weights)
+        reporter.message(f"kept epoch {epoch}, the best validation loss ({loss:.4f})")
 
 
 def train_step(phase: Phase, batch: StepBatch, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,7 +102,6 @@ class TrainState:
         self.history: list[dict[str, Any]] = []
         self.partial: PartialEpoch | None = None
         self.stopping = EarlyStopping(settings.optim.patience)
-        self.best_epoch: int | None = None  # the epoch whose weights early stopping kept
         self.init_seconds = 0.0  # the data-dependent initialisation's (the pretrained weights load before)
 
     def initialize(self, dataset: Dataset) -> None:
@@ -181,6 +180,11 @@ class TrainState:
                 partial["seen"] if carried else 0,
                 partial["seconds"],
             )
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch whose weights early stopping keeps: the model has them once training has ended."""
+        return self.stopping.best[1] if self.stopping.best is not None else None
 
     def kept_metrics(self) -> dict[str, Any]:
         """The metrics of the epoch whose weights the model has: the last, or the one early stopping kept."""
