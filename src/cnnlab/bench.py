@@ -98,7 +98,7 @@ def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str,
                 # Delivering this epoch's accuracy: the initialisation, the training so far and one evaluation
                 # of the test split with the recipe's TTA (the other epochs' evaluations only monitor).
                 "delivered_seconds": initialisation + seconds + metrics.get("test_seconds", 0.0),
-                "accuracy": _delivered(metrics, run.tta),
+                "accuracy": run.scores_of(metrics).delivered_accuracy,
             }
         )
 
@@ -129,12 +129,6 @@ def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str,
         "fraction_of_peak": gflops / peaks[f"{precision}_peak_gflops"],  # the peak of the precision it ran in
         "peak_rss_mb": run.peak_rss_mb,
     }
-
-
-def _delivered(metrics: dict[str, Any], tta: str) -> float:
-    scores = Scores.from_metrics(metrics, "test", tta)
-    assert scores is not None, "every epoch is scored on the test split"
-    return scores.delivered_accuracy
 
 
 def bench(

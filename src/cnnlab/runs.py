@@ -40,7 +40,11 @@ class ChildRun:
     @property
     def scores(self) -> Scores:
         """The kept epoch's test scores, plain and delivered."""
-        scores = Scores.from_metrics(self.kept, "test", self.tta)
+        return self.scores_of(self.kept)
+
+    def scores_of(self, metrics: dict[str, Any]) -> Scores:
+        """The test scores one of the run's metrics lines recorded."""
+        scores = Scores.from_metrics(metrics, "test", self.tta)
         if scores is None:
             raise CnnlabError(f"{self.run_dir}: the run recorded no test scores")
         return scores
