@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from cnnlab.evaluate import evaluate
 from cnnlab.models import load_model
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit, resume
+from cnnlab.train.engine import WeightAveraging
+from cnnlab.train.optim import LOOKAHEAD_START_EPOCH, lookahead_decay
 from cnnlab.train.progress import LineReporter
 
 
@@ -99,6 +102,29 @@ def test_validation_metrics_are_logged_when_a_validation_split_is_asked_for(tmp_
         }
     )
     assert {"val_loss", "val_acc"} <= set(fit(config, reporter=LineReporter()).history[0])
+
+
+def test_lookahead_pulls_the_weights_every_five_steps_and_ends_on_the_average():
+    """As airbench94: between averagings and at an epoch's end the weights are left as trained; the last step
+    puts them on the average (copied back, the current weights not blended in)."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    phase = SimpleNamespace(averages_weights=True, total_steps=12, lookahead=None)
+    state = SimpleNamespace(settings=SimpleNamespace(optim=SimpleNamespace(lookahead=True)), model=model)
+    hook, average = WeightAveraging(), None
+    for step in range(1, 13):
+        with torch.no_grad():
+            model.weight.add_(1.0)  # a training step
+        trained = model.weight.item()
+        hook.after_step(SimpleNamespace(state=state, phase=phase, epoch=LOOKAHEAD_START_EPOCH, global_step=step))
+        if step == 5:
+            average = trained  # the average starts from the weights of the first averaging step
+        elif step == 10:
+            average += (trained - average) * (1 - lookahead_decay(10, 12))
+        if step in (5, 10, 12):
+            assert model.weight.item() == pytest.approx(average)
+        else:
+            assert model.weight.item() == trained
+    assert average < 12.0  # the last two steps were dropped for the average
 
 
 class Interrupt(Exception):

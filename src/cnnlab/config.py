@@ -138,7 +138,9 @@ class OptimConfig:
     bias_lr_scale: float = setting(
         1.0, "BatchNorm biases learn this many times faster, with the same decay per step.", above=0
     )
-    lookahead: bool = setting(False, "Average weights into an EMA every 5 steps from epoch 4, copied back each time.")
+    lookahead: bool = setting(
+        False, "Average weights into an EMA every 5 steps from epoch 4, copied back each time; training ends on it."
+    )
     select_share: float = setting(
         1.0,
         "Hard-example selection: each epoch trains on this share of the train split, the images with the highest "

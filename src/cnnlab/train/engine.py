@@ -3,23 +3,25 @@
     for each phase still to train (`train.phases`: images; or head, then unfreeze):
         for each epoch:
             for each batch:  train_step, then the hooks' after_step
-            the hooks' end_epoch, then the phase scores the epoch: a metrics.jsonl line
+            the phase scores the epoch: a metrics.jsonl line
             early stopping remembers the best epoch; checkpoint, log, report; stop on a signal or early
         the model takes the best epoch's weights
 
 The hooks, in the order they run after each step: hard-example selection records each image's loss, lookahead
-averages the weights, progress reports, checkpoints are written (every N steps, and on SIGINT or SIGTERM, which
-then stop the run).
+averages the weights (and after the phase's last step leaves them on the average), progress reports, checkpoints
+are written (every N steps, and on SIGINT or SIGTERM, which then stop the run).
 """
 
 from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch.profiler import record_function
 
 from cnnlab.machine import synchronize
 from cnnlab.train.optim import LOOKAHEAD_EVERY, LOOKAHEAD_START_EPOCH, Lookahead, lookahead_decay
@@ -27,6 +29,8 @@ from cnnlab.train.phases import Phase, StepBatch
 from cnnlab.train.progress import Reporter
 from cnnlab.train.signals import StopOnSignal, TrainingStopped
 from cnnlab.train.state import NonFiniteLoss, PartialEpoch, Recorder, TrainState
+
+T = TypeVar("T")
 
 REPORT_EVERY = 25  # steps between progress-bar updates; each update reads the loss back from the device
 
@@ -78,14 +82,17 @@ def keep_best(state: TrainState, reporter: Reporter) -> None:
 def train_step(phase: Phase, batch: StepBatch, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step of `phase` on a batch (this process's shard of a global batch); returns each image's
     loss and its logits, detached."""
-    logits = phase.forward(batch, global_step)
-    loss, losses = phase.objective(logits, batch)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss("non-finite loss")
-    phase.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
-    phase.optimizer.step()
-    phase.schedule.step()
+    with record_function("forward"):
+        logits = phase.forward(batch, global_step)
+        loss, losses = phase.objective(logits, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss("non-finite loss")
+    with record_function("backward"):
+        phase.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+    with record_function("optimizer"):
+        phase.optimizer.step()
+        phase.schedule.step()
     return losses, logits.detach()
 
 
@@ -109,9 +116,6 @@ class Hook:
     def after_step(self, done: StepDone) -> None:
         """After every step, with the state complete: may checkpoint, or raise to stop."""
 
-    def end_epoch(self, state: TrainState, phase: Phase) -> None:
-        """After an epoch's last step, before it is scored."""
-
 
 def train_epoch(state: TrainState, phase: Phase, epoch: int, hooks: tuple[Hook, ...]) -> dict[str, Any]:
     """Train one epoch of `phase`, or finish the one a mid-epoch checkpoint stopped in, then score it: its
@@ -123,7 +127,7 @@ def train_epoch(state: TrainState, phase: Phase, epoch: int, hooks: tuple[Hook, 
         epoch, 0, torch.tensor(0.0, device=ranks.device), torch.tensor(0, device=ranks.device), 0, 0.0
     )
     started = time.perf_counter() - progress.seconds
-    for step, batch in phase.batches(epoch, progress.step):
+    for step, batch in labelled(phase.batches(epoch, progress.step), "data"):
         global_step = phase.global_step(epoch, step)
         try:
             losses, logits = train_step(phase, batch, global_step)
@@ -136,11 +140,10 @@ def train_epoch(state: TrainState, phase: Phase, epoch: int, hooks: tuple[Hook, 
         progress.step, progress.seconds = step, time.perf_counter() - started
         state.partial = progress
         done = StepDone(state, phase, epoch, step, global_step, batch, losses, progress)
-        for hook in hooks:
-            hook.after_step(done)
+        with record_function("hooks"):
+            for hook in hooks:
+                hook.after_step(done)
     state.partial = None
-    for hook in hooks:
-        hook.end_epoch(state, phase)
     ranks.copy_buffers_from_main(state.model)
     loss_sum, correct, seen = state.summed(progress.loss_sum, progress.correct, progress.seen)
     synchronize(ranks.device)
@@ -158,6 +161,17 @@ def train_epoch(state: TrainState, phase: Phase, epoch: int, hooks: tuple[Hook, 
     )
 
 
+def labelled(items: Iterator[T], label: str) -> Iterator[T]:
+    """`items`, each one's production marked `label` for the profiler (`benchmarks/profile_epoch.py` reads
+    the marks: data, forward, backward, optimizer, hooks)."""
+    while True:
+        with record_function(label):
+            item = next(items, None)
+        if item is None:
+            return
+        yield item
+
+
 class HardExampleSelection(Hook):
     """Records the loss each image of a global batch had, by which the next epoch selects its images."""
 
@@ -170,22 +184,20 @@ class HardExampleSelection(Hook):
 
 class WeightAveraging(Hook):
     """Lookahead: from LOOKAHEAD_START_EPOCH, every LOOKAHEAD_EVERY steps, pull the weights to their average;
-    at each epoch's end, onto it."""
+    after the phase's last step, onto it. As in airbench94, the epochs before score the weights as they are: an
+    epoch's end does not move them (snapping there would drop the steps since the last averaging)."""
 
     def after_step(self, done: StepDone) -> None:
         phase, model = done.phase, done.state.model
         if not (done.state.settings.optim.lookahead and phase.averages_weights) or done.epoch < LOOKAHEAD_START_EPOCH:
             return
-        if done.global_step % LOOKAHEAD_EVERY:
-            return
-        if phase.lookahead is None:
-            phase.lookahead = Lookahead(model)
-        else:
-            phase.lookahead.update(model, lookahead_decay(done.global_step, phase.total_steps))
-
-    def end_epoch(self, state: TrainState, phase: Phase) -> None:
-        if phase.lookahead is not None:
-            phase.lookahead.update(state.model, decay=1.0)
+        if done.global_step % LOOKAHEAD_EVERY == 0:
+            if phase.lookahead is None:
+                phase.lookahead = Lookahead(model)
+            else:
+                phase.lookahead.update(model, lookahead_decay(done.global_step, phase.total_steps))
+        if done.global_step == phase.total_steps and phase.lookahead is not None:
+            phase.lookahead.update(model, decay=1.0)
 
 
 class Progress(Hook):
