@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.bench import format_result, summarise
+from cnnlab.bench import MARKS, format_ratio, format_result, ratios, summarise, with_seeds
 from cnnlab.data.augment import alternating_flips, jittered, mirror, random_jitter, random_shifts, translate
 from cnnlab.data.transforms import channel_statistics, downscaled
-from cnnlab.errors import ConfigError
+from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.models import create_model
 from cnnlab.models.families.fast import WHITEN_KERNEL
 from cnnlab.models.inference import Scores, tta_logits, views
@@ -252,6 +252,22 @@ def test_bench_counts_every_epoch_trained_and_reports_the_epoch_the_run_kept():
     assert result["train_time_to"]["0.70"] == 10.0 and result["time_to"]["0.70"] == 1.5 + 10.0 + 2.0
     assert result["time_to"]["0.90"] == 24.0 and result["time_to"]["0.93"] is None  # marks use the TTA accuracy
     assert "accuracy 0.9100 (with flip TTA on the 50% least sure; 0.8000 without) (epoch 2)" in format_result(result)
+
+
+def test_bench_ratios_are_of_means_over_seeds_and_only_for_marks_every_run_reached():
+    def run(recipe, delivered, to_90):
+        marks = {f"{mark:.2f}": None for mark in MARKS} | {"0.70": delivered / 2, "0.90": to_90}
+        return {"recipe": recipe, "delivered_seconds": delivered, "time_to": marks}
+
+    results = [run("base", 100.0, 80.0), run("base", 120.0, 100.0), run("fast", 30.0, 27.0), run("fast", 36.0, None)]
+    (row,) = ratios(results, ["fast"], ["base"])
+    assert row["delivered"] == pytest.approx(33.0 / 110.0)
+    assert row["time_to"]["0.70"] == pytest.approx(16.5 / 55.0)
+    assert row["time_to"]["0.90"] is None  # one fast run never reached 90%: no mean to compare
+    assert format_ratio(row) == "fast / base: delivered 0.300x; to 70% 0.300x"
+    assert with_seeds("fast94:3", 1) == ("fast94", 3) and with_seeds("fast70", 2) == ("fast70", 2)
+    with pytest.raises(CnnlabError, match="at least 1"):
+        with_seeds("fast94:0", 1)
 
 
 def test_a_fractional_epoch_trains_part_of_the_last_epoch(tmp_path):

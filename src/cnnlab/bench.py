@@ -28,6 +28,7 @@ from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
 from cnnlab.data.dataset import ImageShape
+from cnnlab.errors import CnnlabError
 from cnnlab.machine import DTYPES, Machine, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import create_model
 from cnnlab.models.inference import Scores
@@ -131,8 +132,18 @@ def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str,
     }
 
 
+def with_seeds(entry: str, seeds: int) -> tuple[str, int]:
+    """A recipe entry and its number of runs: "fast94:3" -> ("fast94", 3); "fast70" -> ("fast70", `seeds`)."""
+    name, _, count = entry.partition(":")
+    if not count:
+        return name, seeds
+    if not count.isdigit() or int(count) < 1:
+        raise CnnlabError(f"{entry!r}: the runs after ':' must be a whole number of at least 1, e.g. fast94:3")
+    return name, int(count)
+
+
 def bench(
-    recipes: list[str],
+    recipes: Sequence[str],
     data: DataConfig,
     out: Path,
     compare: Sequence[str] = (),
@@ -142,8 +153,11 @@ def bench(
     train_flags: Sequence[str] = (),
     progress: Callable[[str], object] = print,
 ) -> dict[str, Any]:
-    """Run every recipe (and each `compare` recipe) `seeds` times on `device`, each with `train_flags` added to
-    its `cnnlab train` command; the result is what `--json` prints."""
+    """Run every recipe (and each `compare` recipe) `seeds` times on `device` (seeded 0..N-1; an entry
+    "name:N" runs N times), each with `train_flags` added to its `cnnlab train` command; the result is what
+    `--json` prints, with each recipe's times as ratios to each baseline's."""
+    if not recipes:
+        raise CnnlabError("no recipe to time: name one or more with --recipe")
     machine = this_machine()
     progress(f"machine: {machine.describe()}")
     torch_device = resolve_device(device)
@@ -152,11 +166,23 @@ def bench(
     dataset = load_dataset(data)  # also fills the cache, so that no timed run pays for decoding
     shape = dataset.image_shape
     train_flags = ["--device", device, *train_flags]
-    results = []
-    for recipe in [*compare, *recipes]:
+    names = [with_seeds(entry, seeds)[0] for entry in recipes], [with_seeds(entry, seeds)[0] for entry in compare]
+    results: list[dict[str, Any]] = []
+
+    def summary() -> dict[str, Any]:
+        return {
+            "machine": {**machine.to_dict(), "cpu_count": os.cpu_count(), "device": str(torch_device), **peaks},
+            "train_flags": train_flags,
+            "data": asdict(data),
+            "results": results,
+            "across_seeds": across_seeds(results),
+            "ratios": ratios(results, *names),
+        }
+
+    for recipe, runs in [with_seeds(entry, seeds) for entry in [*compare, *recipes]]:
         model = resolve_run_config({"train": {"recipe": recipe}}).train.model
         flops = training_flops_per_image(model, shape, len(dataset.classes))
-        for seed in range(seeds):
+        for seed in range(runs):
             progress(f"training {recipe} (seed {seed})")
             train = {"recipe": recipe, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
             config = resolve_run_config(
@@ -164,15 +190,9 @@ def bench(
             )
             results.append(summarise(train_in_child(config, train_flags), seed, flops, peaks))
             progress(format_result(results[-1]))
-    summary = {
-        "machine": {**machine.to_dict(), "cpu_count": os.cpu_count(), "device": str(torch_device), **peaks},
-        "train_flags": train_flags,
-        "data": asdict(data),
-        "results": results,
-        "across_seeds": across_seeds(results) if seeds > 1 else [],
-    }
-    write_text(out / "bench.json", json.dumps(summary, indent=2))
-    return summary
+            # After every run, so that a long benchmark cut short keeps what it measured.
+            write_text(out / "bench.json", json.dumps(summary(), indent=2))
+    return summary()
 
 
 def across_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,23 +200,46 @@ def across_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summaries = []
     for recipe in dict.fromkeys(r["recipe"] for r in results):
         runs = [r for r in results if r["recipe"] == recipe]
-        accuracy = torch.tensor([r["accuracy"] for r in runs], dtype=torch.float64)
-        seconds = torch.tensor([r["train_seconds"] for r in runs], dtype=torch.float64)
-        delivered = torch.tensor([r["delivered_seconds"] for r in runs], dtype=torch.float64)
+        keys = {"accuracy": "accuracy", "seconds": "train_seconds", "delivered_seconds": "delivered_seconds"}
+        figures = {name: torch.tensor([r[key] for r in runs], dtype=torch.float64) for name, key in keys.items()}
         summaries.append(
-            {
-                "recipe": recipe,
-                "seeds": len(runs),
-                "accuracy_mean": accuracy.mean().item(),
-                "accuracy_std": accuracy.std().item(),
-                "seconds_mean": seconds.mean().item(),
-                "seconds_std": seconds.std().item(),
-                "delivered_seconds_mean": delivered.mean().item(),
-                "delivered_seconds_std": delivered.std().item(),
-                "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
-            }
+            {"recipe": recipe, "seeds": len(runs)}
+            | {f"{name}_mean": values.mean().item() for name, values in figures.items()}
+            # The sample standard deviation; 0.0 for a single run, which has no spread to measure.
+            | {f"{name}_std": values.std().item() if len(runs) > 1 else 0.0 for name, values in figures.items()}
+            | {"peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs)}
         )
     return summaries
+
+
+def ratios(results: list[dict[str, Any]], recipes: Sequence[str], baselines: Sequence[str]) -> list[dict[str, Any]]:
+    """Each recipe's mean delivered seconds over a baseline's, and its mean delivered seconds to each accuracy
+    mark over the baseline's to the same mark, where every run of both reached it (None where one did not)."""
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return sum(known) / len(known) if known and len(known) == len(values) else None
+
+    def ratio(ours: float | None, theirs: float | None) -> float | None:
+        return ours / theirs if ours is not None and theirs else None
+
+    runs = {name: [r for r in results if r["recipe"] == name] for name in (*recipes, *baselines)}
+    rows = []
+    for recipe in recipes:
+        for baseline in baselines:
+            delivered = [mean([r["delivered_seconds"] for r in runs[name]]) for name in (recipe, baseline)]
+            marks = {}
+            for key in (f"{mark:.2f}" for mark in MARKS):
+                ours, theirs = (mean([r["time_to"][key] for r in runs[name]]) for name in (recipe, baseline))
+                marks[key] = ratio(ours, theirs)
+            rows.append({"recipe": recipe, "baseline": baseline, "delivered": ratio(*delivered), "time_to": marks})
+    return rows
+
+
+def format_ratio(row: dict[str, Any]) -> str:
+    marks = ", ".join(f"to {float(mark):.0%} {ratio:.3f}x" for mark, ratio in row["time_to"].items() if ratio)
+    delivered = "-" if row["delivered"] is None else f"{row['delivered']:.3f}x"
+    return f"{row['recipe']} / {row['baseline']}: delivered {delivered}" + (f"; {marks}" if marks else "")
 
 
 def format_peaks(peaks: dict[str, float]) -> str:

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cnnlab.bench import bench
+from cnnlab.bench import bench, format_ratio, with_seeds
 from cnnlab.cli import app, console, errors, handles_errors
 from cnnlab.cli.flags import DATA_FIELDS, TRAIN_FIELDS, Flags, takes_config
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
@@ -93,9 +93,9 @@ def compare_command(
 @takes_config(data=DATA_SOURCE, train=("epochs",))
 def bench_command(
     flags: Flags,
-    recipe: Annotated[str, typer.Option(help="Comma-separated recipes to time.")] = "fast70",
-    compare_with: Annotated[str, typer.Option("--compare", help="Comma-separated baseline recipes.")] = "",
-    seeds: Annotated[int, typer.Option(help="Runs per recipe, seeded 0..N-1.")] = 1,
+    recipe: Annotated[str, typer.Option(help="Comma-separated recipes to time; name:N runs one N times.")] = "fast70",
+    compare_with: Annotated[str, typer.Option("--compare", help="Comma-separated baseline recipes (name:N too).")] = "",
+    seeds: Annotated[int, typer.Option(help="Runs per recipe without its own :N, seeded 0..N-1.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda, for every run and the peaks.")] = "auto",
     train_args: Annotated[str, typer.Option(help="More `cnnlab train` flags for every run, e.g. '--compile'.")] = "",
     out: Annotated[Path | None, typer.Option(help="Folder for the runs (default runs/bench-<time>).")] = None,
@@ -105,8 +105,8 @@ def bench_command(
     data_config = DataConfig(**flags.data)
     split = [name.strip() for name in recipe.split(",") if name.strip()]
     baselines = [name.strip() for name in compare_with.split(",") if name.strip()]
-    for name in [*split, *baselines]:
-        recipe_values(name)  # fail on a misspelt name before anything runs
+    for entry in [*split, *baselines]:
+        recipe_values(with_seeds(entry, seeds)[0])  # fail on a misspelt name before anything runs
     out = out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     report = errors.print if as_json else console.print
@@ -120,8 +120,10 @@ def bench_command(
             f"{row['recipe']}: delivered accuracy {row['accuracy_mean']:.2%} ± {row['accuracy_std']:.2%}, "
             f"{row['seconds_mean']:.1f} ± {row['seconds_std']:.1f} s of training, "
             f"{row['delivered_seconds_mean']:.1f} ± {row['delivered_seconds_std']:.1f} s delivered, "
-            f"over {row['seeds']} seeds"
+            f"over {row['seeds']} seed(s)"
         )
+    for row in summary["ratios"]:
+        console.print(format_ratio(row))
     console.print(f"wrote {out / 'bench.json'}")
 
 
