@@ -79,17 +79,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "precision": "fp32",
     },
     # Toward 70% in seconds: the thin net with the linear stem (its first convolution reads the 12 whitened
-    # directions, not 24 signed GELUs of them) for under one epoch in small batches (more steps for the same
-    # FLOPs), seen small at first (progressive resizing: early steps cost a fraction of a full-size one),
-    # unshifted (translation only slows a run this short), a frozen whitening bias (training it makes the first
-    # block compute its input gradient), and flip TTA only for the images it is unsure of. BENCHMARKS.md has
-    # what each choice is worth.
+    # directions, not 24 signed GELUs of them) for three quarters of an epoch in small batches (more steps for
+    # the same FLOPs), seen small at first (progressive resizing: early steps cost a fraction of a full-size
+    # one), unshifted (translation only slows a run this short), a frozen whitening bias (training it makes the
+    # first block compute its input gradient), and flip TTA only for the images it is unsure of. BENCHMARKS.md
+    # has what each choice is worth.
     "fast70": {
         **_SPEED_RUN,
         "model": "fast-tiny-linear",
         "batch_size": 128,
         "lr": 0.35,
-        "epochs": 0.9,
+        "epochs": 0.75,
         "lookahead": False,
         "whiten_bias_epochs": 0,
         "translate": 0,
@@ -99,12 +99,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "tta_below": 0.5,
     },
     # Toward 90%: Muon on a narrower middle block, seen at 20 px rising to 32 over the first half of the steps,
-    # nine epochs of the two thirds of the images with the highest losses (the cost of six full epochs, and more
-    # accurate than six), the test-time views only for the images it is unsure of, and batch 1500 as fast94's.
+    # five epochs of the two thirds of the images with the highest losses (the cost of 3.4 full epochs), the
+    # test-time views only for the images it is unsure of, and batch 1500 as fast94's.
     "fast90": {
         **_MUON_RUN,
         "model": "fast-mid",
-        "epochs": 9,
+        "epochs": 5,
         "select_share": 0.67,
         "batch_size": 1500,
         "lr": 1.656 * 0.75,
