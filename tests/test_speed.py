@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.bench import MARKS, format_ratio, format_result, ratios, summarise, with_seeds
+from cnnlab.bench import MARKS, format_ratio, format_result, mean_pixel_share, ratios, summarise, with_seeds
 from cnnlab.data.augment import alternating_flips, jittered, mirror, random_jitter, random_shifts, translate
 from cnnlab.data.transforms import channel_statistics, downscaled
 from cnnlab.errors import CnnlabError, ConfigError
@@ -268,6 +268,16 @@ def test_bench_ratios_are_of_means_over_seeds_and_only_for_marks_every_run_reach
     assert with_seeds("fast94:3", 1) == ("fast94", 3) and with_seeds("fast70", 2) == ("fast70", 2)
     with pytest.raises(CnnlabError, match="at least 1"):
         with_seeds("fast94:0", 1)
+
+
+def test_the_flops_a_run_is_credited_with_follow_the_sizes_its_steps_see():
+    def share(**augment):
+        return mean_pixel_share(resolve_run_config({"train": {"recipe": "fast94", **augment}}).train.augment, (32, 32))
+
+    assert share() == 1.0  # full size throughout
+    # 16 px rising to 32 over the whole run in 4 px steps: 16, 20, 24 and 28 px for a quarter of the steps each
+    expected = (16**2 + 20**2 + 24**2 + 28**2) / 4 / 32**2
+    assert share(low_res=16, low_res_share=1.0) == pytest.approx(expected, abs=0.01)
 
 
 def test_a_fractional_epoch_trains_part_of_the_last_epoch(tmp_path):

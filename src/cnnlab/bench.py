@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab.atomic import write_text
-from cnnlab.config import DataConfig
+from cnnlab.config import AugmentConfig, DataConfig, TrainConfig
 from cnnlab.data import load_dataset
 from cnnlab.data.dataset import ImageShape
 from cnnlab.errors import CnnlabError
@@ -34,6 +34,7 @@ from cnnlab.models import create_model
 from cnnlab.models.inference import Scores
 from cnnlab.recipes import resolve_run_config
 from cnnlab.runs import ChildRun, train_in_child
+from cnnlab.train.optim import resolution_at
 
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
 
@@ -77,12 +78,21 @@ def _gflops(work: Callable[[], object], flops: float, device: torch.device, budg
     return flops / best / 1e9
 
 
-def training_flops_per_image(model_name: str, input_shape: ImageShape, classes: int) -> float:
-    """Forward FLOPs of one image times 3: the backward pass costs about twice the forward."""
-    model = create_model(model_name, input_shape, classes)
+def training_flops_per_image(train: TrainConfig, input_shape: ImageShape, classes: int) -> float:
+    """Forward FLOPs of one image times 3 (the backward pass costs about twice the forward), scaled by the mean
+    share of the full size's pixels that the run's steps see: a convolution's FLOPs follow its pixels, and
+    progressive resizing shrinks the early steps."""
+    model = create_model(train.model, input_shape, classes)
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *input_shape))
-    return 3.0 * float(counter.get_total_flops())
+    return 3.0 * float(counter.get_total_flops()) * mean_pixel_share(train.augment, input_shape.size)
+
+
+def mean_pixel_share(augment: AugmentConfig, full: tuple[int, int], samples: int = 1000) -> float:
+    """The pixels a training step sees, as a share of the full size's, averaged over a run (1.0 without
+    low_res). A step's size is a function of the share of the run's steps done, here sampled `samples` times."""
+    pixels = sum(math.prod(resolution_at(step, samples, augment, full)) for step in range(samples))
+    return pixels / (samples * math.prod(full))
 
 
 def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str, float]) -> dict[str, Any]:
@@ -180,8 +190,9 @@ def bench(
         }
 
     for recipe, runs in [with_seeds(entry, seeds) for entry in [*compare, *recipes]]:
-        model = resolve_run_config({"train": {"recipe": recipe}}).train.model
-        flops = training_flops_per_image(model, shape, len(dataset.classes))
+        flops = training_flops_per_image(
+            resolve_run_config({"train": {"recipe": recipe}}).train, shape, len(dataset.classes)
+        )
         for seed in range(runs):
             progress(f"training {recipe} (seed {seed})")
             train = {"recipe": recipe, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
