@@ -176,7 +176,7 @@ def bench(
     dataset = load_dataset(data)  # also fills the cache, so that no timed run pays for decoding
     shape = dataset.image_shape
     train_flags = ["--device", device, *train_flags]
-    names = [with_seeds(entry, seeds)[0] for entry in recipes], [with_seeds(entry, seeds)[0] for entry in compare]
+    timed, baselines = ([with_seeds(entry, seeds) for entry in entries] for entries in (recipes, compare))
     results: list[dict[str, Any]] = []
 
     def summary() -> dict[str, Any]:
@@ -186,10 +186,10 @@ def bench(
             "data": asdict(data),
             "results": results,
             "across_seeds": across_seeds(results),
-            "ratios": ratios(results, *names),
+            "ratios": ratios(results, [name for name, _ in timed], [name for name, _ in baselines]),
         }
 
-    for recipe, runs in [with_seeds(entry, seeds) for entry in [*compare, *recipes]]:
+    for recipe, runs in [*baselines, *timed]:
         flops = training_flops_per_image(
             resolve_run_config({"train": {"recipe": recipe}}).train, shape, len(dataset.classes)
         )
