@@ -15,8 +15,8 @@ from cnnlab.atomic import atomic_write, make_folder
 
 # Bump when decoding changes, so that arrays decoded by older code are not reused.
 # 2: image folders keep the reasons of the files they left out; 3: train/val/test folders and the layout read;
-# 4: an image folder's pixels in a .npy of their own, read from disk
-DECODER_VERSION = 4
+# 4: an image folder's pixels in a .npy of their own, read from disk; 5: each image's path and size before resizing
+DECODER_VERSION = 5
 
 
 def cache_root(cache_dir: str | None) -> Path:

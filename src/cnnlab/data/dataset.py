@@ -54,6 +54,10 @@ class SplitName(StrEnum):
 class Split:
     images: Pixels
     labels: np.ndarray  # (N,) int64, indices into Dataset.classes
+    # Where each image came from, for sources that have files: its path inside the dataset ("train/cat/1.png"),
+    # and its size before resizing, (N, 2) int (height, width) in pixels. None for array sources (CIFAR, digits).
+    names: np.ndarray | None = None
+    native_sizes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -66,7 +70,13 @@ class Split:
 
     def take(self, indices: np.ndarray) -> Split:
         """The images at `indices`: copied when in memory, still on disk when on disk."""
-        return Split(self.images.take(indices, axis=0), self.labels[indices])
+        names = self.names[indices] if self.names is not None else None
+        native = self.native_sizes[indices] if self.native_sizes is not None else None
+        return Split(self.images.take(indices, axis=0), self.labels[indices], names, native)
+
+    def name_of(self, index: int) -> str | None:
+        """The path of image `index` inside the dataset, when it came from a file."""
+        return str(self.names[index]) if self.names is not None else None
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,15 @@ class Dataset:
             train = counts[SplitName.TRAIN]
             lines.append(f"  per class in train: {train.min()} to {train.max()} images")
         return lines
+
+
+def concatenate_images(parts: list[Pixels]) -> Pixels:
+    """The images of `parts` one after another: still on disk when they are all rows of one file on disk."""
+    if parts and all(isinstance(part, DiskImages) for part in parts):
+        disk = [part for part in parts if isinstance(part, DiskImages)]
+        if len({part.path for part in disk}) == 1:
+            return disk[0].view(np.concatenate([part.rows for part in disk]))
+    return np.concatenate([np.asarray(part) for part in parts])
 
 
 def split_stratified(split: Split, fraction: float, seed: int, purpose: str) -> tuple[Split, Split]:

@@ -53,7 +53,7 @@ class DiskImages:
         """The images at `indices`, still on disk (numpy's `take`, without the copy)."""
         if axis != 0:
             raise ValueError("DiskImages.take selects images: axis 0 only")
-        return self._view(self.rows[indices])
+        return self.view(self.rows[indices])
 
     @overload
     def __getitem__(self, key: slice) -> DiskImages: ...
@@ -64,7 +64,7 @@ class DiskImages:
     def __getitem__(self, key: slice | int | np.integer[Any] | np.ndarray | list[int]) -> DiskImages | np.ndarray:
         """A slice is a view on disk; an int, a list or an index array reads those images into memory."""
         if isinstance(key, slice):
-            return self._view(self.rows[key])
+            return self.view(self.rows[key])
         if isinstance(key, int | np.integer):
             image: np.ndarray = self.read(self.rows[np.array([key])])[0]
             return image
@@ -92,7 +92,8 @@ class DiskImages:
                 flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(count, self.row_bytes)
         return out
 
-    def _view(self, rows: np.ndarray) -> DiskImages:
+    def view(self, rows: np.ndarray) -> DiskImages:
+        """These images' file, as the stored rows `rows`."""
         view = object.__new__(DiskImages)
         view.__dict__.update(self.__dict__)
         view.rows = rows

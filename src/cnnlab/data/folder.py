@@ -91,7 +91,8 @@ def load_image_folder(
     _report_failures(path, failures, len(arrays["labels"]) + len(failures), strict)
 
     classes = tuple(str(name) for name in arrays["classes"])
-    everything = Split(images.take(arrays["rows"]), arrays["labels"].astype(np.int64))
+    labels = arrays["labels"].astype(np.int64)
+    everything = Split(images.take(arrays["rows"]), labels, arrays["names"], arrays["native"])
     layout = str(arrays["layout"])
     codes = arrays["split"]
     train, val, test = (everything.take(np.flatnonzero(codes == CACHE_CODES[name])) for name in SplitName)
@@ -185,10 +186,13 @@ def _decode_dataset(
         raise CnnlabError(f"{path}: none of its {len(entries)} files is a readable image")
 
     index = {name: i for i, name in enumerate(layout.classes)}
+    found = [result for result in decoded if not isinstance(result, str)]
     return {
         "rows": np.array(kept, dtype=np.int64),  # the rows of images_file that hold readable images
         "labels": np.array([index[labelled[i][1]] for i in kept], dtype=np.int64),
         "split": np.array([CACHE_CODES[labelled[i][2]] for i in kept], dtype=np.int8),
+        "names": np.array([entries[i].name for i in kept], dtype=str),
+        "native": np.array([native for native, _ in found], dtype=np.int64).reshape(-1, 2),  # (height, width)
         "classes": np.array(layout.classes),
         "layout": np.array(layout.description),
         "failures": np.array(failures, dtype=str),  # why each left-out file is not a readable image
