@@ -91,6 +91,11 @@ class DataConfig:
     split_seed: int = setting(0, "Seed of the validation/test splits, independent of the training seed.")
     cache_dir: str | None = setting(None, "Cache folder (default $CNNLAB_CACHE or ~/.cache/cnnlab).")
     strict: bool = setting(False, "Unreadable images are an error instead of being skipped.")
+    exclude: str | None = setting(
+        None,
+        "Train without the images a `cnnlab doctor` report flagged: doctor.json, or doctor.json:KIND,KIND (label, "
+        "duplicate, leak, outlier, odd; default all). Train and validation images leave; the test split stays whole.",
+    )
 
     @property
     def label(self) -> str:
@@ -272,6 +277,20 @@ class RunConfig:
     def check(self) -> None:
         """Refuse settings out of range, before anything is loaded or allocated."""
         check_ranges(self, "")
+
+
+@dataclass
+class DoctorConfig:
+    """How `cnnlab doctor` examines a dataset."""
+
+    folds: int = setting(3, "Folds of the cross-validation giving each image out-of-sample probabilities.", at_least=2)
+    label_model: Literal["auto", "embeddings", "training", "both"] = setting(
+        "auto",
+        "What gives those probabilities: a linear model on pretrained embeddings, short fast70 trainings, or both "
+        "(whichever, or their mean, agrees most with the given labels); auto: both up to 64 px, else embeddings.",
+    )
+    seed: int = setting(0, "Seed of the folds, the trainings and the calibration sample.")
+    run: str | None = setting(None, "A run folder whose test accuracy is reported with and without leaked images.")
 
 
 SECTIONS: dict[str, type[DataclassInstance]] = {

@@ -120,7 +120,7 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
     height, width = model.info.shape.size
     if height == width and (data.dataset or data.image_size is None):
         data = replace(data, image_size=height)
-    dataset: Dataset = load_dataset(replace(data, val_fraction=0.0))
+    dataset: Dataset = load_dataset(replace(data, val_fraction=0.0, exclude=None))  # the test split, whole
     if list(dataset.classes) != list(model.info.classes):
         raise CnnlabError(
             f"the data's classes {list(dataset.classes)} differ from the model's {list(model.info.classes)}"

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from cnnlab.config import SECTIONS, DataConfig, RunConfig, TrainConfig
+from cnnlab.config import SECTIONS, DataConfig, DoctorConfig, RunConfig, TrainConfig
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.models import MODELS
 
@@ -31,11 +31,15 @@ def _owners() -> dict[str, dict[str, type]]:
     train: dict[str, type] = {name: TrainConfig for name in ("model", "recipe", "weights")}
     for section in [*SECTIONS.values(), *(spec.settings for spec in MODELS.values())]:
         train |= {field.name: section for field in dataclasses.fields(section)}
-    return {"data": {field.name: DataConfig for field in dataclasses.fields(DataConfig)}, "train": train}
+    return {
+        "data": {field.name: DataConfig for field in dataclasses.fields(DataConfig)},
+        "train": train,
+        "doctor": {field.name: DoctorConfig for field in dataclasses.fields(DoctorConfig)},
+    }
 
 
 OWNERS = _owners()
-DATA_FIELDS, TRAIN_FIELDS = tuple(OWNERS["data"]), tuple(OWNERS["train"])
+DATA_FIELDS, TRAIN_FIELDS, DOCTOR_FIELDS = tuple(OWNERS["data"]), tuple(OWNERS["train"]), tuple(OWNERS["doctor"])
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Flags:
     data: dict[str, Any]
     train: dict[str, Any]
     out: str | None = None
+    doctor: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def layer(self) -> dict[str, Any]:
         """As a config layer for `resolve_run_config`."""
@@ -80,11 +85,11 @@ def _choices(name: str, values: list[str]) -> Any:
 
 
 def takes_config(
-    data: Iterable[str] = (), train: Iterable[str] = (), out: bool = False
+    data: Iterable[str] = (), train: Iterable[str] = (), out: bool = False, doctor: Iterable[str] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one flag per named DataConfig / TrainConfig field (and RunConfig.out), delivered to it
-    as its `flags: Flags` argument."""
-    chosen = {"data": tuple(data), "train": tuple(train)}
+    """Give a command one flag per named DataConfig / TrainConfig / DoctorConfig field (and RunConfig.out),
+    delivered to it as its `flags: Flags` argument."""
+    chosen = {"data": tuple(data), "train": tuple(train), "doctor": tuple(doctor)}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(command, eval_str=True)
@@ -99,7 +104,7 @@ def takes_config(
                 section: {name: config_values[name] for name in names if config_values[name] is not None}
                 for section, names in chosen.items()
             }
-            flags = Flags(given["data"], given["train"], values.pop("out", None) if out else None)
+            flags = Flags(given["data"], given["train"], values.pop("out", None) if out else None, given["doctor"])
             return command(**values, flags=flags)
 
         parameters = own + added

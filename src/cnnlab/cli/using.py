@@ -1,4 +1,5 @@
-"""Commands that use a trained model or look at data: evaluate, predict, report, explain, data show, serve, export."""
+"""Commands that use a trained model or look at data: evaluate, predict, report, explain, data show, doctor, serve,
+export."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import typer
 from rich.table import Table
 
 from cnnlab.cli import EXIT_PARTIAL, app, console, errors, handles_errors
-from cnnlab.cli.flags import DATA_FIELDS, Flags, takes_config
-from cnnlab.config import DataConfig
+from cnnlab.cli.flags import DATA_FIELDS, DOCTOR_FIELDS, Flags, takes_config
+from cnnlab.config import DataConfig, DoctorConfig
 from cnnlab.data import images as image_io
 from cnnlab.data import load_dataset
+from cnnlab.data.cache import cache_root
+from cnnlab.doctor import examine
+from cnnlab.doctor.report import write_diagnosis
+from cnnlab.doctor.stages import Stages
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import Evaluation, evaluate_saved, test_split_for
 from cnnlab.explain import explain as explain_image
@@ -191,3 +196,25 @@ def export_command(
         f"sizes {', '.join(map(str, verification.batch_sizes))}: max |onnxruntime - PyTorch| = "
         f"{verification.max_abs_difference:.1e}"
     )
+
+
+@app.command()
+@handles_errors
+@takes_config(data=tuple(name for name in DATA_FIELDS if name != "exclude"), doctor=DOCTOR_FIELDS)
+def doctor(
+    flags: Flags,
+    out: Annotated[Path, typer.Option(help="Folder for doctor.html, doctor.json and doctor.csv.")] = Path("doctor"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="A line per step instead of progress bars.")] = False,
+) -> None:
+    """Find what is wrong with a dataset: suspected label errors, copies within and across splits (leakage),
+    outliers, odd images and class balance. Nothing on disk is changed; `train --exclude` trains without them."""
+    data_config = DataConfig(**flags.data)
+    dataset = load_dataset(data_config)
+    for line in dataset.summary():
+        console.print(line)
+    stages = Stages(console, bars=None if not quiet else False)
+    diagnosis = examine(dataset, DoctorConfig(**flags.doctor), cache_root(data_config.cache_dir), stages)
+    files = write_diagnosis(diagnosis, dataset, out)
+    for line in diagnosis.summary():
+        console.print(line)
+    console.print(f"wrote {files.html}, {files.json.name} and {files.csv.name}")

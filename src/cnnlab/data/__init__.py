@@ -13,6 +13,7 @@ from cnnlab.data import cifar
 from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import Dataset, Split, SplitName, match_channels, resize_images
 from cnnlab.data.digits import load_digits_dataset
+from cnnlab.data.exclude import read_exclusion, without
 from cnnlab.data.folder import load_image_folder
 from cnnlab.errors import CnnlabError, ConfigError
 
@@ -66,7 +67,8 @@ def load_dataset(config: DataConfig, needs_validation: bool = False) -> Dataset:
                 cache_root=root,
                 strict=config.strict,
             )
-    return validation_split(dataset, config, needs_validation)
+    dataset = validation_split(dataset, config, needs_validation)
+    return without(dataset, read_exclusion(config.exclude, dataset)) if config.exclude else dataset
 
 
 def validation_split(dataset: Dataset, config: DataConfig, needed: bool = False) -> Dataset:

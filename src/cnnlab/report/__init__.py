@@ -92,6 +92,9 @@ def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool 
         f"test {scores.describe()}, balanced accuracy {evaluation.balanced_accuracy:.4f}, "
         f"loss {scores.delivered_loss:.4f}, on {len(split)} images"
     )
+    excluded = model.info.config.get("data", {}).get("exclude")
+    if excluded:
+        summary += f"; trained without the images {excluded} flags (data.exclude; the test split whole)"
     title = f"{model.info.architecture} on {model.info.config.get('data', {}).get('dataset') or run_dir.name}"
     write_text(folder / RunDir.REPORT, html.page(title, sections, summary))
     return RunReport(folder / RunDir.REPORT, summary)

@@ -1,0 +1,37 @@
+"""How the doctor reports its long steps: a progress bar per step on a terminal, a line per step elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+Advance = Callable[[int], None]  # told how many more items of the step are done
+
+
+class Stages:
+    """Each step of an examination, timed; shown as a bar where the output is a terminal (or `bars`)."""
+
+    def __init__(self, console: Console | None = None, bars: bool | None = None, quiet: bool = False):
+        self.console = console or Console(highlight=False, soft_wrap=True, markup=False)
+        self.bars = sys.stdout.isatty() if bars is None else bars
+        self.quiet = quiet
+        self.seconds: dict[str, float] = {}  # each step's wall time
+
+    @contextlib.contextmanager
+    def step(self, name: str, total: int) -> Iterator[Advance]:
+        started = time.perf_counter()
+        if self.bars and not self.quiet:
+            columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=self.console, transient=True) as progress:
+                task = progress.add_task(name, total=total)
+                yield lambda done: progress.advance(task, done)
+        else:
+            yield lambda done: None
+        self.seconds[name] = time.perf_counter() - started
+        if not self.quiet:
+            self.console.print(f"{name}: {total:,} in {self.seconds[name]:.1f}s")
