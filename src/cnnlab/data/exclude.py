@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,20 @@ import numpy as np
 from cnnlab.data.dataset import Dataset, Split, SplitName
 from cnnlab.errors import ConfigError
 
-KINDS = ("label", "duplicate", "leak", "outlier", "odd")
 FORMAT = "cnnlab-doctor/1"
+
+
+class Kind(StrEnum):
+    """What a doctor's finding says of its image (`cnnlab.doctor`); what `data.exclude` selects by."""
+
+    LABEL = "label"  # its label is probably wrong
+    DUPLICATE = "duplicate"  # an exact or near copy of another image of its split
+    LEAK = "leak"  # a copy of an image of another split (a test image with a copy in train)
+    OUTLIER = "outlier"  # far from every other image in embedding space
+    ODD = "odd"  # nearly constant, very dark or bright, blurry, grayscale, tiny or oddly shaped
+
+
+KINDS = tuple(kind.value for kind in Kind)
 
 
 def split_fingerprint(split: Split) -> str:

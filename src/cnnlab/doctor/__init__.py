@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 from cnnlab.config import DoctorConfig
 from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import Dataset, Pixels, Split, SplitName, concatenate_images, match_channels, resize_images
-from cnnlab.data.exclude import FORMAT, split_fingerprint
+from cnnlab.data.exclude import FORMAT, Kind, split_fingerprint
 from cnnlab.doctor import duplicates, labels, odd
 from cnnlab.doctor.embeddings import embed, embedding_size, pixel_digests
 from cnnlab.doctor.stages import Stages
@@ -29,16 +28,6 @@ from cnnlab.evaluate import evaluate
 from cnnlab.models import load_model
 
 __all__ = ["Diagnosis", "DoctorConfig", "Finding", "ImageRef", "Kind", "Leakage", "examine"]
-
-
-class Kind(StrEnum):
-    """What a finding says of its image."""
-
-    LABEL = "label"  # its label is probably wrong
-    DUPLICATE = "duplicate"  # an exact or near copy of another image of its split
-    LEAK = "leak"  # a copy of an image of another split (a test image with a copy in train)
-    OUTLIER = "outlier"  # far from every other image in embedding space
-    ODD = "odd"  # nearly constant, very dark or bright, blurry, grayscale, tiny or oddly shaped
 
 
 @dataclass(frozen=True)
