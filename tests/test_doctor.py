@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from cnnlab.doctor.report import write_diagnosis
 from cnnlab.errors import ConfigError
 from cnnlab.models import load_model
 
-from .conftest import ARTIFACTS, pattern_image, write_image_folder
+from .conftest import ARTIFACTS, pattern_image, write_cifar10_archive, write_image_folder
 
 runner = CliRunner()
 
@@ -229,3 +230,28 @@ def test_embeddings_are_cached_by_their_pixels_whatever_their_order(tmp_path, mo
     again = embed(images[order], pixel_digests(images[order]), tmp_path)
     assert computed == [4]  # only the four images not seen before
     np.testing.assert_allclose(again[[1, 2, 4, 5]], first[[3, 0, 5, 1]], atol=1e-6)
+
+
+def test_exclusion_reaches_a_carved_validation_split_and_needs_the_same_split_flags(troubled, tmp_path):
+    carved = DataConfig(data=str(troubled), val_fraction=0.25, split_seed=3)
+    dataset = load_dataset(carved)
+    diagnosis = examine(dataset, DoctorConfig(label_model="embeddings"), tmp_path / "cache")
+    files = write_diagnosis(diagnosis, dataset, tmp_path)
+    # A finding's image leaves, or, for a test image, the copy it has in another split.
+    leaving = [f.other if f.image.split == "test" and f.other is not None else f.image for f in diagnosis.findings]
+    flagged_val = {image.index for image in leaving if image.split == "val"}
+    assert flagged_val
+    kept = load_dataset(replace(carved, exclude=str(files.json)))
+    assert len(dataset.val) - len(kept.val) == len(flagged_val) and len(kept.test) == len(dataset.test)
+    with pytest.raises(ConfigError, match="examined other data"):
+        load_dataset(replace(carved, split_seed=4, exclude=str(files.json)))
+
+
+def test_a_cifar_archive_is_examined_by_index(tmp_path):
+    archive = write_cifar10_archive(tmp_path / "cifar-10-python.tar.gz", per_batch=30)
+    result = runner.invoke(app, ["doctor", "--data", str(archive), "--label-model", "embeddings",
+                                 "--out", str(tmp_path / "doctor"), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "doctor" / "doctor.json").read_text())
+    assert report["class_counts"].keys() == {"train", "test"} and sum(report["class_counts"]["train"]) == 150
+    assert all(f["image"]["path"] is None and f["image"]["index"] >= 0 for f in report["findings"])
