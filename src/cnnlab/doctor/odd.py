@@ -33,11 +33,12 @@ class PixelStatistics:
 
     std: np.ndarray  # of its pixel values
     brightness: np.ndarray  # mean luma
-    channel_spread: np.ndarray  # mean absolute difference between its channels (0 for single-channel data)
+    channel_spread: np.ndarray  # mean absolute difference of its channels from their mean (0: single-channel data)
     sharpness: np.ndarray  # variance of the luma's Laplacian
 
 
 def pixel_statistics(images: Pixels, progress: Callable[[int], None] | None = None) -> PixelStatistics:
+    """What the odd-image checks read of each image, 1,000 images at a time."""
     parts: list[list[np.ndarray]] = [[], [], [], []]
     for batch in in_order(images, 1000):
         x = batch.float().permute(0, 3, 1, 2)  # (B, C, H, W), 0-255
