@@ -121,11 +121,16 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
     if height == width and (data.dataset or data.image_size is None):
         data = replace(data, image_size=height)
     dataset: Dataset = load_dataset(replace(data, val_fraction=0.0, exclude=None))  # the test split, whole
+    return test_split_of(model, dataset)
+
+
+def test_split_of(model: TrainedModel, dataset: Dataset) -> Split:
+    """`dataset`'s test split brought to the model's input format, after checking it has the model's classes."""
     if list(dataset.classes) != list(model.info.classes):
         raise CnnlabError(
             f"the data's classes {list(dataset.classes)} differ from the model's {list(model.info.classes)}"
         )
-    images = match_channels(resize_images(dataset.test.images, (height, width)), model.info.shape.channels)
+    images = match_channels(resize_images(dataset.test.images, model.info.shape.size), model.info.shape.channels)
     return Split(images, dataset.test.labels)
 
 

@@ -18,13 +18,12 @@ import numpy as np
 
 from cnnlab.config import DoctorConfig
 from cnnlab.data.cache import cache_root
-from cnnlab.data.dataset import Dataset, Pixels, Split, SplitName, concatenate_images, match_channels, resize_images
+from cnnlab.data.dataset import Dataset, Pixels, SplitName, concatenate_images
 from cnnlab.data.exclude import FORMAT, Kind, split_fingerprint
 from cnnlab.doctor import duplicates, labels, odd
 from cnnlab.doctor.embeddings import embed, embedding_size, pixel_digests
 from cnnlab.doctor.stages import Stages
-from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import evaluate
+from cnnlab.evaluate import evaluate, test_split_of
 from cnnlab.models import load_model
 
 __all__ = ["Diagnosis", "DoctorConfig", "Finding", "ImageRef", "Kind", "Leakage", "examine"]
@@ -308,12 +307,8 @@ def _leakage(run: str | None, dataset: Dataset, test_copies: set[int], test_imag
     if run is None:
         return Leakage(test_images, len(test_copies))
     model = load_model(Path(run).expanduser())
-    if list(model.info.classes) != list(dataset.classes):
-        raise CnnlabError(f"{run}: its classes {model.info.classes} are not the data's {list(dataset.classes)}")
-    test = dataset.test
-    pixels = match_channels(resize_images(test.images, model.info.shape.size), model.info.shape.channels)
-    evaluation = evaluate(model, Split(pixels, test.labels))
-    right = evaluation.probabilities.argmax(1) == test.labels
+    test = test_split_of(model, dataset)
+    right = evaluate(model, test).probabilities.argmax(1) == test.labels
     clean = np.ones(len(right), bool)
     clean[sorted(test_copies)] = False
     return Leakage(
