@@ -20,9 +20,10 @@ from cnnlab.config import DoctorConfig
 from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import Dataset, Pixels, SplitName, concatenate_images
 from cnnlab.data.exclude import FORMAT, Kind, split_fingerprint
+from cnnlab.data.loader import in_order
 from cnnlab.doctor import duplicates, labels, odd
-from cnnlab.doctor.embeddings import embed, embedding_size, pixel_digests
-from cnnlab.doctor.stages import Stages
+from cnnlab.doctor.embeddings import digests_of, embed, embedding_size
+from cnnlab.doctor.stages import Advance, Stages
 from cnnlab.evaluate import evaluate, test_split_of
 from cnnlab.models import load_model
 
@@ -168,18 +169,14 @@ def examine(
     given = np.concatenate([split.labels for split in splits.values()])
     total = len(given)
 
-    with stages.step("pixel digests", total) as advance:
-        digests = pixel_digests(images, advance)
-    with stages.step("pixel statistics", total) as advance:
-        statistics = odd.pixel_statistics(images, advance)
+    with stages.step("pixels read", total) as advance:
+        digests, statistics, descriptors, views = _read_pixels(images, advance)
     with stages.step(f"embeddings at {embedding_size(dataset.image_shape)} px", total) as advance:
         embeddings = embed(images, digests, root, advance)
 
     probabilities, method = _label_probabilities(images, embeddings, given, dataset, config, stages)
     issues = labels.confident_learning(probabilities, given)
 
-    with stages.step("pixel views", total) as advance:
-        descriptors, views = duplicates.pixel_views(images, advance)
     # Copies of a nearly constant image correlate with nothing: the calibration copies the others.
     textured = np.flatnonzero(statistics.std[: sizes[0]] >= odd.CONSTANT_STD)
     sample = np.sort(np.random.default_rng(config.seed).choice(
@@ -211,6 +208,25 @@ def examine(
         leakage=leakage,
         findings=findings,
         seconds=dict(stages.seconds),
+    )
+
+
+def _read_pixels(images: Pixels, advance: Advance) -> tuple[np.ndarray, odd.PixelStatistics, np.ndarray, np.ndarray]:
+    """In one pass over the images (a disk-backed split is read once): their digests, their statistics for the
+    odd-image checks, and their pixel descriptors and views for the copy search."""
+    digests, statistics, descriptors, views = [], [], [], []
+    for batch in in_order(images, 1000):
+        digests.append(digests_of(batch))
+        statistics.append(odd.PixelStatistics.of(batch))
+        descriptor, view = duplicates.views_of(batch)
+        descriptors.append(descriptor)
+        views.append(view)
+        advance(len(batch))
+    return (
+        np.concatenate(digests),
+        odd.PixelStatistics.joined(statistics),
+        np.concatenate(descriptors),
+        np.concatenate(views),
     )
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
-from cnnlab.data.dataset import Pixels
-from cnnlab.data.loader import in_order
+from cnnlab.doctor.stages import Advance
 
 CALIBRATION_IMAGES = 250  # images copied each way
 CALIBRATION_RECALL = 0.99  # the share of the measured copies the threshold keeps
@@ -34,8 +32,6 @@ DESCRIPTOR_SIDE, COMPARED_SIDE, SHIFT = 6, 16, 1  # pixels; SHIFT: the alignment
 EMBEDDING_DIMENSIONS = 128  # the embedding's principal components the neighbour search compares
 _BLOCK = 1024  # query images per block of a search
 _PAIRS = 8192  # candidate pairs compared at once
-
-Advance = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -76,17 +72,12 @@ def _shrunk(batch: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(x, size=(side, side), mode="area")
 
 
-def pixel_views(images: Pixels, advance: Advance | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: its pixel descriptor, (N, C x 6 x 6) float32 of unit length, and its COMPARED_SIDE view,
-    (N, C, 16, 16) uint8 — all the pair comparisons read."""
-    descriptors, views = [], []
-    for batch in in_order(images, 2000):
-        small = _shrunk(batch, DESCRIPTOR_SIDE).flatten(1)
-        descriptors.append(F.normalize(small - small.mean(1, keepdim=True), dim=1).numpy())
-        views.append(_shrunk(batch, COMPARED_SIDE).round().to(torch.uint8).numpy())
-        if advance:
-            advance(len(batch))
-    return np.concatenate(descriptors), np.concatenate(views)
+def views_of(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of a (B, H, W, C) uint8 batch: its pixel descriptor, (B, C x 6 x 6) float32 of unit length, and
+    its COMPARED_SIDE view, (B, C, 16, 16) uint8 — all the pair comparisons read."""
+    small = _shrunk(batch, DESCRIPTOR_SIDE).flatten(1)
+    descriptors = F.normalize(small - small.mean(1, keepdim=True), dim=1).numpy()
+    return descriptors, _shrunk(batch, COMPARED_SIDE).round().to(torch.uint8).numpy()
 
 
 def aligned_similarity(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -110,7 +101,7 @@ def calibrate(images: np.ndarray, views: np.ndarray) -> Calibration:
     made = [copies(image) for image in images]
     similarities: dict[str, list[float]] = {}
     for way in made[0] if made else []:
-        _, copied = pixel_views(np.stack([copy[way] for copy in made]))
+        _, copied = views_of(torch.from_numpy(np.stack([copy[way] for copy in made])))
         similarities[way] = aligned_similarity(copied, views).round(4).tolist()
     measured = np.concatenate(list(similarities.values())) if similarities else np.ones(1)
     threshold = float(np.quantile(measured, 1 - CALIBRATION_RECALL))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.data.dataset import ImageShape, Pixels, match_channels
 from cnnlab.data.loader import in_order
 from cnnlab.data.transforms import to_input
+from cnnlab.doctor.stages import Advance
 from cnnlab.machine import resolve_precision
 from cnnlab.models import create_model, model_spec
 
@@ -34,26 +34,24 @@ EMBEDDING_SMALLEST, EMBEDDING_LARGEST = 96, 224
 EMBEDDING_WIDTH = 1280  # numbers per embedding: the network's pooled features
 _VERSION = 2  # bump when the embedding changes, so that cached ones are not reused
 
-Progress = Callable[[int], None]  # told how many more images are done
-
 
 def embedding_size(image_shape: ImageShape) -> int:
     """The side, in pixels, the network sees this dataset's images at."""
     return min(max(EMBEDDING_SMALLEST, *image_shape.size), EMBEDDING_LARGEST)
 
 
-def pixel_digests(images: Pixels, progress: Progress | None = None) -> np.ndarray:
-    """(N,) 16-byte digests of each image's decoded pixels: equal digests are exact copies."""
-    digests = []
-    for batch in in_order(images, 1000):
-        rows = batch.numpy().reshape(len(batch), -1)
-        digests += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
-        if progress:
-            progress(len(batch))
-    return np.array(digests, dtype="S16")
+def digests_of(batch: torch.Tensor) -> np.ndarray:
+    """(B,) 16-byte digests of a (B, H, W, C) uint8 batch's decoded pixels: equal digests are exact copies."""
+    rows = batch.numpy().reshape(len(batch), -1)
+    return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows], dtype="S16")
 
 
-def embed(images: Pixels, digests: np.ndarray, cache_root: Path, progress: Progress | None = None) -> np.ndarray:
+def pixel_digests(images: Pixels) -> np.ndarray:
+    """(N,) `digests_of` every image."""
+    return np.concatenate([digests_of(batch) for batch in in_order(images, 1000)] or [np.zeros(0, "S16")])
+
+
+def embed(images: Pixels, digests: np.ndarray, cache_root: Path, progress: Advance | None = None) -> np.ndarray:
     """(N, 1280) float32 unit-length embeddings of `images` (`digests`: their `pixel_digests`). Each image is
     looked up by its digest in the cache (whatever dataset, order or label it came with) and only the others are
     computed, then cached as a chunk of their own."""
@@ -86,7 +84,7 @@ def embed(images: Pixels, digests: np.ndarray, cache_root: Path, progress: Progr
 
 
 @torch.no_grad()
-def _compute(images: Pixels, size: int, progress: Progress | None) -> np.ndarray:
+def _compute(images: Pixels, size: int, progress: Advance | None) -> np.ndarray:
     normalization = model_spec(EMBEDDER).normalization
     model = create_model(EMBEDDER, ImageShape(3, size, size), 2)  # its classifier is never used
     model.load_pretrained()

@@ -18,7 +18,6 @@ alone, 81% with fast70 trainings alone and 89% with their mean ([A] AMD EPYC; be
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from rich.console import Console
 from sklearn.model_selection import StratifiedKFold
 
 from cnnlab.data.dataset import Dataset, ImageShape, Pixels, Split
+from cnnlab.doctor.stages import Advance
 from cnnlab.errors import CnnlabError
 from cnnlab.models import model_spec
 from cnnlab.recipes import recipe_values, resolve_run_config
@@ -179,7 +179,7 @@ def agreement(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def trained_probabilities(
     images: Pixels, labels: np.ndarray, dataset: Dataset, folds: int, seed: int, scratch: Path,
-    advance: Callable[[int], None],
+    advance: Advance,
 ) -> np.ndarray:  # fmt: skip
     """(N, K) probabilities of each image from a TRAINED_RECIPE net trained on the other folds' images."""
     classes = len(dataset.classes)

@@ -8,15 +8,11 @@ distance from the median in median absolute deviations) beyond ROBUST_Z.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from cnnlab.data.dataset import Pixels
-from cnnlab.data.loader import in_order
 
 CONSTANT_STD = 4.0  # pixel values' standard deviation (of 255) under which an image is nearly constant
 DARK_MEAN, BRIGHT_MEAN = 20.0, 235.0  # mean brightness (of 255) under / over which an image is very dark / bright
@@ -36,22 +32,22 @@ class PixelStatistics:
     channel_spread: np.ndarray  # mean absolute difference of its channels from their mean (0: single-channel data)
     sharpness: np.ndarray  # variance of the luma's Laplacian
 
-
-def pixel_statistics(images: Pixels, progress: Callable[[int], None] | None = None) -> PixelStatistics:
-    """What the odd-image checks read of each image, 1,000 images at a time."""
-    parts: list[list[np.ndarray]] = [[], [], [], []]
-    for batch in in_order(images, 1000):
+    @staticmethod
+    def of(batch: torch.Tensor) -> PixelStatistics:
+        """The statistics of a (B, H, W, C) uint8 batch."""
         x = batch.float().permute(0, 3, 1, 2)  # (B, C, H, W), 0-255
         luma = x.mean(1, keepdim=True) if x.shape[1] == 1 else (
             0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # fmt: skip
         spread = (x - x.mean(1, keepdim=True)).abs().mean((1, 2, 3)) * (x.shape[1] > 1)
         edges = F.conv2d(luma, _LAPLACIAN) if min(x.shape[-2:]) >= 3 else torch.zeros_like(luma)
-        for part, values in zip(parts, (x.std((1, 2, 3)), luma.mean((1, 2, 3)), spread, edges.var((1, 2, 3))),
-                                strict=True):  # fmt: skip
-            part.append(values.numpy().astype(np.float32))
-        if progress:
-            progress(len(batch))
-    return PixelStatistics(*(np.concatenate(part) if part else np.zeros(0, np.float32) for part in parts))
+        values = (x.std((1, 2, 3)), luma.mean((1, 2, 3)), spread, edges.var((1, 2, 3)))
+        return PixelStatistics(*(value.numpy().astype(np.float32) for value in values))
+
+    @staticmethod
+    def joined(parts: list[PixelStatistics]) -> PixelStatistics:
+        """The statistics of batches, one after another."""
+        fields = ("std", "brightness", "channel_spread", "sharpness")
+        return PixelStatistics(*(np.concatenate([getattr(part, name) for part in parts]) for name in fields))
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
