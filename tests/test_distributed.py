@@ -87,6 +87,7 @@ def test_two_processes_end_identical_and_match_one_process(one_process, tmp_path
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=0.05, atol=0.02)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "checkpoint.pt", "config.toml", "metrics.jsonl", "model.json", "model.safetensors", "rank0.pt", "rank1.pt",
+        "sessions.jsonl",
     ]  # fmt: skip
 
 

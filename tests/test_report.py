@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -34,13 +35,26 @@ def assert_real_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, f"{path} is nearly a single colour"
 
 
-def test_run_report_writes_every_figure_and_a_self_contained_page(trained_run):
+FIGURES = ("training_curves", "per_class_scores", "confusion_matrix", "sample_predictions", "worst_mistakes_gradcam",
+           "confidently_wrong")  # fmt: skip
+
+
+def test_run_report_leads_with_the_answer_and_is_self_contained(trained_run):
     page = write_run_report(trained_run).path.read_text()
-    for name in ("training_curves.png", "confusion_matrix.png", "per_class_scores.png", "confidently_wrong.png"):
-        assert_real_png(trained_run / name)
-    assert page.count('src="data:image/png;base64,') == 4
+    for name in FIGURES:
+        assert_real_png(trained_run / f"{name}.png")
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)
     assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything from outside"
     assert "<script" not in page and "macro avg" in page and "Metrics per epoch" in page
+    accuracy = json.loads((trained_run / "model.json").read_text())["metrics"]["test_delivered_acc"]
+    title = re.search(r"<h1>(.*?)</h1>", page).group(1)
+    assert title == f"tutorial-cnn on digits: {accuracy:.2%} test accuracy"
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    assert headings == ["Summary", "Training", "Per class (test)", "Confusion matrix", "Examples", "Worst mistakes",
+                        "Configuration"]  # fmt: skip
+    summary = page[page.index("<h2>Summary</h2>") : page.index("<h2>Training</h2>")]
+    for fact in ("test accuracy (delivered)", "balanced accuracy", "training", "machine", "recipe"):
+        assert f"<th>{fact}</th>" in summary
 
 
 def test_figures_scale_with_the_number_of_classes(tmp_path):
@@ -121,12 +135,20 @@ def test_gradcam_points_at_the_square_that_decides_the_class(tmp_path):
     assert hits >= 90
 
 
-def test_report_html_renders_in_headless_chromium(trained_run, browser_page):
-    """Every image loads and nothing errors, in real Chromium."""
+@pytest.mark.parametrize(("device", "width", "height"), [("laptop", 1366, 768), ("phone", 390, 844)])
+def test_report_html_reads_at_laptop_and_phone_widths_in_headless_chromium(trained_run, browser_page, device, width,
+                                                                          height):  # fmt: skip
+    """In real Chromium: every image loads, nothing errors, the page is never wider than the screen, and the
+    accuracy and the summary table are on the first screen."""
+    browser_page.set_viewport_size({"width": width, "height": height})
     browser_page.goto(write_run_report(trained_run).path.as_uri())
     widths = browser_page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
-    browser_page.screenshot(path=str(ARTIFACTS / "run-report.png"), full_page=True)
-    assert len(widths) == 4 and all(width > 0 for width in widths)
+    browser_page.screenshot(path=str(ARTIFACTS / f"run-report-{device}.png"), full_page=True)
+    assert len(widths) == len(FIGURES) and all(width > 0 for width in widths)
+    assert browser_page.evaluate("document.documentElement.scrollWidth") <= width
+    assert "test accuracy" in browser_page.inner_text("h1")
+    summary = browser_page.locator("table.facts").bounding_box()
+    assert summary is not None and summary["y"] < height
     assert browser_page.errors == []
 
 

@@ -244,8 +244,9 @@ class SystemConfig:
         "Where training batches come from: memory, or a uint8 .npy in the cache read batch by batch; auto: disk "
         "for an image folder larger than a quarter of this machine's memory.",
     )
-    checkpoint_every: int = setting(
-        0, "Steps between mid-epoch checkpoints, besides each epoch's end; 0: none.", at_least=0
+    checkpoint_every: int = setting(0, "Steps between mid-epoch checkpoints (and one at each epoch's end).", at_least=0)
+    log: Literal["none", "tensorboard", "mlflow", "tensorboard,mlflow"] = setting(
+        "none", "Also log the run to TensorBoard (event files in the run folder) and/or MLflow ($MLFLOW_TRACKING_URI)."
     )
     sync_bn: bool = setting(False, "Distributed runs: BatchNorm statistics over the global batch, not each shard.")
 

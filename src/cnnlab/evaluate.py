@@ -22,6 +22,7 @@ from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.files import model_folder
 from cnnlab.models.inference import Scores
 from cnnlab.models.inference import evaluate as score
+from cnnlab.progress import tracked
 from cnnlab.run_dir import RunDir
 
 
@@ -73,9 +74,10 @@ def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cp
     """Evaluate on a split whose images already have the model's size and channel count."""
     device = torch.device(device)
     info = model.info
+    what = f"evaluating ({info.tta} TTA)" if info.tta != "none" else "evaluating"
     scores, logits = score(
         model.module,
-        in_order(split.images),
+        tracked(in_order(split.images), len(split), what),
         split.labels,
         info.norm,
         device,

@@ -50,6 +50,15 @@ class Machine:
             line += f"; GPU {self.gpu} ({'bf16' if self.gpu_bf16 else 'no bf16'})"
         return line
 
+    @property
+    def kind(self) -> str:
+        """What sets the speed of a run, in a few words: the GPU, or the CPU with its vector and bf16 features and
+        threads. Timings compare only between runs of one kind."""
+        if self.gpu:
+            return self.gpu
+        flags = " ".join(flag for flag in _REPORTED_FLAGS if flag in self.cpu_flags)
+        return f"{self.cpu_model} ({flags or 'no AVX2/AVX-512'}), {self.threads} threads"
+
     def to_dict(self) -> dict[str, object]:
         return {
             "cpu_model": self.cpu_model,
@@ -60,6 +69,7 @@ class Machine:
             "gpu": self.gpu,
             "gpu_bf16": self.gpu_bf16,
             "summary": self.describe(),
+            "kind": self.kind,
         }
 
 

@@ -2,10 +2,12 @@
 
     config.toml          the resolved RunConfig, headed by the precision it ran in
     metrics.jsonl        a JSON line per finished epoch
+    sessions.jsonl       a JSON line each time the run starts or resumes: when, on what machine, in what precision
     checkpoint.pt        the whole training state, replaced atomically at each epoch end (and every N steps)
     model.safetensors    the final weights, and model.json describing them (see cnnlab.models.files)
     .lock                while a run writes the folder: flocked by that process, and holding its pid
     report.json, confusion_matrix.csv, report.html, *.png   written by evaluate and report
+    tensorboard/, tracking.json   with train.system.log: TensorBoard's event files, the MLflow run's id
 
 Every file is written through `cnnlab.atomic` (temporary in the same folder, fsync, rename, fsync the
 folder), so a crash leaves the previous version or the new one.
@@ -55,6 +57,9 @@ class RunDir:
     CONFUSION = "confusion_matrix.csv"
     REPORT = "report.html"
     LOCK = ".lock"
+    SESSIONS = "sessions.jsonl"
+    TENSORBOARD = "tensorboard"  # a folder of event files, with --log tensorboard
+    TRACKING = "tracking.json"  # the MLflow run this run logs to, with --log mlflow
 
     @classmethod
     @contextlib.contextmanager
@@ -178,6 +183,28 @@ class RunDir:
         path = self / self.CONFIG
         return path.read_text() if path.is_file() else ""
 
+    def record_session(self, precision: str) -> None:
+        """A line in sessions.jsonl: this process starts (or resumes) training the run, now, here."""
+        machine = this_machine()
+        line = {"started": datetime.now().astimezone().isoformat(timespec="seconds"), "precision": precision,
+                "machine_kind": machine.kind, "machine": machine.describe()}  # fmt: skip
+        append_line(self / self.SESSIONS, json.dumps(line))
+
+    def read_sessions(self) -> list[dict[str, Any]]:
+        return _json_lines(self / self.SESSIONS)
+
+    @property
+    def status(self) -> str:
+        """ "running" while a process holds the folder's lock, "finished" once the final weights are written,
+        "stopped" otherwise (interrupted, failed or killed: its checkpoint resumes it)."""
+        with contextlib.suppress(FileNotFoundError), open(self / self.LOCK) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return "running"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return "finished" if (self / self.WEIGHTS).is_file() else "stopped"
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Replace the checkpoint atomically. The state is serialised in memory first, so that a write failure
         surfaces as the operating system's reason (a WriteError: "No space left on device")."""
@@ -214,8 +241,7 @@ class RunDir:
         append_line(self / self.METRICS, json.dumps(metrics))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self / self.METRICS
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return _json_lines(self / self.METRICS)
 
     def check_same_run(self, config: RunConfig, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume when config.toml no longer describes the checkpointed run (epochs may change)."""
@@ -237,6 +263,10 @@ class RunDir:
                 f"{self.path}: the checkpoint was trained on classes {checkpoint.get('classes')} at input "
                 f"{checkpoint.get('input_shape')}, but the data now gives {classes} at {input_shape}"
             )
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _leaves(tables: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shlex
@@ -12,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from cnnlab import progress
 from cnnlab.bench import bench, format_ratio, with_seeds
 from cnnlab.cli import app, console, errors, handles_errors
 from cnnlab.cli.flags import DATA_FIELDS, TRAIN_FIELDS, Flags, takes_config
@@ -23,6 +25,7 @@ from cnnlab.models import MODELS, create_model, model_spec, parameter_count
 from cnnlab.models.inference import Scores
 from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.report import write_run_report
+from cnnlab.tracking.loggers import publish
 from cnnlab.train import run
 from cnnlab.train.progress import default_reporter
 
@@ -47,25 +50,27 @@ def train(
     launch = functools.partial(
         run, nproc=nproc, max_restarts=max_restarts, worker_flags=worker_flags, reporter=default_reporter(quiet)
     )
-    if resume_dir is not None:
-        conflicting = sorted({*flags.data, *flags.train} - {"epochs"} | ({"config"} if config else set()))
-        conflicting += ["out"] if flags.out else []
-        if conflicting:
-            given = ", ".join(f"--{name.replace('_', '-')}" for name in conflicting)
-            raise CnnlabError(f"--resume continues a run as configured; it takes only --epochs, not: {given}")
-        epochs = flags.train.get("epochs")
-        result = launch(resume_from=resume_dir, epochs=epochs)
-    else:
-        run_config = resolve_run_config(load_toml(config) if config else {}, flags.layer())
-        result = launch(run_config)
-    if result is None or not result.is_main:  # launched processes report for themselves
-        return
-    info = result.model.info
-    recorded = Scores.from_metrics(info.metrics, "test", info.tta)
-    test = recorded.describe() if recorded is not None else "accuracy not measured (no test split)"
-    console.print(f"run folder: {result.run_dir}  test {test}")
-    if report:
-        console.print(f"report: {write_run_report(result.run_dir, result.dataset.test).path}")
+    with progress.plain_lines() if quiet else contextlib.nullcontext():
+        if resume_dir is not None:
+            conflicting = sorted({*flags.data, *flags.train} - {"epochs"} | ({"config"} if config else set()))
+            conflicting += ["out"] if flags.out else []
+            if conflicting:
+                given = ", ".join(f"--{name.replace('_', '-')}" for name in conflicting)
+                raise CnnlabError(f"--resume continues a run as configured; it takes only --epochs, not: {given}")
+            epochs = flags.train.get("epochs")
+            result = launch(resume_from=resume_dir, epochs=epochs)
+        else:
+            run_config = resolve_run_config(load_toml(config) if config else {}, flags.layer())
+            result = launch(run_config)
+        if result is None or not result.is_main:  # launched processes report for themselves
+            return
+        info = result.model.info
+        recorded = Scores.from_metrics(info.metrics, "test", info.tta)
+        test = recorded.describe() if recorded is not None else "accuracy not measured (no test split)"
+        console.print(f"run folder: {result.run_dir}  test {test}")
+        if report:
+            console.print(f"report: {write_run_report(result.run_dir, result.dataset.test).path}")
+        publish(result.run_dir)
 
 
 @app.command(name="compare")

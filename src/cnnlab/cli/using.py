@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from cnnlab.cli import EXIT_PARTIAL, app, console, errors, handles_errors
@@ -29,8 +31,9 @@ from cnnlab.export import export_onnx, require
 from cnnlab.models import load_model
 from cnnlab.models.files import model_folder
 from cnnlab.predict import expand_paths, load_classifier, predict_files
-from cnnlab.report import write_data_overview, write_run_report
+from cnnlab.report import RUNS_HEADER, runs_table_rows, write_data_overview, write_run_report, write_runs_page
 from cnnlab.run_dir import RunDir
+from cnnlab.tracking import catalog
 
 ModelPath = Annotated[Path, typer.Argument(help="A run folder, or its model.json / model.safetensors.")]
 AnyModelPath = Annotated[Path, typer.Argument(help="A run folder, its model files, or an exported .onnx file.")]
@@ -218,3 +221,33 @@ def doctor(
     for line in diagnosis.summary():
         console.print(line)
     console.print(f"wrote {files.html}, {files.json.name} and {files.csv.name}")
+
+
+@app.command(name="runs")
+@handles_errors
+def runs_command(
+    folder: Annotated[Path, typer.Argument(help="The folder of runs (searched to any depth).")] = Path("runs"),
+    sort: Annotated[str, typer.Option(help=f"One of {', '.join(catalog.SORT_KEYS)}.")] = "date",
+    model: Annotated[str | None, typer.Option(help="Only runs of models whose name contains this.")] = None,
+    data: Annotated[str | None, typer.Option(help="Only runs on data whose name contains this.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+    page: Annotated[Path | None, typer.Option("--html", help="Also write this page: tables and curves.")] = None,
+) -> None:
+    """Every run under a folder: model, data, recipe, epochs, delivered accuracy, time, machine kind, status."""
+    groups = catalog.by_machine(catalog.select(catalog.find_runs(folder), model, data), sort)
+    if as_json:
+        typer.echo(json.dumps([run.to_dict() for runs in groups.values() for run in runs], indent=2))
+    else:
+        if not groups:
+            console.print(f"no runs under {folder}")
+        for kind, runs in groups.items():
+            table = Table(*RUNS_HEADER, title=f"{kind}: {len(runs)} run(s)", title_justify="left")
+            for row in runs_table_rows(runs):
+                table.add_row(*row)
+            # A pipe or a log gets the whole table: rich would squeeze it into 80 columns.
+            whole = Measurement.get(console, console.options.update_width(1000), table).maximum
+            wide = console if console.is_terminal else Console(width=whole, highlight=False, markup=False)
+            wide.print(table)
+    if page is not None:
+        written = write_runs_page(groups, page, folder)
+        (errors if as_json else console).print(f"wrote {written}")

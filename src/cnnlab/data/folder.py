@@ -25,6 +25,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
+from cnnlab import progress
 from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
@@ -216,10 +217,12 @@ def _decode_to_file(entries: list[Entry], size: tuple[int, int], channels: int, 
     def write(handle: IO[bytes]) -> None:
         write_npy_header(handle, len(entries), (*size, channels))
         chunks = _chunks(entries, row_bytes)
-        for chunk in _parallel_stream(_decode_chunk, [(chunk, size, channels) for chunk in chunks]):
-            for result in chunk:
-                handle.write(bytes(row_bytes) if isinstance(result, str) else result[0].tobytes())
-                found.append(result if isinstance(result, str) else result[1:])
+        with progress.step("decoding", len(entries)) as advance:
+            for chunk in _parallel_stream(_decode_chunk, [(chunk, size, channels) for chunk in chunks]):
+                for result in chunk:
+                    handle.write(bytes(row_bytes) if isinstance(result, str) else result[0].tobytes())
+                    found.append(result if isinstance(result, str) else result[1:])
+                advance(len(chunk))
 
     make_folder(images_file.parent)
     atomic_write(images_file, write)

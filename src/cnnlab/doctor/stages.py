@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 Advance = Callable[[int], None]  # told how many more items of the step are done
 
@@ -26,7 +26,8 @@ class Stages:
     def step(self, name: str, total: int) -> Iterator[Advance]:
         started = time.perf_counter()
         if self.bars and not self.quiet:
-            columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
+                       TimeRemainingColumn())  # fmt: skip
             with Progress(*columns, console=self.console, transient=True) as progress:
                 task = progress.add_task(name, total=total)
                 yield lambda done: progress.advance(task, done)

@@ -11,14 +11,19 @@ from typing import Any
 import numpy as np
 
 from cnnlab.atomic import atomic_write, write_text
+from cnnlab.config import RunConfig, build, to_toml
 from cnnlab.data import Dataset, Split
 from cnnlab.evaluate import Evaluation, evaluate, test_split_for, write_evaluation
-from cnnlab.models import load_model
+from cnnlab.explain import explain
+from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.inference import Scores
 from cnnlab.report import figures, html
 from cnnlab.run_dir import RunDir
+from cnnlab.tracking.catalog import RunSummary, summarize
 
 GALLERY_SIZE = 18
+SAMPLE_SIZE = 12  # test images shown with their predictions
+GRADCAM_MISTAKES = 8  # the worst mistakes shown under their Grad-CAM
 
 
 def confidently_wrong(evaluation: Evaluation, split: Split, count: int = GALLERY_SIZE) -> tuple[np.ndarray, list[str]]:
@@ -34,19 +39,47 @@ def confidently_wrong(evaluation: Evaluation, split: Split, count: int = GALLERY
     return split.images[chosen], captions
 
 
-def run_figures(history: list[dict[str, Any]], evaluation: Evaluation, split: Split) -> dict[str, bytes]:
-    """PNG bytes of every figure of a run report, by file name."""
+def sample_predictions(evaluation: Evaluation, split: Split, count: int = SAMPLE_SIZE) -> tuple[np.ndarray, list[str]]:
+    """`count` test images spread evenly over the split, each captioned with the prediction and the truth."""
+    chosen = np.linspace(0, len(split) - 1, min(count, len(split))).round().astype(int)
+    predicted = evaluation.probabilities.argmax(1)
+    classes = evaluation.classes
+    captions = [
+        f"{classes[predicted[i]]} {evaluation.probabilities[i].max():.2f}\n"
+        + ("right" if predicted[i] == evaluation.labels[i] else f"wrong: {classes[evaluation.labels[i]]}")
+        for i in chosen
+    ]
+    return split.images[chosen], captions
+
+
+def run_figures(
+    history: list[dict[str, Any]], evaluation: Evaluation, split: Split, model: TrainedModel | None = None
+) -> dict[str, bytes]:
+    """PNG bytes of every figure of a run report, by file name; with the `model`, its worst mistakes under
+    their Grad-CAM (where it has convolutions)."""
     pngs = {}
     if history:
         pngs["training_curves.png"] = figures.png_bytes(figures.training_curves(history))
+    pngs["per_class_scores.png"] = figures.png_bytes(figures.per_class_scores(evaluation.report, evaluation.classes))
     pngs["confusion_matrix.png"] = figures.png_bytes(
         figures.confusion_heatmaps(evaluation.confusion, evaluation.classes)
     )
-    pngs["per_class_scores.png"] = figures.png_bytes(figures.per_class_scores(evaluation.report, evaluation.classes))
+    if len(split):
+        pngs["sample_predictions.png"] = figures.png_bytes(
+            figures.image_gallery(*sample_predictions(evaluation, split), "predictions on test images")
+        )
     images, captions = confidently_wrong(evaluation, split)
     if len(images):
         pngs["confidently_wrong.png"] = figures.png_bytes(
             figures.image_gallery(images, captions, "most confidently wrong test images")
+        )
+    if len(images) and model is not None and model.module.gradcam_layer() is not None:
+        shown = np.asarray(images[:GRADCAM_MISTAKES])
+        heats = np.stack([explain(model, image).heat for image in shown])
+        pngs["worst_mistakes_gradcam.png"] = figures.png_bytes(
+            figures.gradcam_gallery(
+                shown, heats, captions[:GRADCAM_MISTAKES], "what the model looked at in its worst mistakes"
+            )
         )
     return pngs
 
@@ -59,45 +92,93 @@ class RunReport:
 
 def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool = True) -> RunReport:
     """Evaluate a finished run on its test split (or `split`) and write its figures and report.html into the run
-    folder. On the run's own test split (`own_split`) the headline is the accuracy training recorded."""
+    folder. On the run's own test split (`own_split`) the headline is the accuracy training recorded.
+
+    The page leads with the answer (the title: model, data and delivered accuracy; then the summary: accuracy,
+    time, machine and recipe), then how training went, the per-class results and the confusion matrix, then the
+    worst mistakes with what the model looked at, and the configuration last."""
     model = load_model(run_dir)
     split = split if split is not None else test_split_for(model, None)
     evaluation = evaluate(model, split)
     write_evaluation(evaluation, run_dir)
     folder = RunDir(run_dir)
     history = folder.read_metrics()
-    pngs = run_figures(history, evaluation, split)
+    pngs = run_figures(history, evaluation, split, model)
     for name, data in pngs.items():
         atomic_write(run_dir / name, data)
 
-    # Every key of any line, in the order first seen: epochs of different kinds log different figures (the
-    # first has init_seconds; head-only epochs have no test_seconds).
-    metric_keys = [key for key in dict.fromkeys(k for m in history for k in m) if key != "epoch"]
-    config = folder.config_text()
-    sections = [
-        ("Configuration", f"<pre>{escape(config)}</pre>"),
-        (
-            "Metrics per epoch",
-            html.table(["epoch", *metric_keys], [[m["epoch"], *(m.get(k, "") for k in metric_keys)] for m in history]),
-        ),
-        ("Classification report (test)", html.classification_table(evaluation.report, evaluation.classes)),
-        *(
-            (name.removesuffix(".png").replace("_", " ").capitalize(), html.image(data, name))
-            for name, data in pngs.items()
-        ),
-    ]
     recorded = Scores.from_metrics(model.info.metrics, "test", model.info.tta) if own_split else None
     scores = recorded or evaluation.scores
+    config = build(RunConfig, model.info.config, f"{run_dir / RunDir.INFO}")
     summary = (
         f"test {scores.describe()}, balanced accuracy {evaluation.balanced_accuracy:.4f}, "
         f"loss {scores.delivered_loss:.4f}, on {len(split)} images"
     )
-    excluded = model.info.config.get("data", {}).get("exclude")
-    if excluded:
-        summary += f"; trained without the images {excluded} flags (data.exclude; the test split whole)"
-    title = f"{model.info.architecture} on {model.info.config.get('data', {}).get('dataset') or run_dir.name}"
+    if config.data.exclude:
+        summary += f"; trained without the images {config.data.exclude} flags (data.exclude; the test split whole)"
+    facts = _run_facts(config, summarize(folder, run_dir.parent), scores, evaluation, len(split))
+    # Every key of any line, in the order first seen: epochs of different kinds log different figures (the
+    # first has init_seconds; head-only epochs have no test_seconds).
+    metric_keys = [key for key in dict.fromkeys(k for m in history for k in m) if key != "epoch"]
+    per_epoch = html.table(
+        ["epoch", *metric_keys], [[m["epoch"], *(m.get(k, "") for k in metric_keys)] for m in history]
+    )
+    figure = {
+        name.removesuffix(".png"): html.image(data, name.removesuffix(".png").replace("_", " "))
+        for name, data in pngs.items()
+    }
+    sections = [
+        ("Summary", html.facts(facts)),
+        ("Training", figure.get("training_curves", "") + html.details("Metrics per epoch", per_epoch)),
+        (
+            "Per class (test)",
+            html.classification_table(evaluation.report, evaluation.classes) + figure["per_class_scores"],
+        ),
+        ("Confusion matrix", figure["confusion_matrix"]),
+        ("Examples", figure.get("sample_predictions", "")),
+        (
+            "Worst mistakes",
+            figure.get("worst_mistakes_gradcam", "") + figure.get("confidently_wrong", "")
+            or "<p>none: every test image was classified correctly</p>",
+        ),
+        ("Configuration", f"<pre>{escape(folder.config_text() or to_toml(config))}</pre>"),
+    ]
+    title = f"{model.info.architecture} on {config.data.label}: {scores.delivered_accuracy:.2%} test accuracy"
     write_text(folder / RunDir.REPORT, html.page(title, sections, summary))
     return RunReport(folder / RunDir.REPORT, summary)
+
+
+def _run_facts(
+    config: RunConfig, run: RunSummary, scores: Scores, evaluation: Evaluation, images: int
+) -> list[tuple[str, str]]:
+    """The summary's rows: how good, how long, where, and how it was trained."""
+    optim, augment = config.train.optim, config.train.augment
+    kept = run.history[-1].get("best_epoch") if run.history else None
+    augmented = [
+        f"flip {augment.flip}" if augment.flip != "none" else "",
+        f"translate {augment.translate} px" if augment.translate else "",
+        f"crops of {augment.crop_area:g}+ of the area" if augment.crop_area < 1 else "",
+    ]
+    recipe = (
+        f"{config.train.recipe or 'none'}: {config.train.model}, {optim.optimizer} lr {optim.lr:g}, "
+        f"batch {optim.batch_size}, {optim.epochs:g} epochs, {optim.schedule} schedule"
+    )
+    excluded = f", without what {config.data.exclude} flags" if config.data.exclude else ""
+    return [
+        ("test accuracy (delivered)", f"{scores.delivered_accuracy:.2%}" + _with_tta(scores.tta)),
+        *([("without TTA", f"{scores.accuracy:.2%}")] if scores.tta != "none" else []),
+        ("balanced accuracy", f"{evaluation.balanced_accuracy:.2%}"),
+        ("test loss", f"{scores.delivered_loss:.4f} on {images:,} images"),
+        ("training", f"{run.seconds:,.1f} s, {run.epochs} epochs" + (f" (kept epoch {kept})" if kept else "")),
+        ("machine", f"{run.machine_kind}, {run.precision or 'precision not recorded'}"),
+        ("recipe", recipe),
+        ("augmentation", ", ".join(part for part in augmented if part) or "none"),
+        ("data", f"{config.data.data or config.data.dataset}{excluded}"),
+    ]
+
+
+def _with_tta(tta: str) -> str:
+    return "" if tta == "none" else f" with {tta} TTA"
 
 
 def write_data_overview(dataset: Dataset, out: Path, per_class: int) -> tuple[Path, Path, dict[str, list[int]]]:
@@ -118,22 +199,10 @@ def write_comparison_report(
     histories: dict[str, list[dict[str, Any]]],
     dataset: Dataset,
 ) -> Path:
-    """report.html with the models side by side: table, per-class F1, confusion matrices, training curves."""
+    """report.html with the models side by side, opening with their ranking by delivered test accuracy; then
+    per-class F1, confusion matrices and training curves."""
     classes = list(dataset.classes)
-    table_rows = [
-        [
-            r.model,
-            r.recipe or "-",
-            f"{r.epochs} ({r.kept_epoch})",
-            r.accuracy,
-            r.plain_accuracy,
-            r.macro_f1,
-            r.parameters,
-            r.train_seconds,
-            r.seconds_per_epoch,
-        ]
-        for r in rows
-    ]
+    ranked = sorted(rows, key=lambda r: r.accuracy, reverse=True)
     f1 = figures.png_bytes(figures.f1_side_by_side({m: e.report for m, e in evaluations.items()}, classes))
     confusions = "".join(
         f"<div>{html.image(figures.png_bytes(figures.confusion_heatmaps(e.confusion, classes, model)), model)}</div>"
@@ -145,29 +214,72 @@ def write_comparison_report(
         if h
     )
     sections = [
-        (
-            "Models",
-            html.table(
-                [
-                    "model",
-                    "recipe",
-                    "epochs (kept)",
-                    "test accuracy (delivered)",
-                    "without TTA",
-                    "macro F1",
-                    "parameters",
-                    "training s",
-                    "s / epoch",
-                ],
-                table_rows,
-            ),
-        ),
+        ("Ranking", html.table(RANKING_HEADER, _ranking_rows(ranked))),
         ("Per-class F1", html.image(f1, "per-class F1")),
         ("Confusion matrices", f'<div class="side">{confusions}</div>'),
         ("Training curves", f'<div class="side">{curves}</div>'),
         ("Runs", f"<pre>{escape(json.dumps([asdict(r) for r in rows], indent=2))}</pre>"),
     ]
-    best = max(rows, key=lambda r: r.accuracy)
-    summary = f"best: {best.model} at {best.accuracy:.2%} test accuracy on {dataset.name}"
-    write_text(out / RunDir.REPORT, html.page(f"Comparison on {dataset.name}", sections, summary))
+    best = ranked[0]
+    summary = f"best: {best.model} at {best.accuracy:.2%} test accuracy on {dataset.name}" + "".join(
+        f"; {r.model} {r.accuracy:.2%}" for r in ranked[1:]
+    )
+    title = f"Comparison on {dataset.name}: {best.model} best at {best.accuracy:.2%}"
+    write_text(out / RunDir.REPORT, html.page(title, sections, summary))
     return out / RunDir.REPORT
+
+
+RANKING_HEADER = ["rank", "model", "test accuracy (delivered)", "without TTA", "macro F1", "recipe", "epochs (kept)",
+                  "parameters", "training s", "s / epoch"]  # fmt: skip
+
+
+def _ranking_rows(ranked: list[Any]) -> list[list[Any]]:
+    """A comparison's rows, best first, as its report's ranking shows them."""
+    return [
+        [rank, r.model, f"{r.accuracy:.2%}" + _with_tta(r.tta), f"{r.plain_accuracy:.2%}", r.macro_f1,
+         r.recipe or "-", f"{r.epochs} ({r.kept_epoch})", r.parameters, f"{r.train_seconds:.1f}",
+         f"{r.seconds_per_epoch:.2f}"]
+        for rank, r in enumerate(ranked, 1)
+    ]  # fmt: skip
+
+
+def runs_table_rows(runs: list[RunSummary]) -> list[list[Any]]:
+    """The table's cells, as `cnnlab runs` prints them and its page shows them."""
+    return [
+        [
+            run.name,
+            run.status,
+            run.model,
+            run.data,
+            run.recipe or "-",
+            f"{run.epochs}/{run.epochs_planned:g}",
+            "-" if run.accuracy is None else f"{run.accuracy:.2%}" + _with_tta(run.tta),
+            f"{run.seconds:,.1f}",
+            run.precision,
+            run.started.replace("T", " ")[:16],
+        ]
+        for run in runs
+    ]
+
+
+RUNS_HEADER = ["run", "status", "model", "data", "recipe", "epochs", "test accuracy", "training s", "precision",
+               "started"]  # fmt: skip
+
+
+def write_runs_page(groups: dict[str, list[RunSummary]], out: Path, root: Path) -> Path:
+    """One page: per machine kind, the table of its runs and their curves overlaid on shared axes."""
+    sections = []
+    for kind, runs in groups.items():
+        curves = {run.name: run.history for run in runs if run.history}
+        figure = figures.png_bytes(figures.overlaid_curves(curves)) if curves else b""
+        content = html.table(RUNS_HEADER, runs_table_rows(runs)) + (
+            html.image(figure, f"curves on {kind}") if figure else ""
+        )
+        sections.append((f"{kind}: {len(runs)} run(s)", content))
+    best = [run for runs in groups.values() for run in runs if run.accuracy is not None]
+    leader = max(best, key=lambda run: run.accuracy or 0.0) if best else None
+    summary = f"{sum(len(runs) for runs in groups.values())} runs under {root}" + (
+        f"; the most accurate: {leader.name} ({leader.model} on {leader.data}) at {leader.accuracy:.2%}"
+        if leader else "")  # fmt: skip
+    write_text(out, html.page(f"Runs under {root}", sections, summary))
+    return out

@@ -131,6 +131,27 @@ def training_curves(history: list[dict[str, Any]], title: str = "") -> Figure:
     return figure
 
 
+def overlaid_curves(histories: Mapping[str, list[dict[str, Any]]], title: str = "") -> Figure:
+    """Several runs on shared axes: each one's training loss and delivered test accuracy per epoch."""
+    with matplotlib.rc_context(STYLE):
+        figure, (loss_axis, accuracy_axis) = subplots(1, 2, figsize=(10, 3.8))
+        for name, history in histories.items():
+            epochs = [m["epoch"] for m in history]
+            (line,) = loss_axis.plot(epochs, [m.get("train_loss", float("nan")) for m in history], "o-", ms=3)
+            scores = [Scores.from_metrics(m, "test") for m in history]
+            accuracy = [float("nan") if s is None else s.delivered_accuracy for s in scores]
+            accuracy_axis.plot(epochs, accuracy, "o-", ms=3, color=line.get_color(), label=name)
+        loss_axis.set(xlabel="epoch", ylabel="training loss", title="training loss")
+        accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="test accuracy (delivered)")
+        for axis in (loss_axis, accuracy_axis):
+            axis.xaxis.get_major_locator().set_params(integer=True)
+        if histories:
+            accuracy_axis.legend(fontsize="small")
+        if title:
+            figure.suptitle(title)
+    return figure
+
+
 def confusion_heatmaps(confusion: np.ndarray, classes: Sequence[str], title: str = "") -> Figure:
     """Counts beside the row-normalised matrix (each row: where that true class's images went)."""
     rows = confusion.sum(1, keepdims=True)
@@ -202,6 +223,28 @@ def image_gallery(images: np.ndarray, captions: Sequence[str], title: str, colum
             axis.axis("on")
             _show_image(axis, image)
             axis.set_xlabel(caption, fontsize=8)
+        figure.suptitle(title)
+    return figure
+
+
+def gradcam_gallery(images: np.ndarray, heats: np.ndarray, captions: Sequence[str], title: str,
+                    columns: int = 4) -> Figure:  # fmt: skip
+    """Each image above itself under its (H, W) Grad-CAM heat map in [0, 1], `columns` images to a row."""
+    rows = max(1, -(-len(images) // columns))
+    with matplotlib.rc_context(STYLE):
+        figure, axes = subplots(2 * rows, columns, figsize=(2.2 * columns, 4.8 * rows), squeeze=False)
+        for axis in axes.flat:
+            axis.axis("off")
+        for index, (image, heat, caption) in enumerate(zip(images, heats, captions, strict=True)):
+            above, below = (
+                axes[2 * (index // columns), index % columns],
+                axes[2 * (index // columns) + 1, index % columns],
+            )
+            _show_image(above, image)
+            above.set_title(caption, fontsize=8)
+            _show_image(below, image)
+            below.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+            below.set_title("Grad-CAM", fontsize=8)
         figure.suptitle(title)
     return figure
 

@@ -42,7 +42,10 @@ def train(state: TrainState, recorder: Recorder, reporter: Reporter) -> None:
     (of this phase or an earlier one)."""
     settings, ranks = state.settings, state.ranks
     with StopOnSignal() as stop:
-        hooks = (HardExampleSelection(), WeightAveraging(), Progress(reporter), Checkpoints(recorder, stop))
+        hooks: tuple[Hook, ...] = (HardExampleSelection(), WeightAveraging(), Progress(reporter))
+        if recorder.trackers:
+            hooks += (StepLog(recorder),)
+        hooks += (Checkpoints(recorder, stop),)
         phase: Phase | None = state.phase
         while phase is not None:
             phase.start(reporter)
@@ -213,6 +216,24 @@ class Progress(Hook):
         seen = max(progress.seen, 1)
         speed = progress.seen * done.state.ranks.world_size / progress.seconds
         self.reporter.steps_done(done.step, progress.loss_sum.item() / seen, progress.correct.item() / seen, speed)
+
+
+class StepLog(Hook):
+    """Each step's loss and learning rate, to the run's trackers: kept on the device and read back every
+    REPORT_EVERY steps and at the epoch's end, so that a GPU is not made to wait at every step. Steps are numbered
+    through the run: (epoch - 1) * the steps of a full epoch + the step."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+        self.pending: list[tuple[int, torch.Tensor, float]] = []
+
+    def after_step(self, done: StepDone) -> None:
+        number = (done.epoch - 1) * done.state.batches.steps_per_epoch + done.step
+        self.pending.append((number, done.losses.detach().mean(), done.phase.optimizer.param_groups[0]["lr"]))
+        if done.step % REPORT_EVERY == 0 or done.step == done.phase.steps_in_epoch(done.epoch):
+            losses = torch.stack([loss for _, loss, _ in self.pending]).float().tolist()
+            self.recorder.log_steps([(n, loss, lr) for (n, _, lr), loss in zip(self.pending, losses, strict=True)])
+            self.pending.clear()
 
 
 class Checkpoints(Hook):

@@ -24,6 +24,7 @@ from cnnlab.machine import DTYPES, Precision, memory_bytes, resolve_device, reso
 from cnnlab.models import TrainedModel, model_spec, save_model
 from cnnlab.models.registry import least_step_bytes
 from cnnlab.run_dir import RunDir
+from cnnlab.tracking.loggers import Trackers, start_trackers
 from cnnlab.train import engine
 from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_contact, restarted_by_torchrun
 from cnnlab.train.progress import LineReporter, Reporter, default_reporter
@@ -59,6 +60,7 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
         dataset = data_for(config, dataset)
         if ranks.is_main:
             run_dir.write_config(config, precision)
+            run_dir.record_session(precision)
         return _train(config, precision, dataset, run_dir, reporter or default_reporter(), None, ranks)
 
 
@@ -81,8 +83,10 @@ def resume(
         ranks.from_main(lambda: held.enter_context(folder.locked()))
         # Re-resolved: a run checkpointed on a machine with native bf16 continues in fp32 on one without.
         precision = resolve_precision(config.train.system.precision, ranks.device)
-        if epochs is not None and ranks.is_main:
-            folder.write_config(config, precision)
+        if ranks.is_main:
+            if epochs is not None:
+                folder.write_config(config, precision)
+            folder.record_session(precision)
         dataset = data_for(config, dataset)
         return _train(config, precision, dataset, folder, reporter or default_reporter(), checkpoint, ranks)
 
@@ -114,7 +118,8 @@ def _train(
     for line in dataset.summary():
         reporter.message(line)
     reporter.message(f"precision {precision} ({settings.system.precision}; {this_machine().describe()})")
-    recorder = Recorder(state, run_dir, config, list(dataset.classes))
+    trackers = start_trackers(config, run_dir, precision) if ranks.is_main else Trackers([])
+    recorder = Recorder(state, run_dir, config, list(dataset.classes), trackers)
     if checkpoint is not None:
         recorder.restore(checkpoint)
     else:
@@ -125,22 +130,29 @@ def _train(
         info = state.model_info(config, list(dataset.classes))
         if ranks.is_main:
             save_model(state.model, info, run_dir.path)
-    except WriteError as error:
+    except BaseException as error:
+        trackers.stopped()
+        _raise_as_one_line(error, recorder, run_dir, ranks)
+        raise
+    finally:
+        trackers.close()
+        reporter.stop()
+    trained = TrainedModel(state.model.eval(), info)
+    return TrainingResult(trained, state.history, run_dir.path, dataset, ranks.is_main)
+
+
+def _raise_as_one_line(error: BaseException, recorder: Recorder, run_dir: RunDir, ranks: Ranks) -> None:
+    """A write failure or a lost process as one line saying which checkpoint is intact; else nothing."""
+    if isinstance(error, WriteError):
         intact = recorder.intact
         kept = f"the checkpoint of {intact} in {run_dir} is intact" if intact else "no checkpoint was written yet"
         failure = WriteError(error.path, error.reason, kept)
         raise (failure.resumable(run_dir.path) if intact else failure) from None
-    except Exception as error:
-        if lost_contact(error, ranks):
-            raise CnnlabError(
-                f"rank {ranks.rank}: another process of this run stopped ({first_line(error).split('. ')[0]}); "
-                f"the last checkpoint in {run_dir} is intact"
-            ).resumable(run_dir.path, ranks.world_size) from None
-        raise
-    finally:
-        reporter.stop()
-    trained = TrainedModel(state.model.eval(), info)
-    return TrainingResult(trained, state.history, run_dir.path, dataset, ranks.is_main)
+    if isinstance(error, Exception) and lost_contact(error, ranks):
+        raise CnnlabError(
+            f"rank {ranks.rank}: another process of this run stopped ({first_line(error).split('. ')[0]}); "
+            f"the last checkpoint in {run_dir} is intact"
+        ).resumable(run_dir.path, ranks.world_size) from None
 
 
 def check_step_fits(config: RunConfig, precision: Precision, ranks: Ranks) -> None:

@@ -31,6 +31,7 @@ from cnnlab.data.transforms import downscaled, to_input
 from cnnlab.errors import ConfigError
 from cnnlab.machine import DTYPES, synchronize
 from cnnlab.models.inference import Logits, Scores, predict
+from cnnlab.progress import tracked
 from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule, resolution_at
 from cnnlab.train.runtime import release_freed_memory
 
@@ -229,7 +230,8 @@ class HeadPhase(Phase):
         state.model.eval()
         started, rows = time.perf_counter(), []
         with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
-            for batch in in_order(images, FEATURE_BATCH):
+            batches = tracked(in_order(images, FEATURE_BATCH), len(images), f"{name} features", line=False)
+            for batch in batches:
                 rows.append(self.body(to_input(batch.to(state.ranks.device), state.normalization)).float())
         seconds = time.perf_counter() - started
         count = sum(len(row) for row in rows)

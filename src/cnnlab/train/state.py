@@ -31,6 +31,7 @@ from cnnlab.models import Classifier, ModelInfo, ModelSpec, create_model, model_
 from cnnlab.models.files import package_version
 from cnnlab.models.registry import fitting_tensors
 from cnnlab.run_dir import RunDir
+from cnnlab.tracking.loggers import Trackers
 from cnnlab.train.distributed import Ranks, with_sync_bn
 from cnnlab.train.early_stopping import EarlyStopping
 from cnnlab.train.optim import Lookahead
@@ -212,8 +213,9 @@ class Recorder:
     """What a run writes as it goes: checkpoints and the metrics log, on the main process (every process takes
     part in a checkpoint's sums). It remembers the last checkpoint on disk, to say what a failure left intact."""
 
-    def __init__(self, state: TrainState, run_dir: RunDir, config: RunConfig, classes: list[str]):
+    def __init__(self, state: TrainState, run_dir: RunDir, config: RunConfig, classes: list[str], trackers: Trackers):
         self.state, self.run_dir, self.config, self.classes = state, run_dir, config, classes
+        self.trackers = trackers  # none on the other processes
         self.intact: str | None = None  # the last checkpoint on disk, as "epoch E" or "epoch E step S"
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -240,6 +242,11 @@ class Recorder:
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         if self.state.ranks.is_main:
             self.run_dir.append_metrics(metrics)
+            self.trackers.log_epoch(metrics)
+
+    def log_steps(self, steps: list[tuple[int, float, float]]) -> None:
+        """Each step's (number in the run, loss, learning rate), to the trackers."""
+        self.trackers.log_steps(steps)
 
 
 def loss_weights(

@@ -1,0 +1,2 @@
+"""Runs followed and compared: the table of every run under a folder (`catalog`), and the experiment trackers
+training can also log to (TensorBoard, MLflow)."""

@@ -1,0 +1,122 @@
+"""Every run under a folder at a glance: what it trained, what it delivered, how long it took, and where.
+
+A run folder is any folder with a config.toml under the one listed (runs of `compare` and `bench` sit one level
+down). Its figures are read back from its files, never recomputed: a finished run's delivered accuracy is its
+model.json's (the epoch whose weights it kept), an unfinished one's the last epoch's that scored the test split.
+Times compare only between runs of one machine kind, so the table keeps each kind apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cnnlab.errors import CnnlabError, first_line
+from cnnlab.models.files import read_info
+from cnnlab.models.inference import Scores
+from cnnlab.run_dir import RunDir
+
+log = logging.getLogger("cnnlab")
+
+UNKNOWN_MACHINE = "unknown machine"  # runs written before sessions.jsonl recorded one
+SORT_KEYS = ("date", "accuracy", "time", "name", "model", "data")
+
+
+@dataclass
+class RunSummary:
+    name: str  # the folder, relative to the one listed
+    model: str
+    data: str
+    recipe: str | None
+    epochs: int  # epochs trained so far
+    epochs_planned: float
+    accuracy: float | None  # delivered test accuracy (with the model's TTA where it has one); None: not scored
+    tta: str
+    seconds: float  # training, every epoch so far, without the per-epoch evaluations
+    machine_kind: str
+    precision: str
+    started: str  # ISO 8601, local time with its offset
+    status: str  # "finished", "stopped" or "running" (see RunDir.status)
+    history: list[dict[str, Any]] = field(repr=False, default_factory=list)  # metrics.jsonl
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in vars(self).items() if key != "history"}
+
+
+def find_runs(root: Path) -> list[RunSummary]:
+    """Every run folder under `root` (itself included), in no particular order; a folder whose files cannot be
+    read is left out with a warning naming it."""
+    if not root.is_dir():
+        raise CnnlabError(f"{root}: no such folder of runs")
+    runs = []
+    for config in sorted(root.rglob(RunDir.CONFIG)):
+        if any(part.startswith(".") for part in config.relative_to(root).parts):
+            continue
+        try:
+            runs.append(summarize(RunDir(config.parent), root))
+        except (CnnlabError, OSError, ValueError, KeyError) as error:
+            log.warning("%s: not read as a run (%s)", config.parent, first_line(error))
+    return runs
+
+
+def summarize(folder: RunDir, root: Path) -> RunSummary:
+    config = folder.read_config()
+    history = folder.read_metrics()
+    sessions = folder.read_sessions()
+    status = folder.status
+    scores, tta = None, "none"
+    if status == "finished":
+        info = read_info(folder / RunDir.INFO)
+        scores, tta = Scores.from_metrics(info.metrics, "test", info.tta), info.tta
+    else:
+        scored = [m for m in history if "test_acc" in m]
+        scores = Scores.from_metrics(scored[-1], "test") if scored else None
+        tta = scores.tta if scores else "none"
+    first = sessions[0] if sessions else {}
+    started = first.get("started") or datetime.fromtimestamp((folder / RunDir.CONFIG).stat().st_mtime).astimezone()
+    return RunSummary(
+        name=str(folder.path.relative_to(root)) if folder.path != root else folder.path.name,
+        model=config.train.model,
+        data=config.data.label,
+        recipe=config.train.recipe,
+        epochs=len(history),
+        epochs_planned=config.train.optim.epochs,
+        accuracy=scores.delivered_accuracy if scores else None,
+        tta=tta,
+        seconds=float(sum(m.get("seconds", 0.0) for m in history)),
+        machine_kind=" + ".join(dict.fromkeys(s["machine_kind"] for s in sessions)) or UNKNOWN_MACHINE,
+        precision=" + ".join(dict.fromkeys(s["precision"] for s in sessions))
+        or " + ".join(dict.fromkeys(m["precision"] for m in history if "precision" in m)),
+        started=started if isinstance(started, str) else started.isoformat(timespec="seconds"),
+        status=status,
+        history=history,
+    )
+
+
+def select(runs: list[RunSummary], model: str | None = None, data: str | None = None) -> list[RunSummary]:
+    """The runs of `model` and of `data` (each a name, or a part of one)."""
+    return [run for run in runs if (model is None or model in run.model) and (data is None or data in run.data)]
+
+
+def by_machine(runs: list[RunSummary], sort: str = "date") -> dict[str, list[RunSummary]]:
+    """The runs of each machine kind, each kind's sorted by `sort` (accuracy and time: best first; date: newest
+    first; names: alphabetically); kinds in order of their runs' count, most first."""
+    if sort not in SORT_KEYS:
+        raise CnnlabError(f"--sort {sort}: sort by one of {', '.join(SORT_KEYS)}")
+    keys = {
+        "date": lambda r: r.started,
+        "accuracy": lambda r: -1.0 if r.accuracy is None else r.accuracy,
+        "time": lambda r: -r.seconds,  # reversed below: the shortest first
+        "name": lambda r: r.name,
+        "model": lambda r: (r.model, r.name),
+        "data": lambda r: (r.data, r.name),
+    }
+    descending = sort in ("date", "accuracy", "time")
+    kinds: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        kinds.setdefault(run.machine_kind, []).append(run)
+    ordered = sorted(kinds.items(), key=lambda item: (-len(item[1]), item[0]))
+    return {kind: sorted(group, key=keys[sort], reverse=descending) for kind, group in ordered}
