@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -18,17 +19,25 @@ from dataclasses import replace
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
+from cnnlab.cli import app
 from cnnlab.data import DataConfig, load_dataset
 from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import evaluate
 from cnnlab.export import OnnxModel, export_onnx, require
 from cnnlab.models import TrainedModel, load_model
 from cnnlab.predict import predict_files
+from cnnlab.quantize import Int8Settings, export_int8
 from cnnlab.serve.app import ServeConfig, create_app
 from tests.conftest import ARTIFACTS
+
+runner = CliRunner()
 
 
 def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -310,3 +319,105 @@ def test_a_corrupt_onnx_file_is_refused_in_one_line(model, tmp_path):
 def test_a_missing_extra_names_the_extra_to_install():
     with pytest.raises(CnnlabError, match=r"pip install 'cnnlab\[serve\]'"):
         require("a_module_that_is_not_installed", "serve")
+
+
+def test_int8_export_records_both_accuracies_and_answers_like_fp32(trained_run, model, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    result = runner.invoke(app, ["export", str(run), "--int8", "--calibration", "128"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "model.int8.json").read_text())["quantization"]
+    test = load_dataset(DataConfig(dataset="digits", image_size=12)).test
+    int8 = OnnxModel(run / "model.int8.onnx").probabilities(test.images)
+    torch_delivered = evaluate(model, test).scores.delivered_accuracy
+    assert record["int8_accuracy"] == pytest.approx(float((int8.argmax(1) == test.labels).mean()))
+    assert abs(record["fp32_accuracy"] - torch_delivered) <= 1 / len(test)  # fp32 onnxruntime is PyTorch's
+    assert record["agreement"] >= 0.97 and record["calibration_images"] == 128 and record["test_images"] == len(test)
+    graph = onnx.load(str(run / "model.int8.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+    assert any(weights.data_type == onnx.TensorProto.INT8 for weights in graph.initializer)
+    assert f"{record['int8_accuracy']:.2%} in INT8" in result.output
+
+
+def test_int8_losing_more_than_allowed_writes_nothing(model, tmp_path):
+    data = load_dataset(DataConfig(dataset="digits", image_size=12))
+    with pytest.raises(CnnlabError, match=r"^INT8 loses .* more than --max-drop .*; nothing written$"):
+        export_int8(model, tmp_path / "model.int8.onnx", data.train.images[:64], data.test, Int8Settings(max_drop=-1))
+    assert not list(tmp_path.iterdir())
+
+
+def test_predict_runs_a_run_folders_export_on_the_onnx_engine(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(load_dataset(DataConfig(dataset="digits", image_size=12)).test.images[3][..., 0]))
+    missing = runner.invoke(app, ["predict", str(run), str(image), "--engine", "onnx"])
+    assert missing.exit_code == 2 and "export the model first" in missing.output
+    assert runner.invoke(app, ["export", str(run)]).exit_code == 0
+    answers = {}
+    for engine in ("torch", "onnx"):
+        result = runner.invoke(app, ["predict", str(run), str(image), "--engine", engine, "--json"])
+        assert result.exit_code == 0, result.output
+        answers[engine] = json.loads(result.stdout)[0]["top"]
+    assert answers["onnx"][0][0] == answers["torch"][0][0]
+    assert answers["onnx"][0][1] == pytest.approx(answers["torch"][0][1], abs=1e-4)
+    refused = runner.invoke(app, ["predict", str(run / "model.onnx"), str(image), "--engine", "torch"])
+    assert refused.exit_code == 2 and "--engine onnx" in refused.output
+
+
+def test_concurrent_requests_are_classified_together_and_answered_as_alone(model):
+    images = load_dataset(DataConfig(dataset="digits", image_size=12)).test.images[:16]
+    bodies = [png(image[..., 0]) for image in images]
+
+    async def answers(config: ServeConfig) -> tuple[list[list[dict]], str]:
+        app = create_app(model, config)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cnnlab") as http:
+            responses = await asyncio.gather(*(
+                http.post("/predict", files={"file": (f"{i}.png", body, "image/png")}) for i, body in enumerate(bodies)
+            ))  # fmt: skip
+            assert all(response.status_code == 200 for response in responses)
+            return [r.json()["predictions"][0]["top"] for r in responses], (await http.get("/metrics")).text
+
+    batched, exposition = asyncio.run(answers(ServeConfig(max_batch=64, batch_window_ms=50)))
+    alone, _ = asyncio.run(answers(ServeConfig(max_batch=1)))
+    for together, single in zip(batched, alone, strict=True):
+        assert [t["class"] for t in together] == [s["class"] for s in single]
+        assert together[0]["probability"] == pytest.approx(single[0]["probability"], abs=1e-5)
+    families = {family.name: family for family in text_string_to_metric_families(exposition)}
+    sizes = {sample.name: sample.value for sample in families["cnnlab_batch_images"].samples}
+    assert sizes["cnnlab_batch_images_sum"] == 16 and sizes["cnnlab_batch_images_count"] < 16
+
+
+def test_metrics_count_and_time_requests_in_prometheus_text_format(model):
+    client = TestClient(create_app(model))
+    assert client.get("/health").status_code == 200
+    assert client.post("/predict", files={"file": ("a.png", digit_png(), "image/png")}).status_code == 200
+    assert client.post("/predict", files={"file": ("b.png", b"not an image", "image/png")}).status_code == 400
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+    assert samples[("cnnlab_requests_total", (("path", "/predict"), ("status", "200")))] == 1
+    assert samples[("cnnlab_requests_total", (("path", "/predict"), ("status", "400")))] == 1
+    assert samples[("cnnlab_request_seconds_count", (("path", "/predict"),))] == 2
+    assert samples[("cnnlab_request_seconds_bucket", (("le", "+Inf"), ("path", "/health")))] == 1
+
+
+def test_an_upload_slower_than_the_timeout_answers_408(model):
+    app = create_app(model, ServeConfig(upload_timeout_s=0.2))
+
+    async def slow():
+        await asyncio.sleep(5)
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    messages = []
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-length", b"100")]}
+    asyncio.run(app(scope, slow, send))
+    assert messages[0]["status"] == 408 and b"not received within 0.2 s" in messages[1]["body"]

@@ -16,6 +16,7 @@ from sklearn.metrics import balanced_accuracy_score, classification_report, conf
 from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig, build
 from cnnlab.data import Dataset, Split, load_dataset, match_channels, resize_images
+from cnnlab.data.dataset import Pixels
 from cnnlab.data.loader import in_order
 from cnnlab.errors import CnnlabError
 from cnnlab.models import TrainedModel, load_model
@@ -114,6 +115,11 @@ def evaluate_saved(path: Path, data: DataConfig | None = None) -> tuple[Evaluati
 
 def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
     """The test split of `data` (default: the run's own data), brought to the model's input format."""
+    return test_split_of(model, dataset_for(model, data))
+
+
+def dataset_for(model: TrainedModel, data: DataConfig | None) -> Dataset:
+    """`data` (default: the run's own data) loaded at the model's input size, its test split whole."""
     if data is None:
         recorded = model.info.config.get("data")
         if not recorded:
@@ -122,8 +128,7 @@ def test_split_for(model: TrainedModel, data: DataConfig | None) -> Split:
     height, width = model.info.shape.size
     if height == width and (data.dataset or data.image_size is None):
         data = replace(data, image_size=height)
-    dataset: Dataset = load_dataset(replace(data, val_fraction=0.0, exclude=None))  # the test split, whole
-    return test_split_of(model, dataset)
+    return load_dataset(replace(data, val_fraction=0.0, exclude=None))
 
 
 def test_split_of(model: TrainedModel, dataset: Dataset) -> Split:
@@ -132,8 +137,12 @@ def test_split_of(model: TrainedModel, dataset: Dataset) -> Split:
         raise CnnlabError(
             f"the data's classes {list(dataset.classes)} differ from the model's {list(model.info.classes)}"
         )
-    images = match_channels(resize_images(dataset.test.images, model.info.shape.size), model.info.shape.channels)
-    return Split(images, dataset.test.labels)
+    return Split(in_model_format(model, dataset.test.images), dataset.test.labels)
+
+
+def in_model_format(model: TrainedModel, images: Pixels) -> Pixels:
+    """(N, H, W, C) uint8 images at the model's input size and channel count."""
+    return match_channels(resize_images(images, model.info.shape.size), model.info.shape.channels)
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path) -> None:

@@ -10,7 +10,9 @@ import numpy as np
 
 from cnnlab.data import images as image_io
 from cnnlab.data.walk import walk_files
+from cnnlab.errors import CnnlabError
 from cnnlab.models import ModelInfo, load_model
+from cnnlab.models.files import model_folder
 
 _BATCH = 256  # images decoded and predicted together
 
@@ -45,9 +47,24 @@ def expand_paths(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return files, skipped
 
 
-def load_classifier(path: Path) -> Classifier:
-    """A trained model from a run folder or model files, or an exported .onnx model (onnxruntime)."""
-    if path.suffix.lower() == ".onnx":
+ENGINES = ("auto", "torch", "onnx")
+
+
+def load_classifier(path: Path, engine: str = "auto") -> Classifier:
+    """A model to predict with: `path` is a run folder, its model files, or an exported .onnx file. The engine is
+    PyTorch for the first two and onnxruntime for the last ("auto"); "onnx" with a run folder runs the model.onnx
+    that `cnnlab export` wrote there."""
+    if engine not in ENGINES:
+        raise CnnlabError(f"--engine {engine}: one of {', '.join(ENGINES)}")
+    exported = path.suffix.lower() == ".onnx"
+    if engine == "torch" and exported:
+        raise CnnlabError(f"{path}: an exported ONNX model runs on --engine onnx; give the run folder for torch")
+    if engine == "onnx" and not exported:
+        path = model_folder(path) / "model.onnx"
+        if not path.is_file():
+            raise CnnlabError(f"{path}: not there; export the model first (cnnlab export {path.parent})")
+        exported = True
+    if exported:
         from cnnlab.export import OnnxModel  # onnxruntime is an optional extra
 
         return OnnxModel(path)

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.measure import Measurement
@@ -24,19 +25,23 @@ from cnnlab.doctor import examine
 from cnnlab.doctor.report import write_diagnosis
 from cnnlab.doctor.stages import Stages
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import Evaluation, evaluate_saved, test_split_for
+from cnnlab.evaluate import Evaluation, dataset_for, evaluate_saved, in_model_format, test_split_for, test_split_of
 from cnnlab.explain import explain as explain_image
 from cnnlab.explain import write_explanation
 from cnnlab.export import export_onnx, require
 from cnnlab.models import load_model
 from cnnlab.models.files import model_folder
 from cnnlab.predict import expand_paths, load_classifier, predict_files
+from cnnlab.quantize import Int8Settings, calibration_sample, export_int8
 from cnnlab.report import RUNS_HEADER, runs_table_rows, write_data_overview, write_run_report, write_runs_page
 from cnnlab.run_dir import RunDir
 from cnnlab.tracking import catalog
 
 ModelPath = Annotated[Path, typer.Argument(help="A run folder, or its model.json / model.safetensors.")]
 AnyModelPath = Annotated[Path, typer.Argument(help="A run folder, its model files, or an exported .onnx file.")]
+Engine = Annotated[
+    str, typer.Option(help="torch, onnx (a run folder's exported model.onnx), or auto: onnx for an .onnx file.")
+]
 TEST_DATA = ("dataset", "data", "test_fraction", "split_seed", "cache_dir", "strict")
 
 
@@ -77,6 +82,7 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
+    engine: Engine = "auto",
 ) -> None:
     """Predict the class of image files; exits 1 when any file could not be read."""
     files, skipped = expand_paths(paths)
@@ -84,7 +90,7 @@ def predict(
         logging.getLogger("cnnlab").warning(
             "skipped %d entries of the folders given: %s", len(skipped), "; ".join(skipped[:3])
         )
-    predictions = predict_files(load_classifier(model), files, top_k)
+    predictions = predict_files(load_classifier(model, engine), files, top_k)
     if as_json:
         typer.echo(json.dumps([asdict(p) for p in predictions], indent=2))
     for prediction in predictions:
@@ -169,13 +175,20 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
+    engine: Engine = "auto",
+    max_batch: Annotated[
+        int, typer.Option(help="Images of concurrent requests classified together; 1: none.", min=1)
+    ] = 64,
+    batch_window_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.", min=0)] = 5.0,
+    queue: Annotated[int, typer.Option(help="Requests that may wait; beyond them: 503 with Retry-After.", min=1)] = 32,
 ) -> None:
-    """A web page and HTTP API for predictions (POST /predict, GET /model, GET /health, /docs)."""
+    """A web page and HTTP API for predictions (POST /predict, GET /model, GET /health, GET /metrics, /docs)."""
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
     from cnnlab.serve.app import ServeConfig, create_app  # needs the serve extra
 
-    app = create_app(load_classifier(model), ServeConfig(max_upload_mb=max_upload_mb))
+    config = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch, batch_window_ms=batch_window_ms, queue=queue)
+    app = create_app(load_classifier(model, engine), config)
     console.print(f"serving {model} on http://{host}:{port}/")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
@@ -186,13 +199,31 @@ def export_command(
     model: ModelPath,
     export_format: Annotated[str, typer.Option("--format", help="Only onnx for now.")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default: model.onnx in the model's folder).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Static INT8 quantization (onnxruntime), calibrated.")] = False,
+    calibration: Annotated[int, typer.Option(help="--int8: training images to calibrate on.", min=1)] = 512,
+    seed: Annotated[int, typer.Option(help="--int8: seed of the calibration sample.")] = 0,
+    max_drop: Annotated[float, typer.Option(help="--int8: most test accuracy it may lose, in points.", min=0)] = 1.0,
 ) -> None:
-    """Export to ONNX (opset 17, dynamic batch) and verify it against PyTorch on 100 test images."""
+    """Export to ONNX (opset 17, dynamic batch) and verify it against PyTorch on 100 test images; with --int8,
+    quantize it and score both on the whole test split."""
     if export_format != "onnx":
         raise CnnlabError(f"unknown export format {export_format!r}; supported: onnx")
     trained = load_model(model)
+    out = out or model_folder(model) / ("model.int8.onnx" if int8 else "model.onnx")
+    if int8:
+        settings = Int8Settings(calibration, seed, max_drop / 100)
+        dataset = dataset_for(trained, None)
+        chosen = calibration_sample(dataset.train, settings)
+        images = np.asarray(in_model_format(trained, dataset.train.images[chosen]))
+        result = export_int8(trained, out, images, test_split_of(trained, dataset), settings)
+        console.print(
+            f"wrote {out} and {out.with_suffix('.json').name}: test accuracy {result.int8_accuracy:.2%} in INT8 "
+            f"against {result.fp32_accuracy:.2%} in fp32 (onnxruntime, {result.test_images:,} images, "
+            f"{trained.info.tta} TTA; the same top class on {result.agreement:.2%}); calibrated on "
+            f"{result.calibration_images} training images"
+        )
+        return
     sample = test_split_for(trained, None).images[:100]
-    out = out or model_folder(model) / "model.onnx"
     verification = export_onnx(trained, out, sample)
     console.print(
         f"wrote {out} and {out.with_suffix('.json').name}; verified on {verification.images} test images at batch "

@@ -44,6 +44,7 @@ class ModelInfo:
     config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
     cnnlab_version: str = ""
     format_version: int = FORMAT_VERSION
+    quantization: dict[str, Any] = field(default_factory=dict)  # an INT8 export: how, and its measured accuracy
 
     @property
     def norm(self) -> Normalization:

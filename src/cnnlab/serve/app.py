@@ -3,12 +3,17 @@
 Safe under bad input and load: bodies over the limit are refused before they are read whole (and what
 the client keeps sending is drained, up to a bound, so that it can read the refusal); only
 allow-listed raster formats are decoded, and only after their header's pixel count is checked;
-inference runs in a bounded thread pool off the event loop, and a full queue answers 503 at once.
+a body that arrives slower than `upload_timeout_s` answers 408; decoding runs in a bounded thread pool off the
+event loop, and a full queue answers 503 with Retry-After at once. Concurrent requests are classified together
+(`batching`: a short wait window and a largest batch). GET /metrics gives request counts and latency
+histograms in Prometheus' text format.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Annotated, Any
@@ -16,13 +21,15 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnlab.data import images as image_io
 from cnnlab.models import ModelInfo
 from cnnlab.models.inference import Scores
 from cnnlab.predict import Classifier
+from cnnlab.serve.batching import Batcher
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,12 @@ class ServeConfig:
     drain_seconds: float = 10.0
     max_pixels: int = 4096 * 4096  # per image, checked on the header before decoding
     max_files: int = 64  # images per request
-    workers: int = 2  # inference threads
+    workers: int = 2  # decoding threads (and inference threads without batching)
     queue: int = 32  # requests allowed to wait for a worker; beyond that: 503
     top_k: int = 5
+    max_batch: int = 64  # images classified together at most; 1: each request on its own
+    batch_window_ms: float = 5.0  # how long a batch waits for more requests after its first
+    upload_timeout_s: float = 30.0  # a request body not received in this time answers 408
 
 
 class BodyLimit:
@@ -48,8 +58,9 @@ class BodyLimit:
     bytes, for at most `drain_seconds`) before the connection closes, since closing a socket with unread
     data resets it and the client would never read the answer."""
 
-    def __init__(self, app: ASGIApp, limit: int, drain: int, drain_seconds: float):
+    def __init__(self, app: ASGIApp, limit: int, drain: int, drain_seconds: float, timeout_s: float):
         self.app, self.limit, self.drain, self.drain_seconds = app, limit, drain, drain_seconds
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,16 +73,19 @@ class BodyLimit:
             return await self._refuse(send, receive)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._refuse(send, receive if message.get("more_body", False) else None)
-            if not message.get("more_body", False):
-                break
+        with anyio.move_on_after(self.timeout_s) as slow:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.limit:
+                    return await self._refuse(send, receive if message.get("more_body", False) else None)
+                if not message.get("more_body", False):
+                    break
+        if slow.cancelled_caught:
+            return await _answer(send, 408, f"request body not received within {self.timeout_s:g} s")
         body, replayed = b"".join(chunks), False
 
         async def replay() -> Message:
@@ -100,6 +114,13 @@ class BodyLimit:
                 if message["type"] == "http.disconnect" or not message.get("more_body", False):
                     break
         await send({"type": "http.response.body", "body": b""})
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BadImage(Exception):
@@ -144,13 +165,75 @@ def top_classes(names: list[str], probabilities: np.ndarray, classes: list[str],
     return predictions
 
 
+@dataclass(frozen=True)
+class Metrics:
+    """What GET /metrics exposes, in a registry of the app's own."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    batch_images: Histogram
+
+
+# Request latency buckets (seconds) and batch sizes (images): from a fast batch-1 answer to a queue near its limit.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def instrument(app: FastAPI) -> Metrics:
+    """Count and time every request by path and status, and serve the figures at GET /metrics."""
+    registry = CollectorRegistry()
+    metrics = Metrics(
+        registry,
+        Counter("cnnlab_requests", "HTTP requests answered", ["path", "status"], registry=registry),
+        Histogram("cnnlab_request_seconds", "Time to answer", ["path"], buckets=LATENCY_BUCKETS, registry=registry),
+        Histogram("cnnlab_batch_images", "Images per classified batch", buckets=BATCH_BUCKETS, registry=registry),
+    )
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path if request.url.path in ("/predict", "/model", "/health", "/metrics") else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def exposition() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+def answering(
+    classifier: Classifier, config: ServeConfig, metrics: Metrics
+) -> Callable[[list[tuple[str, bytes]]], Awaitable[np.ndarray]]:
+    """How /predict gets the probabilities of its uploads (name, bytes): decoded in a worker thread (the event
+    loop only does I/O), then classified with the images of concurrent requests, or on their own."""
+    workers = anyio.CapacityLimiter(config.workers)
+    batcher = Batcher(
+        classifier.probabilities, config.max_batch, config.batch_window_ms / 1000, metrics.batch_images.observe
+    )
+
+    async def probabilities_of(uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        def decode() -> np.ndarray:
+            return np.stack([decode_upload(data, name, classifier, config) for name, data in uploads])
+
+        if config.max_batch == 1:
+            return await anyio.to_thread.run_sync(lambda: classifier.probabilities(decode()), limiter=workers)
+        return await batcher.classify_batched(await anyio.to_thread.run_sync(decode, limiter=workers))
+
+    return probabilities_of
+
+
 def create_app(classifier: Classifier, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     info = classifier.info
     app = FastAPI(title="cnnlab", description=f"{info.architecture} image classifier")
-    workers = anyio.CapacityLimiter(config.workers)
     waiting = {"requests": 0}  # requests inside /predict; bounded by workers + queue
     page = files("cnnlab.serve").joinpath("page.html").read_text()
+    probabilities_of = answering(classifier, config, instrument(app))
 
     @app.exception_handler(BadImage)
     async def bad_image(_request: Request, error: BadImage) -> JSONResponse:
@@ -181,12 +264,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         waiting["requests"] += 1
         try:
             uploads = [(upload.filename or f"file {i}", await upload.read()) for i, upload in enumerate(file)]
-
-            def decode_and_classify() -> np.ndarray:  # in a worker thread: the event loop only does I/O
-                images = np.stack([decode_upload(data, name, classifier, config) for name, data in uploads])
-                return classifier.probabilities(images)
-
-            probabilities = await anyio.to_thread.run_sync(decode_and_classify, limiter=workers)
+            probabilities = await probabilities_of(uploads)
         finally:
             waiting["requests"] -= 1
         names = [name for name, _ in uploads]
@@ -197,5 +275,6 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         limit=int(config.max_upload_mb * 1_000_000),
         drain=int(config.drain_mb * 1_000_000),
         drain_seconds=config.drain_seconds,
+        timeout_s=config.upload_timeout_s,
     )
     return app

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from cnnlab.config import RunConfig
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import this_machine
+from cnnlab.models.files import read_info
 from cnnlab.models.inference import Scores
 from cnnlab.run_dir import RunDir
 
@@ -122,8 +123,6 @@ def publish(run_dir: Path) -> None:
     config = folder.read_config()
     if config.train.system.log == "none":
         return
-    from cnnlab.models.files import read_info
-
     info = read_info(folder / RunDir.INFO)
     scores = Scores.from_metrics(info.metrics, "test", info.tta)
     final = {} if scores is None else {

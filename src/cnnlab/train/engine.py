@@ -229,7 +229,8 @@ class StepLog(Hook):
 
     def after_step(self, done: StepDone) -> None:
         number = (done.epoch - 1) * done.state.batches.steps_per_epoch + done.step
-        self.pending.append((number, done.losses.detach().mean(), done.phase.optimizer.param_groups[0]["lr"]))
+        loss = done.losses[: done.batch.count].detach().mean()  # this process's images, without padding
+        self.pending.append((number, loss, done.phase.optimizer.param_groups[0]["lr"]))
         if done.step % REPORT_EVERY == 0 or done.step == done.phase.steps_in_epoch(done.epoch):
             losses = torch.stack([loss for _, loss, _ in self.pending]).float().tolist()
             self.recorder.log_steps([(n, loss, lr) for (n, _, lr), loss in zip(self.pending, losses, strict=True)])

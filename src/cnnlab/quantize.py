@@ -1,0 +1,128 @@
+"""Static INT8 quantization of an exported model with ONNX Runtime's own tooling, and what it costs in accuracy.
+
+The fp32 export (verified against PyTorch) is prepared by onnxruntime (shape inference, BatchNorm folded into the
+convolutions), then quantized in QDQ form: weights per output channel and activations as signed 8-bit integers,
+their ranges calibrated (min-max) on a seeded sample of the training split. Both models then score the whole test
+split through onnxruntime, with the recipe's test-time augmentation (the graph holds it): the INT8 model is
+written only if it loses at most `max_drop` of the delivered accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnlab.atomic import atomic_write, write_text
+from cnnlab.data import Split
+from cnnlab.data.transforms import Normalization, to_input
+from cnnlab.errors import CnnlabError
+from cnnlab.export import OnnxModel, Verification, export_onnx, require
+from cnnlab.models import TrainedModel
+
+CALIBRATION_BATCH = 32
+SCORING_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    calibration_images: int = 512  # from the training split, drawn with `seed`
+    seed: int = 0
+    max_drop: float = 0.01  # the most delivered test accuracy the INT8 model may lose (0.01: one point)
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    verification: Verification  # of the fp32 export against PyTorch
+    fp32_accuracy: float  # delivered test accuracy through onnxruntime, fp32 graph
+    int8_accuracy: float  # the same, INT8 graph
+    agreement: float  # share of test images whose top class the two graphs agree on
+    test_images: int
+    calibration_images: int
+
+    @property
+    def drop(self) -> float:
+        return self.fp32_accuracy - self.int8_accuracy
+
+
+def calibration_sample(train: Split, settings: Int8Settings) -> np.ndarray:
+    """The indices of the training images the INT8 ranges are calibrated on: a seeded sample, sorted."""
+    rng = np.random.default_rng(settings.seed)
+    return np.sort(rng.choice(len(train), min(settings.calibration_images, len(train)), replace=False))
+
+
+def export_int8(
+    model: TrainedModel, out: Path, calibration: np.ndarray, test: Split, settings: Int8Settings = Int8Settings()
+) -> Int8Result:
+    """Write `out` (INT8 ONNX) and `out.json` (preprocessing and the measured accuracies), calibrated on the
+    `calibration` images (see `calibration_sample`), or refuse in one line when it loses more than
+    `settings.max_drop` on `test`; nothing is written then. Both image sets are at the model's input format."""
+    with tempfile.TemporaryDirectory(prefix="cnnlab-int8-") as scratch:
+        fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        verification = export_onnx(model, fp32, test.images[:100])
+        quantize_file(fp32, int8, calibration, model.info.norm)
+        fp32_top, int8_top = _top_classes(OnnxModel(fp32), test), _top_classes(OnnxModel(int8), test)
+        result = Int8Result(
+            verification,
+            fp32_accuracy=float((fp32_top == test.labels).mean()),
+            int8_accuracy=float((int8_top == test.labels).mean()),
+            agreement=float((fp32_top == int8_top).mean()),
+            test_images=len(test),
+            calibration_images=len(calibration),
+        )
+        if result.drop > settings.max_drop:
+            raise CnnlabError(
+                f"INT8 loses {result.drop:.2%} of test accuracy ({result.fp32_accuracy:.2%} in fp32, "
+                f"{result.int8_accuracy:.2%} in INT8), more than --max-drop {settings.max_drop:.2%}; nothing written"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, int8.read_bytes())
+    info = replace(model.info, quantization={"type": "int8", **asdict(settings), **_measured(result)})
+    write_text(out.with_suffix(".json"), json.dumps(asdict(info), indent=2))
+    return result
+
+
+def quantize_file(fp32: Path, out: Path, calibration: np.ndarray, norm: Normalization) -> None:
+    """Write `out`, the INT8 form of the fp32 export `fp32` (with its preprocessing .json), its activation
+    ranges calibrated on `calibration` (N, H, W, C) uint8 images."""
+    require("onnxruntime", "export")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime's base class is untyped
+        def __init__(self) -> None:
+            self.batches: Iterator[dict[str, Any]] = (
+                {"input": to_input(torch.from_numpy(calibration[i : i + CALIBRATION_BATCH]), norm).numpy()}
+                for i in range(0, len(calibration), CALIBRATION_BATCH)
+            )
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="cnnlab-int8-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared))
+        quantize_static(
+            str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        )  # fmt: skip
+    write_text(out.with_suffix(".json"), fp32.with_suffix(".json").read_text())
+
+
+def _measured(result: Int8Result) -> dict[str, Any]:
+    fields = asdict(result)
+    fields.pop("verification")
+    return fields
+
+
+def _top_classes(model: OnnxModel, split: Split) -> np.ndarray:
+    images = np.asarray(split.images)
+    return np.concatenate([
+        model.probabilities(images[i : i + SCORING_BATCH]).argmax(1) for i in range(0, len(images), SCORING_BATCH)
+    ])  # fmt: skip
