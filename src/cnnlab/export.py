@@ -72,6 +72,7 @@ def export_onnx(model: TrainedModel, out: Path, sample: Pixels) -> Verification:
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
             opset_version=OPSET,
             dynamo=True,
+            external_data=False,  # the weights inside the one file: model.onnx alone is the whole model
             verbose=False,
         )
     except Exception as error:  # the exporter raises many types; report any in one line

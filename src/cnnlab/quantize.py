@@ -1,10 +1,11 @@
 """Static INT8 quantization of an exported model with ONNX Runtime's own tooling, and what it costs in accuracy.
 
 The fp32 export (verified against PyTorch) is prepared by onnxruntime (shape inference, BatchNorm folded into the
-convolutions), then quantized in QDQ form: weights per output channel and activations as signed 8-bit integers,
-their ranges calibrated (min-max) on a seeded sample of the training split. Both models then score the whole test
-split through onnxruntime, with the recipe's test-time augmentation (the graph holds it): the INT8 model is
-written only if it loses at most `max_drop` of the delivered accuracy.
+convolutions), then quantized in QDQ form (weights per output channel; which ops and which activation type: the
+first of `SCHEMES` that keeps the accuracy), the activations' ranges calibrated (min-max) on a seeded sample of
+the training split. Both models then score the whole test split through onnxruntime, with the recipe's test-time
+augmentation (the graph holds it): the INT8 model is written only if it loses at most `max_drop` of the delivered
+accuracy.
 """
 
 from __future__ import annotations
@@ -22,10 +23,28 @@ import torch
 from cnnlab.atomic import atomic_write, write_text
 from cnnlab.data import Split
 from cnnlab.data.transforms import Normalization, to_input
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, first_line
 from cnnlab.export import OnnxModel, Verification, export_onnx, require
 from cnnlab.models import TrainedModel
 
+
+@dataclass(frozen=True)
+class Scheme:
+    """Which ops are quantized, and the activations' integer type (weights are always signed, per channel)."""
+
+    name: str
+    ops: tuple[str, ...] | None  # None: every op onnxruntime can quantize
+    unsigned_activations: bool
+
+
+# Tried in order, the first within --max-drop kept. Measured on [A] AMD EPYC (avx512_vnni), batch 64: fast94 ran 331
+# images/s with its convolutions and dense layers in U8S8 (what onnxruntime's x86 integer kernels take), 86 with
+# signed activations and 79 with every op quantized (GELU's Erf, Mul and Add each wrapped in a quantize/dequantize
+# pair), against 139 in fp32; efficientnet-lite0 on flowers128 fell from 76.3% to 54.9% in the first scheme (its
+# ReLU6 left in float, each convolution's range is calibrated before the clip) and scored 76.5% with every op
+# quantized.
+SCHEMES = (Scheme("convolutions and dense layers, U8S8", ("Conv", "Gemm", "MatMul"), True),
+           Scheme("every quantizable op, S8S8", None, False))  # fmt: skip
 CALIBRATION_BATCH = 32
 SCORING_BATCH = 256
 
@@ -40,6 +59,7 @@ class Int8Settings:
 @dataclass(frozen=True)
 class Int8Result:
     verification: Verification  # of the fp32 export against PyTorch
+    scheme: str  # the first of SCHEMES within max_drop (or the last tried)
     fp32_accuracy: float  # delivered test accuracy through onnxruntime, fp32 graph
     int8_accuracy: float  # the same, INT8 graph
     agreement: float  # share of test images whose top class the two graphs agree on
@@ -66,16 +86,21 @@ def export_int8(
     with tempfile.TemporaryDirectory(prefix="cnnlab-int8-") as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         verification = export_onnx(model, fp32, test.images[:100])
-        quantize_file(fp32, int8, calibration, model.info.norm)
-        fp32_top, int8_top = _top_classes(OnnxModel(fp32), test), _top_classes(OnnxModel(int8), test)
-        result = Int8Result(
-            verification,
-            fp32_accuracy=float((fp32_top == test.labels).mean()),
-            int8_accuracy=float((int8_top == test.labels).mean()),
-            agreement=float((fp32_top == int8_top).mean()),
-            test_images=len(test),
-            calibration_images=len(calibration),
-        )
+        fp32_top = _top_classes(OnnxModel(fp32), test)
+        for scheme in SCHEMES:
+            quantize_file(fp32, int8, calibration, model.info.norm, scheme)
+            int8_top = _top_classes(OnnxModel(int8), test)
+            result = Int8Result(
+                verification,
+                scheme=scheme.name,
+                fp32_accuracy=float((fp32_top == test.labels).mean()),
+                int8_accuracy=float((int8_top == test.labels).mean()),
+                agreement=float((fp32_top == int8_top).mean()),
+                test_images=len(test),
+                calibration_images=len(calibration),
+            )
+            if result.drop <= settings.max_drop:
+                break
         if result.drop > settings.max_drop:
             raise CnnlabError(
                 f"INT8 loses {result.drop:.2%} of test accuracy ({result.fp32_accuracy:.2%} in fp32, "
@@ -88,9 +113,11 @@ def export_int8(
     return result
 
 
-def quantize_file(fp32: Path, out: Path, calibration: np.ndarray, norm: Normalization) -> None:
-    """Write `out`, the INT8 form of the fp32 export `fp32` (with its preprocessing .json), its activation
-    ranges calibrated on `calibration` (N, H, W, C) uint8 images."""
+def quantize_file(
+    fp32: Path, out: Path, calibration: np.ndarray, norm: Normalization, scheme: Scheme = SCHEMES[0]
+) -> None:
+    """Write `out`, the INT8 form of the fp32 export `fp32` (with its preprocessing .json) in `scheme`, its
+    activation ranges calibrated on `calibration` (N, H, W, C) uint8 images."""
     require("onnxruntime", "export")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -107,11 +134,17 @@ def quantize_file(fp32: Path, out: Path, calibration: np.ndarray, norm: Normaliz
 
     with tempfile.TemporaryDirectory(prefix="cnnlab-int8-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared))
-        quantize_static(
-            str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        )  # fmt: skip
+        try:
+            # ONNX's own shape inference only: onnxruntime's symbolic one gives up on the data-dependent shapes
+            # of selective TTA (the views go to the unsure images alone).
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8 if scheme.unsigned_activations else QuantType.QInt8,
+                weight_type=QuantType.QInt8, op_types_to_quantize=list(scheme.ops) if scheme.ops else None,
+            )  # fmt: skip
+        except Exception as error:  # onnxruntime's tooling raises bare Exceptions among others
+            raise CnnlabError(f"INT8 quantization of {fp32.name} failed: {first_line(error)}") from None
     write_text(out.with_suffix(".json"), fp32.with_suffix(".json").read_text())
 
 

@@ -219,7 +219,7 @@ def export_command(
         console.print(
             f"wrote {out} and {out.with_suffix('.json').name}: test accuracy {result.int8_accuracy:.2%} in INT8 "
             f"against {result.fp32_accuracy:.2%} in fp32 (onnxruntime, {result.test_images:,} images, "
-            f"{trained.info.tta} TTA; the same top class on {result.agreement:.2%}); calibrated on "
+            f"{trained.info.tta} TTA; the same top class on {result.agreement:.2%}); {result.scheme}, calibrated on "
             f"{result.calibration_images} training images"
         )
         return

@@ -207,14 +207,13 @@ def instrument(app: FastAPI) -> Metrics:
 
 
 def answering(
-    classifier: Classifier, config: ServeConfig, metrics: Metrics
+    classifier: Classifier, config: ServeConfig, metrics: Metrics, in_flight: Callable[[], int]
 ) -> Callable[[list[tuple[str, bytes]]], Awaitable[np.ndarray]]:
     """How /predict gets the probabilities of its uploads (name, bytes): decoded in a worker thread (the event
-    loop only does I/O), then classified with the images of concurrent requests, or on their own."""
+    loop only does I/O), then classified with the images of concurrent requests (`in_flight` of them), or alone."""
     workers = anyio.CapacityLimiter(config.workers)
-    batcher = Batcher(
-        classifier.probabilities, config.max_batch, config.batch_window_ms / 1000, metrics.batch_images.observe
-    )
+    window_s = config.batch_window_ms / 1000
+    batcher = Batcher(classifier.probabilities, config.max_batch, window_s, metrics.batch_images.observe, in_flight)
 
     async def probabilities_of(uploads: list[tuple[str, bytes]]) -> np.ndarray:
         def decode() -> np.ndarray:
@@ -233,7 +232,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
     app = FastAPI(title="cnnlab", description=f"{info.architecture} image classifier")
     waiting = {"requests": 0}  # requests inside /predict; bounded by workers + queue
     page = files("cnnlab.serve").joinpath("page.html").read_text()
-    probabilities_of = answering(classifier, config, instrument(app))
+    probabilities_of = answering(classifier, config, instrument(app), lambda: waiting["requests"])
 
     @app.exception_handler(BadImage)
     async def bad_image(_request: Request, error: BadImage) -> JSONResponse:

@@ -2,8 +2,9 @@
 
 A request hands its decoded images to the batcher and waits. The batcher takes the first waiting request, then
 keeps taking requests for up to `window_s` or until `max_images` images are gathered, classifies them in one call
-(in a worker thread, off the event loop) and hands each request its rows. One batch runs at a time: on a CPU the
-classifier already uses every core, and the next batch gathers while this one runs.
+(in a worker thread, off the event loop) and hands each request its rows. It waits only while other requests are
+in flight (`in_flight`: received and not yet answered): a lone client pays no window. One batch runs at a time:
+on a CPU the classifier already uses every core, and the next batch gathers while this one runs.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ class _Waiting:
 class Batcher:
     def __init__(
         self, classify: Callable[[np.ndarray], np.ndarray], max_images: int, window_s: float,
-        batch_sizes: Callable[[int], None] = lambda images: None,
+        batch_sizes: Callable[[int], None] = lambda images: None, in_flight: Callable[[], int] = lambda: 0,
     ):  # fmt: skip
         self.classify, self.max_images, self.window_s = classify, max_images, window_s
+        self.in_flight = in_flight
         self.batch_sizes = batch_sizes  # told each batch's image count (for /metrics)
         # The queue and its consumer belong to the event loop that made them: a test client may run each
         # request on a loop of its own, and then the batcher starts anew on it.
@@ -49,7 +51,11 @@ class Batcher:
         while True:
             batch = [await self._queue.get()]
             count, deadline = len(batch[0].images), time.monotonic() + self.window_s
-            while count < self.max_images and (left := deadline - time.monotonic()) > 0:
+            while (
+                count < self.max_images
+                and (self._queue.qsize() or self.in_flight() > len(batch))
+                and (left := deadline - time.monotonic()) > 0
+            ):
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), left))
                 except TimeoutError:
