@@ -35,12 +35,19 @@ class MlflowTracker:
         except ImportError as error:
             raise missing_extra("mlflow", error) from None
         self.run_dir = run_dir
-        self.client = MlflowClient()
-        self.run_id: str | None = self._recorded().get("run_id")
+        recorded = self._recorded()
+        # A run logged before goes on where it was logged, whatever $MLFLOW_TRACKING_URI says now.
+        self.client = MlflowClient(recorded.get("uri"))
+        self.run_id: str | None = recorded.get("run_id")
 
     def _recorded(self) -> dict[str, Any]:
+        """What tracking.json says of this run's MLflow run; nothing when it is absent or unreadable (a new one)."""
         path = self.run_dir / RunDir.TRACKING
-        return json.loads(path.read_text()).get("mlflow", {}) if path.is_file() else {}
+        try:
+            recorded = json.loads(path.read_text()).get("mlflow", {}) if path.is_file() else {}
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
 
     def start(self, run: RunFacts) -> None:
         from mlflow.entities import Param, RunTag
