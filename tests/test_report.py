@@ -158,3 +158,11 @@ def test_explain_works_for_every_conv_model_in_the_registry(name):
     explanation = explain(model, np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     assert explanation.heat.shape == (16, 16) and explanation.heat.min() >= 0 and explanation.heat.max() <= 1
     assert explanation.first_filters.shape[-1] == 3 and len(explanation.feature_maps) >= 2
+
+
+def test_a_report_needs_only_the_model_files(trained_run, tmp_path):
+    """A model folder copied without its run's config.toml, metrics and sessions still gets its report."""
+    for name in ("model.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((trained_run / name).read_bytes())
+    page = write_run_report(tmp_path).path.read_text()
+    assert "<h2>Summary</h2>" in page and "unknown machine" in page

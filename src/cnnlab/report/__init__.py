@@ -19,7 +19,7 @@ from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.inference import Scores
 from cnnlab.report import figures, html
 from cnnlab.run_dir import RunDir
-from cnnlab.tracking.catalog import RunSummary, summarize
+from cnnlab.tracking.catalog import RunSummary, machine_kind_of, precision_of
 
 GALLERY_SIZE = 18
 SAMPLE_SIZE = 12  # test images shown with their predictions
@@ -116,7 +116,7 @@ def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool 
     )
     if config.data.exclude:
         summary += f"; trained without the images {config.data.exclude} flags (data.exclude; the test split whole)"
-    facts = _run_facts(config, summarize(folder, run_dir.parent), scores, evaluation, len(split))
+    facts = _run_facts(config, folder.read_sessions(), history, scores, evaluation, len(split))
     # Every key of any line, in the order first seen: epochs of different kinds log different figures (the
     # first has init_seconds; head-only epochs have no test_seconds).
     metric_keys = [key for key in dict.fromkeys(k for m in history for k in m) if key != "epoch"]
@@ -149,11 +149,18 @@ def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool 
 
 
 def _run_facts(
-    config: RunConfig, run: RunSummary, scores: Scores, evaluation: Evaluation, images: int
+    config: RunConfig,
+    sessions: list[dict[str, Any]],
+    history: list[dict[str, Any]],
+    scores: Scores,
+    evaluation: Evaluation,
+    images: int,
 ) -> list[tuple[str, str]]:
     """The summary's rows: how good, how long, where, and how it was trained."""
     optim, augment = config.train.optim, config.train.augment
-    kept = run.history[-1].get("best_epoch") if run.history else None
+    kept = history[-1].get("best_epoch") if history else None
+    seconds = sum(m.get("seconds", 0.0) for m in history)
+    machine = f"{machine_kind_of(sessions)}, {precision_of(sessions, history) or 'precision not recorded'}"
     augmented = [
         f"flip {augment.flip}" if augment.flip != "none" else "",
         f"translate {augment.translate} px" if augment.translate else "",
@@ -169,8 +176,8 @@ def _run_facts(
         *([("without TTA", f"{scores.accuracy:.2%}")] if scores.tta != "none" else []),
         ("balanced accuracy", f"{evaluation.balanced_accuracy:.2%}"),
         ("test loss", f"{scores.delivered_loss:.4f} on {images:,} images"),
-        ("training", f"{run.seconds:,.1f} s, {run.epochs} epochs" + (f" (kept epoch {kept})" if kept else "")),
-        ("machine", f"{run.machine_kind}, {run.precision or 'precision not recorded'}"),
+        ("training", f"{seconds:,.1f} s, {len(history)} epochs" + (f" (kept epoch {kept})" if kept else "")),
+        ("machine", machine),
         ("recipe", recipe),
         ("augmentation", ", ".join(part for part in augmented if part) or "none"),
         ("data", f"{config.data.data or config.data.dataset}{excluded}"),

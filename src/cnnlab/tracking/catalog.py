@@ -87,13 +87,23 @@ def summarize(folder: RunDir, root: Path) -> RunSummary:
         accuracy=scores.delivered_accuracy if scores else None,
         tta=tta,
         seconds=float(sum(m.get("seconds", 0.0) for m in history)),
-        machine_kind=" + ".join(dict.fromkeys(s["machine_kind"] for s in sessions)) or UNKNOWN_MACHINE,
-        precision=" + ".join(dict.fromkeys(s["precision"] for s in sessions))
-        or " + ".join(dict.fromkeys(m["precision"] for m in history if "precision" in m)),
+        machine_kind=machine_kind_of(sessions),
+        precision=precision_of(sessions, history),
         started=started if isinstance(started, str) else started.isoformat(timespec="seconds"),
         status=status,
         history=history,
     )
+
+
+def machine_kind_of(sessions: list[dict[str, Any]]) -> str:
+    """The machine kind(s) a run trained on, from its sessions.jsonl: "A", or "A + B" when resumed elsewhere."""
+    return " + ".join(dict.fromkeys(session["machine_kind"] for session in sessions)) or UNKNOWN_MACHINE
+
+
+def precision_of(sessions: list[dict[str, Any]], history: list[dict[str, Any]]) -> str:
+    """The precision(s) a run trained in: its sessions', or its metrics lines' for a run older than sessions.jsonl."""
+    recorded = [session["precision"] for session in sessions] or [m["precision"] for m in history if "precision" in m]
+    return " + ".join(dict.fromkeys(recorded))
 
 
 def select(runs: list[RunSummary], model: str | None = None, data: str | None = None) -> list[RunSummary]:
