@@ -6,6 +6,7 @@ import http.server
 import io
 import os
 import pickle
+import socket
 import subprocess
 import tarfile
 import threading
@@ -54,6 +55,13 @@ def browser_page():
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder; nothing is written to the user's ~/.cache."""
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float) -> None:

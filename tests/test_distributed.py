@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import shard
-from tests.conftest import wait_for_checkpoint
+from tests.conftest import free_port, wait_for_checkpoint
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
 CNN = {"model": "tutorial-cnn", "epochs": 3, "seed": 0}
@@ -43,12 +42,6 @@ def probe(out: Path, nproc: int, train: dict) -> list[dict]:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return [torch.load(out / f"rank{rank}.pt") for rank in range(nproc)]
-
-
-def free_port() -> int:
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        return probe_socket.getsockname()[1]
 
 
 def untimed(rows: list[dict]) -> list[dict]:

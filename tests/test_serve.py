@@ -35,7 +35,7 @@ from cnnlab.models import TrainedModel, load_model
 from cnnlab.predict import predict_files
 from cnnlab.quantize import Int8Settings, export_int8
 from cnnlab.serve.app import ServeConfig, create_app
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, free_port
 
 runner = CliRunner()
 
@@ -129,12 +129,6 @@ def test_a_full_queue_answers_503_with_retry_after(model):
     first, second = asyncio.run(scenario())
     assert first.status_code == 200
     assert second.status_code == 503 and second.headers["Retry-After"] == "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
 from cnnlab.train.progress import LineReporter
-from tests.conftest import wait_for_checkpoint
+from tests.conftest import free_port, wait_for_checkpoint
 
 runner = CliRunner()
 TINY = ["--dataset", "digits", "--image-size", "12", "-q"]
@@ -116,12 +115,6 @@ def test_tensorboard_event_files_hold_steps_epochs_images_and_hyperparameters(tm
     assert final == pytest.approx(history[-1]["test_delivered_acc"])
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     assert "tutorial-cnn" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -41,16 +41,23 @@ def step(what: str, total: int, unit: str = "images", line: bool = True) -> Iter
     console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
     started = time.perf_counter()
     if _bars_allowed.get() and sys.stderr.isatty():
-        columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
-                   TimeRemainingColumn())  # fmt: skip
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task(what, total=total)
-            yield lambda done: progress.advance(task, done)
+        with bar(what, total, console) as advance:
+            yield advance
     else:
         yield lambda done: None
         seconds = time.perf_counter() - started
         if line and seconds >= LINE_AFTER_S:
             console.print(f"{what}: {total:,} {unit} in {seconds:.1f}s")
+
+
+@contextlib.contextmanager
+def bar(what: str, total: int, console: Console) -> Iterator[Advance]:
+    """A transient bar on `console`: the count, the time spent and the time left."""
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(what, total=total)
+        yield lambda done: progress.advance(task, done)
 
 
 def tracked(batches: Iterable[torch.Tensor], total: int, what: str, line: bool = True) -> Iterator[torch.Tensor]:

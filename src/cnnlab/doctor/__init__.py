@@ -23,9 +23,10 @@ from cnnlab.data.exclude import FORMAT, Kind, split_fingerprint
 from cnnlab.data.loader import in_order
 from cnnlab.doctor import duplicates, labels, odd
 from cnnlab.doctor.embeddings import digests_of, embed, embedding_size
-from cnnlab.doctor.stages import Advance, Stages
+from cnnlab.doctor.stages import Stages
 from cnnlab.evaluate import evaluate, test_split_of
 from cnnlab.models import load_model
+from cnnlab.progress import Advance
 
 __all__ = ["Diagnosis", "DoctorConfig", "Finding", "ImageRef", "Kind", "Leakage", "examine"]
 

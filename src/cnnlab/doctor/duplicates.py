@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
-from cnnlab.doctor.stages import Advance
+from cnnlab.progress import Advance
 
 CALIBRATION_IMAGES = 250  # images copied each way
 CALIBRATION_RECALL = 0.99  # the share of the measured copies the threshold keeps

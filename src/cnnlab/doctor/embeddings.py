@@ -21,9 +21,9 @@ from cnnlab.atomic import atomic_write, make_folder
 from cnnlab.data.dataset import ImageShape, Pixels, match_channels
 from cnnlab.data.loader import in_order
 from cnnlab.data.transforms import to_input
-from cnnlab.doctor.stages import Advance
 from cnnlab.machine import resolve_precision
 from cnnlab.models import create_model, model_spec
+from cnnlab.progress import Advance
 
 EMBEDDER = "efficientnet-lite0"
 # Images smaller than this are enlarged to it, larger ones shrunk to their own size up to EMBEDDING_LARGEST.

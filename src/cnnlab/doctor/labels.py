@@ -28,9 +28,9 @@ from rich.console import Console
 from sklearn.model_selection import StratifiedKFold
 
 from cnnlab.data.dataset import Dataset, ImageShape, Pixels, Split
-from cnnlab.doctor.stages import Advance
 from cnnlab.errors import CnnlabError
 from cnnlab.models import model_spec
+from cnnlab.progress import Advance
 from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.train import fit
 from cnnlab.train.progress import LineReporter

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-Advance = Callable[[int], None]  # told how many more items of the step are done
+from cnnlab.progress import Advance, bar
 
 
 class Stages:
@@ -26,11 +25,8 @@ class Stages:
     def step(self, name: str, total: int) -> Iterator[Advance]:
         started = time.perf_counter()
         if self.bars and not self.quiet:
-            columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
-                       TimeRemainingColumn())  # fmt: skip
-            with Progress(*columns, console=self.console, transient=True) as progress:
-                task = progress.add_task(name, total=total)
-                yield lambda done: progress.advance(task, done)
+            with bar(name, total, self.console) as advance:
+                yield advance
         else:
             yield lambda done: None
         self.seconds[name] = time.perf_counter() - started
