@@ -118,12 +118,14 @@ def test_selective_tta_equals_full_tta_on_the_images_it_covers_and_the_plain_log
         below = confidence.median().item()  # half the images are less sure than this
         one, delivered, viewed = views(model, x, "flip-translate", below)
         full = tta_logits(model, x, "flip-translate")
-        traced = tta_logits(model, x, "flip-translate", below)  # what export computes: every view, then a choice
+        traced = tta_logits(model, x, "flip-translate", below)  # what export computes
+        sure_of_all = tta_logits(model, x, "flip-translate", 0.0)
     assert torch.equal(viewed, confidence < below) and 0 < viewed.sum() < len(x)
     torch.testing.assert_close(one, plain)
     torch.testing.assert_close(delivered[viewed], full[viewed])
     assert torch.equal(delivered[~viewed], plain[~viewed])
     torch.testing.assert_close(traced, delivered)
+    assert torch.equal(sure_of_all, plain)
     _, everything, all_viewed = views(model, x, "flip-translate", 1.0)
     assert all_viewed.all()
     torch.testing.assert_close(everything, full)

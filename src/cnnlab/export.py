@@ -24,7 +24,7 @@ from cnnlab.models import ModelInfo, TrainedModel
 from cnnlab.models.files import read_info
 from cnnlab.models.inference import tta_logits
 
-OPSET = 17
+OPSET = 18
 TOLERANCE = 1e-4  # max absolute difference of probabilities between onnxruntime and PyTorch
 
 

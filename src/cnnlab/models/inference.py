@@ -194,15 +194,21 @@ def averaged_views(model: nn.Module, x: torch.Tensor, plain: torch.Tensor, tta: 
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0) -> torch.Tensor:
-    """The delivered logits of (B, C, H, W) inputs, as `views` gives them, without data-dependent shapes: every
-    view of every image is computed and the plain logits kept where the model is sure. What export traces."""
+    """The delivered logits of (B, C, H, W) inputs, as `views` gives them, in a form export can trace: no
+    branch on the data. The views run on the unsure images, or on the first image when none is (a graph cannot
+    branch on that, and a batch of no images does not export); that image then keeps its plain logits."""
     plain: torch.Tensor = model(x)
     if tta == "none":
         return plain
-    averaged = averaged_views(model, x, plain, tta)
     if below >= 1:
-        return averaged
-    return torch.where(unsure(plain, below)[:, None], averaged, plain)
+        return averaged_views(model, x, plain, tta)
+    doubtful = unsure(plain, below)
+    chosen = torch.cat([doubtful[:1] | ~doubtful.any(), doubtful[1:]])
+    rows = torch.nonzero(chosen).squeeze(1)  # (R,) indices, R >= 1
+    torch._check(rows.shape[0] >= 1)  # type: ignore[no-untyped-call]  # torch leaves _check untyped
+    averaged = averaged_views(model, x.index_select(0, rows), plain.index_select(0, rows), tta)
+    kept = torch.where(doubtful.index_select(0, rows)[:, None], averaged.to(plain.dtype), plain.index_select(0, rows))
+    return plain.index_copy(0, rows, kept)
 
 
 def unsure(plain: torch.Tensor, below: float) -> torch.Tensor:
