@@ -70,7 +70,7 @@ def fresh(folder: Path) -> None:
         images = rng.integers(0, 256, (max(BATCHES), size, size, 3), dtype=np.uint8)
         fp32, int8 = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
         export_onnx(model, fp32, images[:14])
-        quantize_file(fp32, int8, images, info.norm)  # the first scheme: the fast one, accuracy unchecked here
+        quantize_file(fp32, int8, images)  # the first scheme: the fast one, accuracy unchecked here
         measure(f"{name} {size}px", model, fp32, int8, images)
 
 

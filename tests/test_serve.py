@@ -277,6 +277,9 @@ def test_onnx_export_matches_pytorch_and_predicts_like_it(model, trained_run, tm
     verification = export_onnx(model, tmp_path / "model.onnx", sample)
     assert verification.max_abs_difference <= 1e-4 and verification.batch_sizes == (1, 7)
     exported = OnnxModel(tmp_path / "model.onnx")
+    assert [(i.name, i.type, i.shape[1:]) for i in exported.session.get_inputs()] == [
+        ("pixels", "tensor(uint8)", [12, 12, 1])  # normalising is inside the graph
+    ]
     np.testing.assert_allclose(exported.probabilities(sample[:7]), model.probabilities(sample[:7]), atol=1e-4)
     image = tmp_path / "digit.png"
     image.write_bytes(png(sample[3][..., 0]))
@@ -306,6 +309,20 @@ def test_a_corrupt_onnx_file_is_refused_in_one_line(model, tmp_path):
     export_onnx(model, tmp_path / "model.onnx", sample)
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07not a protobuf")
     with pytest.raises(CnnlabError, match=r"model\.onnx: not a loadable ONNX model \(.+\)$") as refused:
+        OnnxModel(tmp_path / "model.onnx")
+    assert "\n" not in str(refused.value)
+
+
+def test_a_graph_that_does_not_take_pixels_is_refused_in_one_line(model, tmp_path):
+    sample = load_dataset(DataConfig(dataset="digits", image_size=12)).test.images[:10]
+    export_onnx(model, tmp_path / "model.onnx", sample)  # for its model.json
+    floats = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, 1, 12, 12])
+    identity = onnx.helper.make_node("Identity", ["input"], ["probabilities"])
+    graph = onnx.helper.make_graph([identity], "normalised floats", [floats], [floats])  # as exports were before
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), tmp_path / "model.onnx")
+    with pytest.raises(
+        CnnlabError, match=r"model\.onnx: its graph takes .+ not uint8 pixels.+export it again"
+    ) as refused:
         OnnxModel(tmp_path / "model.onnx")
     assert "\n" not in str(refused.value)
 

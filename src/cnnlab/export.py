@@ -1,8 +1,9 @@
 """ONNX export, verified against PyTorch right after it is written.
 
-The graph takes normalised float input (B, C, H, W) with a dynamic batch axis and returns
-probabilities, test-time augmentation included when the model uses it; `<name>.json` beside it records
-the preprocessing (classes, input size, normalisation) that `cnnlab predict` and `cnnlab serve` apply.
+The graph takes the images' pixels, (B, H, W, C) uint8 at the model's input size with a dynamic batch axis,
+normalises them itself and returns probabilities, test-time augmentation included when the model uses it:
+nothing but decoding and resizing happens outside it. `<name>.json` beside it records the classes, the input size
+(which `cnnlab predict` and `cnnlab serve` resize to) and the rest of the model's description.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ TOLERANCE = 1e-4  # max absolute difference of probabilities between onnxruntime
 
 
 class Probabilities(nn.Module):
-    """The exported graph: the model with its test-time augmentation, then softmax."""
+    """The exported graph: (B, H, W, C) uint8 pixels normalised, the model with its test-time augmentation,
+    then softmax."""
 
-    def __init__(self, model: nn.Module, tta: str, tta_below: float):
+    def __init__(self, model: TrainedModel):
         super().__init__()
-        self.model, self.tta, self.tta_below = model, tta, tta_below
+        self.model, self.info = model.module.float().cpu(), model.info
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(tta_logits(self.model, x, self.tta, self.tta_below), dim=1)  # (B, classes)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = to_input(pixels, self.info.norm)
+        return torch.softmax(tta_logits(self.model, x, self.info.tta, self.info.tta_below), dim=1)  # (B, classes)
 
 
 @dataclass
@@ -59,17 +62,16 @@ def export_onnx(model: TrainedModel, out: Path, sample: Pixels) -> Verification:
     sample = np.asarray(sample)
     require("onnx", "export")
     require("onnxscript", "export")
-    module = Probabilities(model.module.float().cpu(), model.info.tta, model.info.tta_below).eval()
-    example = to_input(torch.from_numpy(sample[:2]), model.info.norm)
+    module = Probabilities(model).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.onnx.export(
             module,
-            (example.contiguous(),),
+            (torch.from_numpy(sample[:2]).contiguous(),),
             str(out),
-            input_names=["input"],
+            input_names=["pixels"],
             output_names=["probabilities"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+            dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}},
             opset_version=OPSET,
             dynamo=True,
             external_data=False,  # the weights inside the one file: model.onnx alone is the whole model
@@ -91,13 +93,13 @@ def verify(
 ) -> Verification:
     """The largest probability difference between onnxruntime and PyTorch (fp32) over `sample`."""
     session = OnnxModel(onnx_path)
-    module = Probabilities(model.module.float().cpu(), model.info.tta, model.info.tta_below).eval()
+    module = Probabilities(model).eval()
     worst = 0.0
     with torch.no_grad():
         for batch_size in batch_sizes:
             for start in range(0, len(sample), batch_size):
                 images = sample[start : start + batch_size]
-                expected = module(to_input(torch.from_numpy(images), model.info.norm).contiguous()).numpy()
+                expected = module(torch.from_numpy(images)).numpy()
                 worst = max(worst, float(np.abs(session.probabilities(images) - expected).max()))
     return Verification(len(sample), batch_sizes, worst)
 
@@ -114,9 +116,15 @@ class OnnxModel:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types
             raise CnnlabError(f"{path}: not a loadable ONNX model ({first_line(error)})") from None
+        inputs = [(graph_input.name, graph_input.type) for graph_input in self.session.get_inputs()]
+        if inputs != [("pixels", "tensor(uint8)")]:
+            raise CnnlabError(
+                f"{path}: its graph takes {inputs}, not uint8 pixels: not a cnnlab export, or one from before the "
+                "graphs took pixels (export it again: cnnlab export RUN)"
+            )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C) uint8 -> (N, classes)."""
-        x = to_input(torch.from_numpy(np.ascontiguousarray(images)), self.info.norm).contiguous().numpy()
-        probabilities: np.ndarray = self.session.run(["probabilities"], {"input": x})[0]
+        pixels = np.ascontiguousarray(images, dtype=np.uint8)
+        probabilities: np.ndarray = self.session.run(["probabilities"], {"pixels": pixels})[0]
         return probabilities

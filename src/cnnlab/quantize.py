@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cnnlab.atomic import atomic_write, write_text
 from cnnlab.data import Split
-from cnnlab.data.transforms import Normalization, to_input
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.export import OnnxModel, Verification, export_onnx, require
 from cnnlab.models import TrainedModel
@@ -88,7 +86,7 @@ def export_int8(
         verification = export_onnx(model, fp32, test.images[:100])
         fp32_top = _top_classes(OnnxModel(fp32), test)
         for scheme in SCHEMES:
-            quantize_file(fp32, int8, calibration, model.info.norm, scheme)
+            quantize_file(fp32, int8, calibration, scheme)
             int8_top = _top_classes(OnnxModel(int8), test)
             result = Int8Result(
                 verification,
@@ -113,9 +111,7 @@ def export_int8(
     return result
 
 
-def quantize_file(
-    fp32: Path, out: Path, calibration: np.ndarray, norm: Normalization, scheme: Scheme = SCHEMES[0]
-) -> None:
+def quantize_file(fp32: Path, out: Path, calibration: np.ndarray, scheme: Scheme = SCHEMES[0]) -> None:
     """Write `out`, the INT8 form of the fp32 export `fp32` (with its preprocessing .json) in `scheme`, its
     activation ranges calibrated on `calibration` (N, H, W, C) uint8 images."""
     require("onnxruntime", "export")
@@ -125,7 +121,7 @@ def quantize_file(
     class Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime's base class is untyped
         def __init__(self) -> None:
             self.batches: Iterator[dict[str, Any]] = (
-                {"input": to_input(torch.from_numpy(calibration[i : i + CALIBRATION_BATCH]), norm).numpy()}
+                {"pixels": np.ascontiguousarray(calibration[i : i + CALIBRATION_BATCH])}
                 for i in range(0, len(calibration), CALIBRATION_BATCH)
             )
 

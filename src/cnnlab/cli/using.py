@@ -204,8 +204,8 @@ def export_command(
     seed: Annotated[int, typer.Option(help="--int8: seed of the calibration sample.")] = 0,
     max_drop: Annotated[float, typer.Option(help="--int8: most test accuracy it may lose, in points.", min=0)] = 1.0,
 ) -> None:
-    """Export to ONNX (opset 17, dynamic batch) and verify it against PyTorch on 100 test images; with --int8,
-    quantize it and score both on the whole test split."""
+    """Export to ONNX (opset 18, dynamic batch, uint8 pixels in) and verify it against PyTorch on 100 test
+    images; with --int8, quantize it and score both on the whole test split."""
     if export_format != "onnx":
         raise CnnlabError(f"unknown export format {export_format!r}; supported: onnx")
     trained = load_model(model)
