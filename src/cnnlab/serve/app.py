@@ -180,8 +180,38 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class Measured:
+    """ASGI middleware: counts each HTTP request by path and status and observes its time to answer (from its
+    arrival to its last byte sent). Plain ASGI, not `app.middleware("http")`, which costs every request a
+    task group and a stream of its own."""
+
+    PATHS = ("/predict", "/model", "/health", "/metrics")
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500  # 500: the app raised before it answered
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            path = scope["path"] if scope["path"] in self.PATHS else "other"
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
 def instrument(app: FastAPI) -> Metrics:
-    """Count and time every request by path and status, and serve the figures at GET /metrics."""
+    """Count and time every request by path and status (`Measured`, added by `create_app`), and serve the
+    figures at GET /metrics."""
     registry = CollectorRegistry()
     metrics = Metrics(
         registry,
@@ -189,15 +219,6 @@ def instrument(app: FastAPI) -> Metrics:
         Histogram("cnnlab_request_seconds", "Time to answer", ["path"], buckets=LATENCY_BUCKETS, registry=registry),
         Histogram("cnnlab_batch_images", "Images per classified batch", buckets=BATCH_BUCKETS, registry=registry),
     )
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path if request.url.path in ("/predict", "/model", "/health", "/metrics") else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
 
     @app.get("/metrics", include_in_schema=False)
     async def exposition() -> Response:
@@ -232,7 +253,8 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
     app = FastAPI(title="cnnlab", description=f"{info.architecture} image classifier")
     waiting = {"requests": 0}  # requests inside /predict; bounded by workers + queue
     page = files("cnnlab.serve").joinpath("page.html").read_text()
-    probabilities_of = answering(classifier, config, instrument(app), lambda: waiting["requests"])
+    metrics = instrument(app)
+    probabilities_of = answering(classifier, config, metrics, lambda: waiting["requests"])
 
     @app.exception_handler(BadImage)
     async def bad_image(_request: Request, error: BadImage) -> JSONResponse:
@@ -276,4 +298,5 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         drain_seconds=config.drain_seconds,
         timeout_s=config.upload_timeout_s,
     )
+    app.add_middleware(Measured, metrics=metrics)  # outermost: a 413 or 408 from BodyLimit is counted too
     return app
