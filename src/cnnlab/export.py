@@ -9,6 +9,10 @@ nothing but decoding and resizing happens outside it. `<name>.json` beside it re
 from __future__ import annotations
 
 import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,21 @@ def require(module: str, extra: str) -> Any:
         raise CnnlabError(f"this needs {module}: pip install 'cnnlab[{extra}]'") from None
 
 
+@contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch 2.13's exporter warns that torchvision's operators are not registered (cnnlab uses none) and that a
+    pytree class inside torch is deprecated: nothing its user can act on, printed before every export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(model: TrainedModel, out: Path, sample: Pixels) -> Verification:
     """Write `out` (ONNX) and `out.json` (preprocessing), then check them on `sample` (N, H, W, C) uint8."""
     sample = np.asarray(sample)
@@ -65,18 +84,19 @@ def export_onnx(model: TrainedModel, out: Path, sample: Pixels) -> Verification:
     module = Probabilities(model).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.onnx.export(
-            module,
-            (torch.from_numpy(sample[:2]).contiguous(),),
-            str(out),
-            input_names=["pixels"],
-            output_names=["probabilities"],
-            dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}},
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,  # the weights inside the one file: model.onnx alone is the whole model
-            verbose=False,
-        )
+        with quiet_exporter():
+            torch.onnx.export(
+                module,
+                (torch.from_numpy(sample[:2]).contiguous(),),
+                str(out),
+                input_names=["pixels"],
+                output_names=["probabilities"],
+                dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}},
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,  # the weights inside the one file: model.onnx alone is the whole model
+                verbose=False,
+            )
     except Exception as error:  # the exporter raises many types; report any in one line
         raise CnnlabError(f"ONNX export of {model.info.architecture} failed: {error}") from None
     write_text(out.with_suffix(".json"), json.dumps(asdict(model.info), indent=2))

@@ -206,9 +206,9 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0) 
     chosen = torch.cat([doubtful[:1] | ~doubtful.any(), doubtful[1:]])
     rows = torch.nonzero(chosen).squeeze(1)  # (R,) indices, R >= 1
     torch._check(rows.shape[0] >= 1)  # type: ignore[no-untyped-call]  # torch leaves _check untyped
-    averaged = averaged_views(model, x.index_select(0, rows), plain.index_select(0, rows), tta)
-    kept = torch.where(doubtful.index_select(0, rows)[:, None], averaged.to(plain.dtype), plain.index_select(0, rows))
-    return plain.index_copy(0, rows, kept)
+    chosen_plain = plain.index_select(0, rows)
+    averaged = averaged_views(model, x.index_select(0, rows), chosen_plain, tta).to(plain.dtype)
+    return plain.index_copy(0, rows, torch.where(doubtful.index_select(0, rows)[:, None], averaged, chosen_plain))
 
 
 def unsure(plain: torch.Tensor, below: float) -> torch.Tensor:
