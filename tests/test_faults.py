@@ -54,7 +54,6 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
 CASES = [
     ("tutorial-mlp", signal.SIGKILL, 0),
     ("tutorial-mlp", signal.SIGTERM, 1),
-    ("tutorial-cnn", signal.SIGKILL, 2),
     ("tutorial-cnn", signal.SIGINT, 3),
     ("fast", signal.SIGKILL, 4),
 ]
