@@ -104,7 +104,7 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
     """`clients` connections, each sending its next request when the last is answered, until `seconds` pass.
 
     A raw HTTP/1.1 client on asyncio streams, each request built once: the load generator shares the server's
-    cores, and a full HTTP client library spends several times the CPU per request that this does."""
+    cores, so it spends as little of them as it can."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     requests = [multipart_request(f"{host}:{port}", body) for body in bodies]
     latencies: list[float] = []
