@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from cnnlab import figures
 from cnnlab.cli import app
 from cnnlab.data import Dataset, Split
 from cnnlab.errors import CnnlabError
@@ -18,7 +19,7 @@ from cnnlab.evaluate import evaluate
 from cnnlab.explain import explain
 from cnnlab.models import MODELS, ModelInfo, TrainedModel, create_model, load_model
 from cnnlab.recipes import resolve_run_config
-from cnnlab.report import figures, write_run_report
+from cnnlab.report import write_run_report
 from cnnlab.train import fit
 from cnnlab.train.progress import LineReporter
 from tests.conftest import ARTIFACTS

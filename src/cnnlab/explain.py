@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab import figures
 from cnnlab.atomic import write_text
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import CnnlabError
 from cnnlab.models import TrainedModel
-from cnnlab.report import figures
 
 
 @dataclass

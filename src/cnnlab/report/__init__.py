@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnlab import figures
 from cnnlab.atomic import atomic_write, write_text
 from cnnlab.config import RunConfig, build, to_toml
 from cnnlab.data import Dataset, Split
@@ -17,7 +18,7 @@ from cnnlab.evaluate import Evaluation, evaluate, test_split_for, write_evaluati
 from cnnlab.explain import explain
 from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.inference import Scores
-from cnnlab.report import figures, html
+from cnnlab.report import html
 from cnnlab.run_dir import RunDir
 from cnnlab.tracking.catalog import RunSummary, machine_kind_of, precision_of
 
