@@ -276,7 +276,8 @@ def test_the_flops_a_run_is_credited_with_follow_the_sizes_its_steps_see():
     def share(**augment):
         return mean_pixel_share(resolve_run_config({"train": {"recipe": "fast94", **augment}}).train.augment, (32, 32))
 
-    assert share() == 1.0  # full size throughout
+    assert share(low_res=0) == 1.0  # full size throughout
+    assert share() == pytest.approx(0.5 * 28**2 / 32**2 + 0.5, abs=0.01)  # fast94: 28 px for half the steps
     # 16 px rising to 32 over the whole run in 4 px steps: 16, 20, 24 and 28 px for a quarter of the steps each
     expected = (16**2 + 20**2 + 24**2 + 28**2) / 4 / 32**2
     assert share(low_res=16, low_res_share=1.0) == pytest.approx(expected, abs=0.01)
