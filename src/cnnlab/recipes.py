@@ -116,7 +116,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # epochs of the two thirds of the images with the highest losses, the first half of the steps at 28 px
     # (a 28 px step costs about three quarters of a full-size one; over 60% of the steps it cost accuracy),
     # and the test-time views only for the images it is unsure of. Batch 1500 keeps its peak memory near
-    # 3 GB (2.7-3.0 GB measured); the SGD learning rates follow the batch linearly, Muon's needs no scaling.
+    # 3 GB; the SGD learning rates follow the batch linearly, Muon's needs no scaling.
     "fast94": {
         **_MUON_RUN,
         "model": "fast",
