@@ -21,7 +21,7 @@ from cnnlab.config import RunConfig
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-png.tar.gz"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # screenshots and load figures, kept by CI

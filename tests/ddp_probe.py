@@ -15,7 +15,7 @@ import torch
 
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 
 out, train = sys.argv[1], json.loads(sys.argv[2])
 config = resolve_run_config({"data": {"dataset": "digits"}, "train": train, "out": out})

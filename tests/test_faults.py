@@ -18,7 +18,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 from tests.conftest import wait_for_checkpoint
 
 RUNS = {

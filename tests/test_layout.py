@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.config import SECTIONS, DataConfig, RunConfig, TrainConfig
+from cnnlab.config import SECTIONS, AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.data import transforms as transforms_module
 from cnnlab.data.augment import random_crop_boxes, resized_crops
@@ -32,8 +32,8 @@ from cnnlab.models.inference import Scores, evaluate, in_order
 from cnnlab.recipes import RECIPES, resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit, resume
-from cnnlab.train import state as state_module
-from cnnlab.train.progress import LineReporter
+from cnnlab.train import parts as parts_module
+from cnnlab.train.reporter import LineReporter
 
 from .conftest import write_image_folder
 
@@ -56,7 +56,15 @@ def same(first: list, second: list) -> bool:
 
 
 def loader(split: Split, source, rank: int = 0, world_size: int = 1) -> TrainBatches:
-    return TrainBatches(split, source, 8, seed=3, flip="alternating", max_shift=2, rank=rank, world_size=world_size)
+    return TrainBatches(
+        split,
+        source,
+        AugmentConfig(flip="alternating", translate=2),
+        batch_size=8,
+        seed=3,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def test_the_memmap_loader_gives_the_in_memory_loaders_batches_bit_for_bit(tmp_path):
@@ -119,7 +127,7 @@ def test_large_images_are_evaluated_and_initialised_from_in_bounded_pieces(tmp_p
     name = RECIPES["fast70"]["model"]
     monkeypatch.setattr(FastNet, "init_from_data", lambda _, x: seen.append(len(x)))
     assert create_model(name, (3, 32, 32), 2).initialises_from_data
-    monkeypatch.setattr(state_module, "INIT_PIXELS", 10 * 64 * 64)
+    monkeypatch.setattr(parts_module, "INIT_PIXELS", 10 * 64 * 64)
     write_image_folder(tmp_path / "photos", classes=2, per_class=20, size=64, split=False)
     config = resolve_run_config(
         {"data": {"data": str(tmp_path / "photos"), "image_size": 64}, "train": {"recipe": "fast70", "epochs": 0.01}}
@@ -165,7 +173,9 @@ def trained_epoch(batches: TrainBatches, number: int, loss_of, done: int = 0, st
 
 def test_selection_trains_on_the_unseen_first_then_on_the_highest_last_losses():
     split = pixels(40)
-    selecting = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, select_share=0.5)
+    selecting = TrainBatches(
+        split, InMemory(split, torch.device("cpu")), AugmentConfig(), batch_size=8, seed=3, select_share=0.5
+    )
     assert selecting.steps_per_epoch == 3  # 20 images a selected epoch, in batches of 8
 
     def trained_on(epoch: int, losses: torch.Tensor) -> torch.Tensor:
@@ -181,8 +191,10 @@ def test_selection_trains_on_the_unseen_first_then_on_the_highest_last_losses():
     fourth = trained_on(4, losses)  # so that the other 20 rank above them now
     assert set(fourth.tolist()) == set(range(40)) - set(third.tolist())
     # the whole split, as without selection, draws the same batches from the same generator
-    everything = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, select_share=1.0)
-    plain = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3)
+    everything = TrainBatches(
+        split, InMemory(split, torch.device("cpu")), AugmentConfig(), batch_size=8, seed=3, select_share=1
+    )
+    plain = TrainBatches(split, InMemory(split, torch.device("cpu")), AugmentConfig(), batch_size=8, seed=3)
     assert same(epoch_batches(everything, 1), epoch_batches(plain, 1))
 
 
@@ -190,7 +202,14 @@ def test_a_selecting_loader_restored_mid_epoch_continues_with_the_same_batches()
     split = pixels(40)
 
     def selecting() -> TrainBatches:
-        return TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, max_shift=2, select_share=0.6)
+        return TrainBatches(
+            split,
+            InMemory(split, torch.device("cpu")),
+            AugmentConfig(translate=2),
+            batch_size=8,
+            seed=3,
+            select_share=0.6,
+        )
 
     def mean_pixel(batch: Batch) -> torch.Tensor:  # a loss for each image
         return batch.images.float().mean((1, 2, 3))
@@ -350,7 +369,9 @@ def test_random_resized_crops_are_seeded_batch_operations_and_the_whole_box_is_t
     assert area.min() >= 0.35 - 1e-6 and area.max() <= 1 and (boxes[:, 2] + boxes[:, 0] <= 1 + 1e-6).all()
     assert torch.equal(boxes, random_crop_boxes(500, 0.35, torch.Generator().manual_seed(0)))
     split = pixels()
-    cropping = TrainBatches(split, InMemory(split, torch.device("cpu")), 8, seed=3, crop_area=0.5)
+    cropping = TrainBatches(
+        split, InMemory(split, torch.device("cpu")), AugmentConfig(crop_area=0.5), batch_size=8, seed=3
+    )
     assert epoch_batches(cropping, 1)[0][1].shape == (8, 6, 6, 3)
     with pytest.raises(CnnlabError, match=r"train\.crop_area must be more than 0 and at most 1"):
         resolve_run_config({"train": {"crop_area": 0.0}}).check()

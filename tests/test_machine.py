@@ -20,7 +20,7 @@ from cnnlab.machine import Machine, _cpuinfo, inference_precision, resolve_preci
 from cnnlab.models import load_model
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit, resume
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 
 ZEN4 = Machine(
     cpu_model="AMD EPYC 9R14",

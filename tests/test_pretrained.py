@@ -31,8 +31,8 @@ from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit, resume
 from cnnlab.train.optim import make_layerwise_optimizer
-from cnnlab.train.progress import LineReporter
-from cnnlab.train.state import loss_weights
+from cnnlab.train.parts import loss_weights
+from cnnlab.train.reporter import LineReporter
 
 from .conftest import SHARED_CIFAR, pattern_image, write_image_folder
 from .test_train import Interrupt, InterruptAfter

@@ -8,7 +8,7 @@ from cnnlab.config import DataConfig
 from cnnlab.data import load_dataset
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 from tests.conftest import SHARED_CIFAR
 
 pytestmark = [

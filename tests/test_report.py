@@ -21,7 +21,7 @@ from cnnlab.models import MODELS, ModelInfo, TrainedModel, create_model, load_mo
 from cnnlab.recipes import resolve_run_config
 from cnnlab.report import write_run_report
 from cnnlab.train import fit
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 from tests.conftest import ARTIFACTS
 
 runner = CliRunner()

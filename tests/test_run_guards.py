@@ -15,7 +15,7 @@ from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit, resume
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 from tests.test_train import Interrupt, InterruptAfter, digits_config
 
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from cnnlab.bench import MARKS, format_ratio, format_result, mean_pixel_share, ratios, summarise, with_seeds
-from cnnlab.data.augment import alternating_flips, jittered, mirror, random_jitter, random_shifts, translate
+from cnnlab.data.augment import (
+    alternating_flips,
+    jittered,
+    mirror,
+    random_jitter,
+    random_shifts,
+    resolution_at,
+    translate,
+)
 from cnnlab.data.transforms import channel_statistics, downscaled
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.models import create_model
@@ -17,8 +25,8 @@ from cnnlab.recipes import resolve_run_config
 from cnnlab.runs import ChildRun
 from cnnlab.train import fit, phases
 from cnnlab.train.fit import check_settings
-from cnnlab.train.optim import Muon, make_optimizer, make_schedule, orthogonalized, resolution_at
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.optim import Muon, make_optimizer, make_schedule, orthogonalized
+from cnnlab.train.reporter import LineReporter
 
 
 def images(count: int = 6, size: int = 8, seed: int = 0) -> torch.Tensor:

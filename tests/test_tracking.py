@@ -24,7 +24,7 @@ from cnnlab.cli import app
 from cnnlab.recipes import resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 from tests.conftest import free_port, wait_for_checkpoint
 
 runner = CliRunner()

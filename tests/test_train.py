@@ -15,9 +15,9 @@ from cnnlab.evaluate import evaluate
 from cnnlab.models import load_model
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit, resume
-from cnnlab.train.engine import WeightAveraging
+from cnnlab.train.hooks import WeightAveraging
 from cnnlab.train.optim import LOOKAHEAD_START_EPOCH, lookahead_decay
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 
 
 def digits_config(out, **train):
@@ -109,13 +109,12 @@ def test_lookahead_pulls_the_weights_every_five_steps_and_ends_on_the_average():
     puts them on the average (copied back, the current weights not blended in)."""
     model = torch.nn.Linear(1, 1, bias=False)
     phase = SimpleNamespace(averages_weights=True, total_steps=12, lookahead=None)
-    state = SimpleNamespace(settings=SimpleNamespace(optim=SimpleNamespace(lookahead=True)), model=model)
-    hook, average = WeightAveraging(), None
+    hook, average = WeightAveraging(model), None
     for step in range(1, 13):
         with torch.no_grad():
             model.weight.add_(1.0)  # a training step
         trained = model.weight.item()
-        hook.after_step(SimpleNamespace(state=state, phase=phase, epoch=LOOKAHEAD_START_EPOCH, global_step=step))
+        hook.after_step(SimpleNamespace(phase=phase, epoch=LOOKAHEAD_START_EPOCH, global_step=step))
         if step == 5:
             average = trained  # the average starts from the weights of the first averaging step
         elif step == 10:

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnlab.atomic import write_text
 from cnnlab.config import AugmentConfig, DataConfig, TrainConfig
 from cnnlab.data import load_dataset
+from cnnlab.data.augment import resolution_at
 from cnnlab.data.dataset import ImageShape
 from cnnlab.errors import CnnlabError
 from cnnlab.machine import DTYPES, Machine, resolve_device, resolve_precision, synchronize, this_machine
@@ -34,7 +35,6 @@ from cnnlab.models import create_model
 from cnnlab.models.inference import Scores
 from cnnlab.recipes import resolve_run_config
 from cnnlab.runs import ChildRun, train_in_child
-from cnnlab.train.optim import resolution_at
 
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
 

@@ -27,7 +27,7 @@ from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.report import write_run_report
 from cnnlab.tracking.loggers import publish
 from cnnlab.train import run
-from cnnlab.train.progress import default_reporter
+from cnnlab.train.reporter import default_reporter
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")]
 DATA_SOURCE = ("dataset", "data", "cache_dir")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cnnlab.config import AugmentConfig
+
 
 def alternating_flips(base: torch.Tensor, epoch: int) -> torch.Tensor:
     """Which images (by dataset index) to mirror in this epoch: a fixed random half `base` on odd epochs
@@ -93,3 +95,22 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     cropped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return cropped.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+RESOLUTION_STEP = 4  # progressive resizing grows the shorter side in steps of this many pixels
+
+
+def resolution_at(step: int, total_steps: int, config: AugmentConfig, full: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) a training step sees: with `config.low_res`, the shorter side rises linearly from it
+    at the first step to full size at `low_res_share` of the steps, rounded down to RESOLUTION_STEP pixels (so
+    that few shapes are compiled); the longer side keeps the aspect ratio."""
+    height, width = full
+    shorter = min(height, width)
+    if not config.low_res or config.low_res >= shorter:
+        return full
+    progress = min(1.0, step / max(1.0, config.low_res_share * total_steps))
+    side = config.low_res + (shorter - config.low_res) * progress
+    side = max(config.low_res, int(side) // RESOLUTION_STEP * RESOLUTION_STEP)
+    if side >= shorter:
+        return full
+    return round(height * side / shorter), round(width * side / shorter)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cnnlab.atomic import atomic_write, make_folder
+from cnnlab.config import AugmentConfig
 from cnnlab.data.augment import (
     alternating_flips,
     mirror,
@@ -119,19 +120,18 @@ class TrainBatches:
         self,
         split: Split,
         source: PixelSource,
+        augment: AugmentConfig,
+        *,
         batch_size: int,
         seed: int,
-        flip: str = "none",
-        max_shift: int = 0,
+        select_share: float = 1.0,
         rank: int = 0,
         world_size: int = 1,
-        crop_area: float = 1.0,
-        jitter: float = 0.0,
-        select_share: float = 1.0,
     ):
-        self.source, self.batch_size, self.flip, self.max_shift = source, batch_size, flip, max_shift
-        self.crop_area = crop_area  # random-resized crops of at least this share of the area; 1: none
-        self.jitter = jitter  # the largest brightness shift and contrast change; 0: none
+        self.source, self.batch_size = source, batch_size
+        self.flip, self.max_shift = augment.flip, augment.translate
+        self.crop_area = augment.crop_area  # random-resized crops of at least this share of the area; 1: none
+        self.jitter = augment.color_jitter  # the largest brightness shift and contrast change; 0: none
         self.rank, self.world_size = rank, world_size
         self.size = len(split)
         # Hard-example selection: an epoch trains on the `selected` images with the highest loss when last

@@ -33,7 +33,7 @@ from cnnlab.models import model_spec
 from cnnlab.progress import Advance
 from cnnlab.recipes import recipe_values, resolve_run_config
 from cnnlab.train import fit
-from cnnlab.train.progress import LineReporter
+from cnnlab.train.reporter import LineReporter
 
 # The linear model's L2 penalty on its weights (on the mean loss over standardised features) is chosen per
 # dataset: the best of PENALTIES in a 2-fold cross-validation on at most PENALTY_SAMPLE images, scaled by how many

@@ -60,7 +60,7 @@ class Classifier(nn.Module):
 
     def init_from_data(self, images: torch.Tensor) -> None:
         """Data-dependent initialisation from a seeded sample of normalised (N, C, H, W) training images (at most
-        5,000, fewer for large images: see train.state.INIT_PIXELS); none by default."""
+        5,000, fewer for large images: see train.parts.INIT_PIXELS); none by default."""
 
     @property
     def initialises_from_data(self) -> bool:

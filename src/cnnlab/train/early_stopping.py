@@ -27,6 +27,11 @@ class EarlyStopping:
             self.best = (metrics["val_loss"], metrics["epoch"], copy.deepcopy(model.state_dict()))
         return bool(metrics["epoch"] - max(self.best[1], phase_start - 1) >= self.patience)
 
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch whose weights are kept: the model has them once training has ended."""
+        return self.best[1] if self.best is not None else None
+
     def state_dict(self) -> dict[str, Any] | None:
         if self.best is None:
             return None

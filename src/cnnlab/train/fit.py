@@ -1,13 +1,15 @@
 """Training: `fit(RunConfig)` trains a registered model into a run folder; `resume` continues one.
 
 Launched by torchrun, the same calls train data-parallel (see `distributed`): every process trains, the
-main one alone writes the run folder. The loop over phases, epochs and steps is in `engine`, the phases in
-`phases`, the state they carry in `state`.
+main one alone writes the run folder. A run's phases are planned in `plan` and built in `phases` from the
+components in `parts`; the loop over them is in `engine`, what happens around the steps in `hooks`, and
+what a run carries from step to step, with its checkpoints, in `record`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +23,34 @@ from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import ImageShape
 from cnnlab.errors import CnnlabError, ConfigError, first_line
 from cnnlab.machine import DTYPES, Precision, memory_bytes, resolve_device, resolve_precision, this_machine
-from cnnlab.models import TrainedModel, model_spec, save_model
+from cnnlab.models import TrainedModel, model_spec
 from cnnlab.models.registry import least_step_bytes
 from cnnlab.run_dir import RunDir
 from cnnlab.tracking.loggers import Trackers, start_trackers
 from cnnlab.train import engine
 from cnnlab.train.distributed import Ranks, check_restartable, joined, lost_contact, restarted_by_torchrun
-from cnnlab.train.progress import LineReporter, Reporter, default_reporter
+from cnnlab.train.early_stopping import EarlyStopping
+from cnnlab.train.hooks import (
+    Checkpoints,
+    EarlyStop,
+    FinalModel,
+    HardExampleSelection,
+    Hooks,
+    KeepBest,
+    MetricsLine,
+    SignalStop,
+    StepReport,
+    TrackerLog,
+    WeightAveraging,
+)
+from cnnlab.train.parts import TrainingParts, build_batches, build_loss, build_trainee, initialize
+from cnnlab.train.phases import build_phase
+from cnnlab.train.plan import plan_phases
+from cnnlab.train.record import Checkpointer, RunProgress
+from cnnlab.train.reporter import LineReporter, Reporter, default_reporter
+from cnnlab.train.rng import reproducible
 from cnnlab.train.runtime import keep_freed_memory
-from cnnlab.train.state import Recorder, TrainState, reproducible
+from cnnlab.train.signals import StopOnSignal
 
 
 @dataclass
@@ -114,37 +135,81 @@ def _train(
     check_settings(settings, ranks.world_size)
     reporter = reporter if ranks.is_main else LineReporter(Console(quiet=True))
     keep_freed_memory()
-    state = TrainState(settings, precision, dataset, ranks, cache_root(config.data.cache_dir))
+    cache = cache_root(config.data.cache_dir)
+    trainee = build_trainee(settings, precision, dataset, ranks)
+    parts = TrainingParts(
+        trainee,
+        build_batches(settings, dataset, ranks, cache),
+        build_loss(settings.optim, dataset, ranks.device),
+        dataset,
+        ranks,
+    )
+    plan, progress, stopping = plan_phases(settings), RunProgress(), EarlyStopping(settings.optim.patience)
     for line in dataset.summary():
         reporter.message(line)
     reporter.message(f"precision {precision} ({settings.system.precision}; {this_machine().describe()})")
     trackers = start_trackers(config, run_dir, precision) if ranks.is_main else Trackers([])
-    recorder = Recorder(state, run_dir, config, list(dataset.classes), trackers)
+    classes = list(dataset.classes)
+    checkpointer = Checkpointer(run_dir, config, classes, trainee, parts.batches, progress, stopping, ranks)
     if checkpoint is not None:
-        recorder.restore(checkpoint)
+        checkpointer.restore(checkpoint)
     else:
-        state.initialize(dataset)
+        progress.init_seconds = initialize(trainee, settings, dataset, ranks.device, cache)
+    build = functools.partial(build_phase, parts=parts, settings=settings)
+    phase = build(plan[progress.phase_index], progress.phase_first_epoch)
+    if checkpoint is not None:
+        phase.load_state_dict(checkpoint)
+    final = FinalModel(config, trainee, classes, progress, stopping, run_dir, ranks)
     try:
-        recorder.start()
-        engine.train(state, recorder, reporter)
-        info = state.model_info(config, list(dataset.classes))
         if ranks.is_main:
-            save_model(state.model, info, run_dir.path)
+            run_dir.restart_metrics(progress.history)
+        with StopOnSignal() as stop:
+            hooks = training_hooks(settings, parts, checkpointer, stopping, trackers, reporter, stop, run_dir, final)
+            engine.train(plan, phase, build, progress, hooks, reporter)
     except BaseException as error:
         trackers.stopped()
-        _raise_as_one_line(error, recorder, run_dir, ranks)
+        _raise_as_one_line(error, checkpointer, run_dir, ranks)
         raise
     finally:
         trackers.close()
         reporter.stop()
-    trained = TrainedModel(state.model.eval(), info)
-    return TrainingResult(trained, state.history, run_dir.path, dataset, ranks.is_main)
+    assert final.info is not None
+    trained = TrainedModel(trainee.model.eval(), final.info)
+    return TrainingResult(trained, progress.history, run_dir.path, dataset, ranks.is_main)
 
 
-def _raise_as_one_line(error: BaseException, recorder: Recorder, run_dir: RunDir, ranks: Ranks) -> None:
+def training_hooks(
+    settings: TrainConfig,
+    parts: TrainingParts,
+    checkpointer: Checkpointer,
+    stopping: EarlyStopping,
+    trackers: Trackers,
+    reporter: Reporter,
+    stop: StopOnSignal,
+    run_dir: RunDir,
+    final: FinalModel,
+) -> Hooks:
+    """The hooks of a run, in the order each event calls them."""
+    model, ranks = parts.trainee.model, parts.ranks
+    averaging = (WeightAveraging(model),) if settings.optim.lookahead else ()
+    return Hooks(
+        HardExampleSelection(parts.batches, ranks),
+        *averaging,
+        EarlyStop(stopping, model),
+        Checkpoints(checkpointer, settings.system.checkpoint_every),
+        MetricsLine(run_dir, ranks),
+        TrackerLog(trackers, parts.batches.steps_per_epoch),
+        StepReport(reporter, ranks.world_size),
+        KeepBest(stopping, model, reporter),
+        SignalStop(stop, checkpointer, ranks),
+        final,
+    )
+
+
+def _raise_as_one_line(error: BaseException, checkpointer: Checkpointer, run_dir: RunDir, ranks: Ranks) -> None:
     """A write failure or a lost process as one line saying which checkpoint is intact; else nothing."""
     if isinstance(error, WriteError):
-        intact = recorder.intact
+        intact = checkpointer.intact
         kept = f"the checkpoint of {intact} in {run_dir} is intact" if intact else "no checkpoint was written yet"
         failure = WriteError(error.path, error.reason, kept)
         raise (failure.resumable(run_dir.path) if intact else failure) from None

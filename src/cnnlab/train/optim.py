@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.config import AugmentConfig, FinetuneConfig, OptimConfig
+from cnnlab.config import FinetuneConfig, OptimConfig
 from cnnlab.errors import ConfigError
 from cnnlab.models.registry import ParameterGroups
 
@@ -144,25 +144,6 @@ def make_schedule(
         return 1 + (config.lr_end - 1) * min(1.0, (step - peak) / max(1, total_steps - peak))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
-
-
-RESOLUTION_STEP = 4  # progressive resizing grows the shorter side in steps of this many pixels
-
-
-def resolution_at(step: int, total_steps: int, config: AugmentConfig, full: tuple[int, int]) -> tuple[int, int]:
-    """The (height, width) a training step sees: with `config.low_res`, the shorter side rises linearly from it
-    at the first step to full size at `low_res_share` of the steps, rounded down to RESOLUTION_STEP pixels (so
-    that few shapes are compiled); the longer side keeps the aspect ratio."""
-    height, width = full
-    shorter = min(height, width)
-    if not config.low_res or config.low_res >= shorter:
-        return full
-    progress = min(1.0, step / max(1.0, config.low_res_share * total_steps))
-    side = config.low_res + (shorter - config.low_res) * progress
-    side = max(config.low_res, int(side) // RESOLUTION_STEP * RESOLUTION_STEP)
-    if side >= shorter:
-        return full
-    return round(height * side / shorter), round(width * side / shorter)
 
 
 class Lookahead:

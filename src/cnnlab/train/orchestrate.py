@@ -11,7 +11,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.run_dir import RunDir
 from cnnlab.train.distributed import launch
 from cnnlab.train.fit import TrainingResult, fit, resume
-from cnnlab.train.progress import Reporter
+from cnnlab.train.reporter import Reporter
 
 
 def run(

@@ -1,5 +1,6 @@
-"""The phases a run trains in. Each supplies its batches, the parameters it trains with its optimizer and
-schedule, what a step feeds the network and minimises, and how an epoch is scored:
+"""The phases a run trains in (`train.plan` says which). Each receives the components it uses, and supplies its
+batches, the parameters it trains with its optimizer and schedule, what a step feeds the network and minimises,
+and how an epoch is scored:
 
 - `ImagePhase`: the network on augmented image batches (every model trained from scratch; with
   `frozen_statistics`, the unfreeze phase of fine-tuning, after the head);
@@ -13,31 +14,34 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.config import AugmentConfig, FinetuneConfig, InferenceConfig, OptimConfig, TrainConfig
 from cnnlab.data import Dataset
-from cnnlab.data.augment import jittered
+from cnnlab.data.augment import jittered, resolution_at
 from cnnlab.data.dataset import Pixels
-from cnnlab.data.loader import Batch, in_order
+from cnnlab.data.loader import Batch, TrainBatches, in_order
 from cnnlab.data.transforms import downscaled, to_input
 from cnnlab.errors import ConfigError
 from cnnlab.machine import DTYPES, synchronize
 from cnnlab.models.inference import Logits, Scores, predict
 from cnnlab.progress import tracked
-from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule, resolution_at
+from cnnlab.train.distributed import Ranks
+from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule
+from cnnlab.train.parts import ClassificationLoss, Trainee, TrainingParts
+from cnnlab.train.plan import PhasePlan
 from cnnlab.train.runtime import release_freed_memory
 
 if TYPE_CHECKING:
-    from cnnlab.train.progress import Reporter
-    from cnnlab.train.state import TrainState
+    from cnnlab.train.reporter import Reporter
 
 FEATURE_BATCH = 64  # images per body pass: bounds the activations of a 224 px network to a few hundred MB
 
@@ -58,17 +62,28 @@ class FeatureBatch:
 StepBatch = Batch | FeatureBatch
 
 
+Scorer = Callable[[], dict[str, Any]]  # an epoch's validation and test scores, as metrics.jsonl entries
+
+
 class Phase(abc.ABC):
     """Epochs `first_epoch` .. `last_epoch` of a run, trained by `optimizer` on `schedule`, one step per batch."""
 
     name = "phase"
-    averages_weights = False  # with train.lookahead
+    averages_weights = False  # with optim.lookahead
     lookahead: Lookahead | None = None  # the average, once it is taken
 
-    def __init__(self, state: TrainState, dataset: Dataset, first_epoch: int, epochs: float):
-        self.state, self.dataset = state, dataset
+    def __init__(
+        self,
+        trainee: Trainee,
+        batches: TrainBatches,
+        ranks: Ranks,
+        loss: ClassificationLoss,
+        first_epoch: int,
+        epochs: float,
+    ):
+        self.trainee, self.batches, self.ranks, self.loss = trainee, batches, ranks, loss
         self.first_epoch, self.epochs = first_epoch, epochs
-        self.total_steps = math.ceil(state.batches.steps_per_epoch * epochs)
+        self.total_steps = math.ceil(batches.steps_per_epoch * epochs)
         self.optimizer: torch.optim.Optimizer
         self.schedule: torch.optim.lr_scheduler.LambdaLR
 
@@ -78,14 +93,14 @@ class Phase(abc.ABC):
 
     def global_step(self, epoch: int, step: int) -> int:
         """Steps into the phase."""
-        return (epoch - self.first_epoch) * self.state.batches.steps_per_epoch + step
+        return (epoch - self.first_epoch) * self.batches.steps_per_epoch + step
 
     def steps_in_epoch(self, epoch: int) -> int:
         """All steps of an epoch, or fewer in a fractional last epoch."""
-        steps_per_epoch = self.state.batches.steps_per_epoch
+        steps_per_epoch = self.batches.steps_per_epoch
         return min(steps_per_epoch, self.total_steps - (epoch - self.first_epoch) * steps_per_epoch)
 
-    def start(self, reporter: Reporter) -> None:  # noqa: B027  # a hook: most phases need nothing first
+    def start(self, reporter: Reporter) -> None:  # noqa: B027  # most phases need nothing first
         """Before the phase's first epoch trains (again, after a resume)."""
 
     @abc.abstractmethod
@@ -93,7 +108,7 @@ class Phase(abc.ABC):
         """Put the trained modules in training mode for `epoch`."""
 
     @abc.abstractmethod
-    def batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
+    def epoch_batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
         """Steps done+1 .. of `epoch`, each with its batch."""
 
     @abc.abstractmethod
@@ -105,12 +120,22 @@ class Phase(abc.ABC):
         """The loss to backpropagate, and each image's (weighted, smoothed) cross-entropy, detached."""
 
     @abc.abstractmethod
-    def evaluate(self) -> dict[str, Any]:
+    def score(self) -> dict[str, Any]:
         """The epoch's validation and test scores, as metrics.jsonl entries."""
 
-    def unfrozen_at(self) -> int | None:
-        """For a checkpoint: the last head-only epoch before the unfreeze phase, in that phase; None otherwise."""
-        return None
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the phase: its optimizer, schedule and weight average."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state["lookahead"] is not None:
+            self.lookahead = Lookahead.from_state_dict(self.trainee.model, state["lookahead"])
 
 
 class ImagePhase(Phase):
@@ -118,41 +143,60 @@ class ImagePhase(Phase):
 
     name = "images"
     averages_weights = True
+    frozen_statistics = False  # BatchNorm's running statistics stay as they are (fine-tuning)
 
-    def __init__(self, state: TrainState, dataset: Dataset, first_epoch: int, epochs: float):
-        super().__init__(state, dataset, first_epoch, epochs)
-        groups = state.model.parameter_groups()
-        self.optimizer = make_optimizer(state.model, groups, state.settings.optim, DTYPES[state.precision])
-        self.schedule = make_schedule(self.optimizer, state.settings.optim, self.total_steps)
-        self.forward_module: nn.Module = state.compiled
-        self.frozen_statistics = False  # BatchNorm's running statistics stay as they are (fine-tuning)
+    def __init__(
+        self,
+        trainee: Trainee,
+        batches: TrainBatches,
+        ranks: Ranks,
+        loss: ClassificationLoss,
+        first_epoch: int,
+        epochs: float,
+        *,
+        optim: OptimConfig,
+        augment: AugmentConfig,
+        scorer: Scorer,
+    ):
+        super().__init__(trainee, batches, ranks, loss, first_epoch, epochs)
+        self.augment, self.scorer = augment, scorer
+        self.optimizer = self.make_optimizer(optim)
+        self.schedule = make_schedule(self.optimizer, self.schedule_settings(optim), self.total_steps)
+        self.forward_module: nn.Module = trainee.forward
+
+    def make_optimizer(self, optim: OptimConfig) -> torch.optim.Optimizer:
+        model = self.trainee.model
+        return make_optimizer(model, model.parameter_groups(), optim, DTYPES[self.trainee.precision])
+
+    def schedule_settings(self, optim: OptimConfig) -> OptimConfig:
+        return optim
 
     def begin_epoch(self, epoch: int) -> None:
-        state = self.state
-        state.model.train()
+        model = self.trainee.model
+        model.train()
         if self.frozen_statistics:
-            for module in state.model.modules():
+            for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        state.model.start_epoch(epoch, state.family)
-        self.forward_module = state.ranks.wrap(state.compiled)  # after start_epoch: DDP must see which learn
+        model.start_epoch(epoch, self.trainee.family)
+        self.forward_module = self.ranks.wrap(self.trainee.forward)  # after start_epoch: DDP must see which learn
 
-    def batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
-        yield from self.state.batches.epoch(epoch, self.steps_in_epoch(epoch), done=done)
+    def epoch_batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
+        yield from self.batches.epoch(epoch, self.steps_in_epoch(epoch), done=done)
 
-    def input_size_at(self, global_step: int) -> tuple[int, int]:
+    def input_size_at(self, global_step: int, full: tuple[int, int]) -> tuple[int, int]:
         """The (height, width) that step `global_step` (1-based, into the phase) sees: smaller early with low_res."""
-        _, height, width = self.state.input_shape
-        return resolution_at(global_step - 1, self.total_steps, self.state.settings.augment, (height, width))
+        return resolution_at(global_step - 1, self.total_steps, self.augment, full)
 
     def forward(self, batch: StepBatch, global_step: int) -> torch.Tensor:
         assert isinstance(batch, Batch)
-        state = self.state
-        size = self.input_size_at(global_step)
-        if global_step > 1 and size != self.input_size_at(global_step - 1):
+        trainee = self.trainee
+        full = trainee.input_shape.size
+        size = self.input_size_at(global_step, full)
+        if global_step > 1 and size != self.input_size_at(global_step - 1, full):
             release_freed_memory()  # the heap kept for the last size fits this one badly
-        with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
-            x = to_input(batch.images, state.normalization)
+        with torch.autocast(self.ranks.device.type, dtype=torch.bfloat16, enabled=trainee.bf16):
+            x = to_input(batch.images, trainee.normalization)
             if batch.jitter is not None:
                 x = jittered(x, batch.jitter)
             logits: torch.Tensor = self.forward_module(downscaled(x, size))
@@ -160,20 +204,13 @@ class ImagePhase(Phase):
 
     def objective(self, logits: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         assert isinstance(batch, Batch)
-        state = self.state
-        losses = F.cross_entropy(
-            logits.float(),
-            batch.labels,
-            weight=state.class_weights,
-            label_smoothing=state.settings.optim.label_smoothing,
-            reduction="none",
-        )
+        losses = self.loss.per_image(logits.float(), batch.labels)
         # DDP averages the processes' gradients: scaled so, the step is that of the global batch's mean loss.
-        loss = losses.sum() * (state.ranks.world_size / batch.size if batch.count else 0.0)
+        loss = losses.sum() * (self.ranks.world_size / batch.size if batch.count else 0.0)
         return loss, losses.detach()
 
-    def evaluate(self) -> dict[str, Any]:
-        return evaluate_splits(self.state, self.dataset)
+    def score(self) -> dict[str, Any]:
+        return self.scorer()
 
 
 class UnfreezePhase(ImagePhase):
@@ -181,20 +218,34 @@ class UnfreezePhase(ImagePhase):
     BatchNorm statistics frozen (their scales and shifts learn)."""
 
     name = "unfreeze"
+    frozen_statistics = True
 
-    def __init__(self, state: TrainState, dataset: Dataset, after_epoch: int):
-        Phase.__init__(self, state, dataset, after_epoch + 1, state.settings.finetune.unfreeze_epochs)
-        settings = state.settings
-        split = state.model.split_head()
+    def __init__(
+        self,
+        trainee: Trainee,
+        batches: TrainBatches,
+        ranks: Ranks,
+        loss: ClassificationLoss,
+        first_epoch: int,
+        epochs: float,
+        *,
+        optim: OptimConfig,
+        augment: AugmentConfig,
+        scorer: Scorer,
+        finetune: FinetuneConfig,
+    ):
+        self.finetune = finetune
+        super().__init__(
+            trainee, batches, ranks, loss, first_epoch, epochs, optim=optim, augment=augment, scorer=scorer
+        )
+
+    def make_optimizer(self, optim: OptimConfig) -> torch.optim.Optimizer:
+        split = self.trainee.model.split_head()
         assert split is not None, "the unfreeze phase follows the head phase"
-        self.optimizer = make_layerwise_optimizer(state.model, split[1], settings.optim, settings.finetune)
-        self.schedule = make_schedule(self.optimizer, dataclasses.replace(settings.optim, schedule="triangle"),
-                                      self.total_steps)  # fmt: skip
-        self.forward_module = state.compiled
-        self.frozen_statistics = True
+        return make_layerwise_optimizer(self.trainee.model, split[1], optim, self.finetune)
 
-    def unfrozen_at(self) -> int | None:
-        return self.first_epoch - 1
+    def schedule_settings(self, optim: OptimConfig) -> OptimConfig:
+        return dataclasses.replace(optim, schedule="triangle")
 
 
 class HeadPhase(Phase):
@@ -202,37 +253,50 @@ class HeadPhase(Phase):
 
     name = "head"
 
-    def __init__(self, state: TrainState, dataset: Dataset, first_epoch: int, epochs: float):
-        super().__init__(state, dataset, first_epoch, epochs)
-        split = state.model.split_head()
+    def __init__(
+        self,
+        trainee: Trainee,
+        batches: TrainBatches,
+        ranks: Ranks,
+        loss: ClassificationLoss,
+        first_epoch: int,
+        epochs: float,
+        *,
+        optim: OptimConfig,
+        model_name: str,
+        dataset: Dataset,
+    ):
+        super().__init__(trainee, batches, ranks, loss, first_epoch, epochs)
+        model = trainee.model
+        split = model.split_head()
         if split is None:
-            raise ConfigError(f"train.head_only needs a model with a pretrained body; {state.spec.name} has none",
-                              "train.head_only")  # fmt: skip
-        if state.ranks.world_size > 1:
+            raise ConfigError(
+                f"train.head_only needs a model with a pretrained body; {model_name} has none", "train.head_only"
+            )
+        if ranks.world_size > 1:
             raise ConfigError("train.head_only trains in seconds in one process; leave out nproc", "train.head_only")
         self.body, self.head = split
-        groups = state.model.parameter_groups()
-        self.optimizer = make_optimizer(state.model, groups, state.settings.optim, DTYPES[state.precision])
-        self.schedule = make_schedule(self.optimizer, state.settings.optim, self.total_steps)
+        self.batch_size, self.dataset = optim.batch_size, dataset
+        self.optimizer = make_optimizer(model, model.parameter_groups(), optim, DTYPES[trainee.precision])
+        self.schedule = make_schedule(self.optimizer, optim, self.total_steps)
         self.features: dict[str, torch.Tensor] = {}  # split name -> (N, F)
         self.labels: dict[str, torch.Tensor] = {}
 
     def start(self, reporter: Reporter) -> None:
-        device = self.state.ranks.device
         for name, split in self.dataset.splits().items():
             self.features[name] = self.body_features(split.images, reporter, name)
-            self.labels[name] = torch.from_numpy(split.labels).to(device)
+            self.labels[name] = torch.from_numpy(split.labels).to(self.ranks.device)
 
     @torch.no_grad()
     def body_features(self, images: Pixels, reporter: Reporter, name: str) -> torch.Tensor:
         """(N, F) features of a split's images from the frozen body, in eval mode (BatchNorm as pretrained)."""
-        state = self.state
-        state.model.eval()
+        trainee, device = self.trainee, self.ranks.device
+        trainee.model.eval()
         started, rows = time.perf_counter(), []
-        with torch.autocast(state.ranks.device.type, dtype=torch.bfloat16, enabled=state.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainee.bf16):
             batches = tracked(in_order(images, FEATURE_BATCH), len(images), f"{name} features", line=False)
             for batch in batches:
-                rows.append(self.body(to_input(batch.to(state.ranks.device), state.normalization)).float())
+                rows.append(self.body(to_input(batch.to(device), trainee.normalization)).float())
         seconds = time.perf_counter() - started
         count = sum(len(row) for row in rows)
         reporter.message(f"features of {count:,} {name} images in {seconds:.1f}s ({count / seconds:,.0f} img/s)")
@@ -241,13 +305,12 @@ class HeadPhase(Phase):
     def begin_epoch(self, epoch: int) -> None:
         self.head.train()
 
-    def batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
+    def epoch_batches(self, epoch: int, done: int) -> Iterator[tuple[int, StepBatch]]:
         features, labels = self.features["train"], self.labels["train"]
-        order = self.state.batches.permutation(resumed=done > 0).to(features.device)
-        batch_size = self.state.settings.optim.batch_size
-        starts = range(0, len(order), batch_size)[done : self.steps_in_epoch(epoch)]
+        order = self.batches.permutation(resumed=done > 0).to(features.device)
+        starts = range(0, len(order), self.batch_size)[done : self.steps_in_epoch(epoch)]
         for step, start in enumerate(starts, start=done + 1):
-            rows = order[start : start + batch_size]
+            rows = order[start : start + self.batch_size]
             yield step, FeatureBatch(features[rows], labels[rows])
 
     def forward(self, batch: StepBatch, global_step: int) -> torch.Tensor:
@@ -256,14 +319,13 @@ class HeadPhase(Phase):
         return logits
 
     def objective(self, logits: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, smoothing = self.state.class_weights, self.state.settings.optim.label_smoothing
-        loss = F.cross_entropy(logits, batch.labels, weight=weights, label_smoothing=smoothing)
+        loss = self.loss.mean(logits, batch.labels)
         with torch.no_grad():
-            losses = F.cross_entropy(logits, batch.labels, weight=weights, label_smoothing=smoothing, reduction="none")
+            losses = self.loss.per_image(logits, batch.labels)
         return loss, losses
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def score(self) -> dict[str, Any]:
         self.head.eval()
         metrics: dict[str, Any] = {}
         for name in ("val", "test"):
@@ -273,19 +335,32 @@ class HeadPhase(Phase):
         return metrics
 
 
-def evaluate_splits(state: TrainState, dataset: Dataset) -> dict[str, Any]:
+def build_phase(plan: PhasePlan, first_epoch: int, parts: TrainingParts, settings: TrainConfig) -> Phase:
+    """The phase `plan` names, starting at `first_epoch`, from the run's parts and its config sections."""
+    common = (parts.trainee, parts.batches, parts.ranks, parts.loss, first_epoch, plan.epochs)
+    if plan.kind == "head":
+        return HeadPhase(*common, optim=settings.optim, model_name=settings.model, dataset=parts.dataset)
+    scorer = functools.partial(score_splits, parts.trainee, parts.dataset, settings.inference, parts.ranks)
+    if plan.kind == "unfreeze":
+        return UnfreezePhase(
+            *common, optim=settings.optim, augment=settings.augment, scorer=scorer, finetune=settings.finetune
+        )
+    return ImagePhase(*common, optim=settings.optim, augment=settings.augment, scorer=scorer)
+
+
+def score_splits(trainee: Trainee, dataset: Dataset, inference: InferenceConfig, ranks: Ranks) -> dict[str, Any]:
     """Validation and test scores, plain and with the recipe's TTA (each process scores its shard), and the
     seconds the test split's predictions took: what delivering the accuracy costs after training."""
     metrics: dict[str, Any] = {}
     release_freed_memory()  # evaluation's shapes differ from training's: the kept heap would not fit them
-    settings, ranks = state.settings, state.ranks
     for name, split in (("val", dataset.val), ("test", dataset.test)):
         if split is None:
             continue
         started = time.perf_counter()
         images = in_order(split.images[ranks.shard(len(split))])
-        shard = predict(state.model, images, state.normalization, ranks.device, settings.inference.tta, state.bf16,
-                        settings.inference.tta_below)  # fmt: skip
+        shard = predict(
+            trainee.model, images, trainee.normalization, ranks.device, inference.tta, trainee.bf16, inference.tta_below
+        )
         gathered = Logits(
             ranks.gather_rows(shard.plain, len(split)),
             ranks.gather_rows(shard.delivered, len(split)),
