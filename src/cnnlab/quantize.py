@@ -11,6 +11,7 @@ accuracy.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +25,8 @@ from cnnlab.data import Split
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.export import OnnxModel, Verification, export_onnx, require
 from cnnlab.models import TrainedModel
+
+log = logging.getLogger("cnnlab")
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,15 @@ class Int8Result:
 
 
 def calibration_sample(train: Split, settings: Int8Settings) -> np.ndarray:
-    """The indices of the training images the INT8 ranges are calibrated on: a seeded sample, sorted."""
+    """The indices of the training images the INT8 ranges are calibrated on: a seeded sample, sorted; all of
+    them, with a warning that says so, when fewer than `settings.calibration_images` are there."""
+    asked = settings.calibration_images
+    if asked > len(train):
+        log.warning(
+            "calibrating on all %s training images: %s were asked, more than there are", f"{len(train):,}", f"{asked:,}"
+        )
     rng = np.random.default_rng(settings.seed)
-    return np.sort(rng.choice(len(train), min(settings.calibration_images, len(train)), replace=False))
+    return np.sort(rng.choice(len(train), min(asked, len(train)), replace=False))
 
 
 def export_int8(

@@ -266,7 +266,19 @@ class RunDir:
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """A JSON-lines file's records. A last line cut short is left out: a crash mid-append leaves one, and the
+    lines before it are whole (`--resume` continues from them and rewrites the file)."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    return records
 
 
 def _leaves(tables: dict[str, Any], prefix: str = "") -> dict[str, Any]:

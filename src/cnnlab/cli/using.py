@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cnnlab.cli import EXIT_PARTIAL, app, console, errors, handles_errors
 from cnnlab.cli.flags import DATA_FIELDS, DOCTOR_FIELDS, Flags, takes_config
-from cnnlab.config import DataConfig, DoctorConfig
+from cnnlab.config import DataConfig, DoctorConfig, check_ranges
 from cnnlab.data import images as image_io
 from cnnlab.data import load_dataset
 from cnnlab.data.cache import cache_root
@@ -35,6 +35,7 @@ from cnnlab.predict import expand_paths, load_classifier, predict_files
 from cnnlab.quantize import Int8Settings, calibration_sample, export_int8
 from cnnlab.report import RUNS_HEADER, runs_table_rows, write_data_overview, write_run_report, write_runs_page
 from cnnlab.run_dir import RunDir
+from cnnlab.serve.listen import listening_socket
 from cnnlab.tracking import catalog
 
 ModelPath = Annotated[Path, typer.Argument(help="A run folder, or its model.json / model.safetensors.")]
@@ -187,10 +188,11 @@ def serve(
     uvicorn = require("uvicorn", "serve")
     from cnnlab.serve.app import ServeConfig, create_app  # needs the serve extra
 
+    listener = listening_socket(host, port)  # before the model loads: a port in use is said at once
     config = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch, batch_window_ms=batch_window_ms, queue=queue)
     app = create_app(load_classifier(model, engine), config)
     console.print(f"serving {model} on http://{host}:{port}/")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 
 @app.command(name="export")
@@ -242,12 +244,14 @@ def doctor(
 ) -> None:
     """Find what is wrong with a dataset: suspected label errors, copies within and across splits (leakage),
     outliers, odd images and class balance. Nothing on disk is changed; `train --exclude` trains without them."""
-    data_config = DataConfig(**flags.data)
+    data_config, doctor_config = DataConfig(**flags.data), DoctorConfig(**flags.doctor)
+    check_ranges(data_config, "data")  # before the data is read: a wrong setting is said at once
+    check_ranges(doctor_config, "doctor")
     dataset = load_dataset(data_config)
     for line in dataset.summary():
         console.print(line)
     stages = Stages(console, bars=None if not quiet else False)
-    diagnosis = examine(dataset, DoctorConfig(**flags.doctor), cache_root(data_config.cache_dir), stages)
+    diagnosis = examine(dataset, doctor_config, cache_root(data_config.cache_dir), stages)
     files = write_diagnosis(diagnosis, dataset, out)
     for line in diagnosis.summary():
         console.print(line)

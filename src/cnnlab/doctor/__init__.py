@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab.config import DoctorConfig
+from cnnlab.config import DoctorConfig, check_ranges
 from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import Dataset, Pixels, SplitName, concatenate_images
 from cnnlab.data.exclude import FORMAT, Kind, split_fingerprint
@@ -160,6 +160,7 @@ def examine(
 ) -> Diagnosis:
     """Examine every split of `dataset`; with `config.run`, that run's test accuracy with and without leaks.
     Embeddings are cached in `cache` (default: cnnlab's cache folder)."""
+    check_ranges(config, "doctor")
     stages = stages or Stages(quiet=True)
     root = cache or cache_root(None)
     splits = dataset.splits()
