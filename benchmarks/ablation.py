@@ -65,10 +65,11 @@ def main() -> None:
             train_flags=shlex.split(flags),
             progress=lambda line: print(line, flush=True),
         )
-        runs = result["results"]
-        accuracy = [r["accuracy"] for r in runs]
-        delivered = [r["delivered_seconds"] for r in runs]
-        marks = [r["time_to"]["0.70"] if args.recipe == "fast70" else r["time_to"]["0.90"] for r in runs]
+        runs = result.rows
+        accuracy = [r.scores.delivered_accuracy for r in runs]
+        delivered = [r.delivered_seconds for r in runs]
+        mark = "0.70" if args.recipe == "fast70" else "0.90"
+        marks = [r.time_to[mark] for r in runs]
         table.append(
             f"| {label} `{flags}` | {_spread(accuracy, 100, '%')} | {_spread(delivered, 1, '')} | "
             f"{', '.join('-' if m is None else f'{m:.1f}' for m in marks)} |"

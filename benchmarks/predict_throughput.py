@@ -80,8 +80,10 @@ def trained(run: Path) -> None:
     if not (fp32.is_file() and int8.is_file()):
         sys.exit(f"{run}: export it first (cnnlab export {run}; cnnlab export {run} --int8)")
     measured = json.loads(int8.with_suffix(".json").read_text())["quantization"]
-    extra = (f"  | accuracy fp32 {measured['fp32_accuracy']:.2%}, int8 {measured['int8_accuracy']:.2%} "
-             f"({model.info.tta} TTA)")  # fmt: skip
+    extra = (
+        f"  | accuracy fp32 {measured['fp32_accuracy']:.2%}, int8 {measured['int8_accuracy']:.2%} "
+        f"({model.info.inference.tta} TTA)"
+    )
     images = np.asarray(test_split_for(model, None).images[: max(BATCHES)])
     measure(f"{run.name}", model, fp32, int8, images, extra)
 

@@ -58,7 +58,7 @@ def flip_pair_logits(run: Path) -> tuple[torch.Tensor, Views, torch.Tensor]:
     plain: list[torch.Tensor] = []
     views: dict[Shift, list[torch.Tensor]] = {shift: [] for shift in SHIFTS}
     for batch in in_order(split.images):
-        x = to_input(batch, model.info.norm)
+        x = to_input(batch, model.info.normalization)
         height, width = x.shape[-2:]
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         for down, right in SHIFTS:

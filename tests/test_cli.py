@@ -39,8 +39,8 @@ def test_train_evaluate_predict_on_an_image_folder(tmp_path):
     result = invoke("evaluate", run, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["accuracy"] >= 0.9 and set(report["per_class"]) == {"class0", "class1"}
-    assert json.loads((run / "report.json").read_text())["accuracy"] == report["accuracy"]
+    assert report["delivered_accuracy"] >= 0.9 and set(report["per_class"]) == {"class0", "class1"}
+    assert json.loads((run / "report.json").read_text())["delivered_accuracy"] == report["delivered_accuracy"]
     assert (run / "confusion_matrix.csv").read_text().splitlines()[0] == "true \\ predicted,class0,class1"
 
     table = invoke("evaluate", run)
@@ -86,7 +86,7 @@ def test_compare_writes_markdown_and_json_tables(tmp_path):
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [r["model"] for r in table["results"]] == ["tutorial-mlp", "tutorial-cnn"]
-    assert all(0 < r["accuracy"] <= 1 and r["parameters"] > 0 for r in table["results"])
+    assert all(0 < r["delivered_accuracy"] <= 1 and r["parameters"] > 0 for r in table["results"])
     assert "| tutorial-cnn |" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
@@ -127,5 +127,8 @@ def test_train_and_evaluate_report_the_same_delivered_accuracy(tmp_path):
     assert "with flip TTA" in line and "without" in line
     evaluated = json.loads(invoke("evaluate", run, "--json").output)
     share = "" if evaluated["tta_share"] == 1 else f" on the {evaluated['tta_share']:.0%} least sure"
-    assert f"{evaluated['accuracy']:.4f} (with flip TTA{share}; {evaluated['plain_accuracy']:.4f} without)" == line
+    assert (
+        f"{evaluated['delivered_accuracy']:.4f} (with flip TTA{share}; {evaluated['plain_accuracy']:.4f} without)"
+        == line
+    )
     assert f"test accuracy {line}" in invoke("evaluate", run).output

@@ -37,9 +37,15 @@ def cnnlab(*args: str) -> subprocess.CompletedProcess:
 def probe(out: Path, nproc: int, train: dict) -> list[dict]:
     """Each process's final state and history from a library-level run under torchrun."""
     result = run(
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        str(PROBE), str(out), json.dumps(train),
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(PROBE),
+        str(out),
+        json.dumps(train),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return [torch.load(out / f"rank{rank}.pt") for rank in range(nproc)]
 
@@ -73,15 +79,21 @@ def test_two_processes_end_identical_and_match_one_process(one_process, tmp_path
     assert all(torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]) for key in ranks[0]["state"])
     assert untimed(ranks[0]["history"]) == untimed(ranks[1]["history"])
     two, one = ranks[0]["history"][-1], one_process["history"][-1]
-    assert abs(two["test_acc"] - one["test_acc"]) <= 0.01, (two, one)
-    assert one["test_acc"] >= 0.9
+    assert abs(two["test_plain_accuracy"] - one["test_plain_accuracy"]) <= 0.01, (two, one)
+    assert one["test_plain_accuracy"] >= 0.9
     # The same steps, summed in another order: the weights agree to float rounding, not only in accuracy.
     for key, value in one_process["state"].items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=0.05, atol=0.02)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "checkpoint.pt", "config.toml", "metrics.jsonl", "model.json", "model.safetensors", "rank0.pt", "rank1.pt",
+        "checkpoint.pt",
+        "config.toml",
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+        "rank0.pt",
+        "rank1.pt",
         "sessions.jsonl",
-    ]  # fmt: skip
+    ]
 
 
 def test_a_fast_recipe_trains_data_parallel_with_its_whitening_and_batchnorm_in_step(tmp_path):
@@ -91,7 +103,7 @@ def test_a_fast_recipe_trains_data_parallel_with_its_whitening_and_batchnorm_in_
     train |= {"select_share": 0.6}
     ranks = probe(tmp_path, 2, train)
     assert all(torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]) for key in ranks[0]["state"])
-    assert ranks[0]["history"][-1]["test_delivered_acc"] > 0.5
+    assert ranks[0]["history"][-1]["test_delivered_accuracy"] > 0.5
 
 
 def test_two_nodes_meet_through_a_c10d_rendezvous_and_train_to_the_end(tmp_path):
@@ -100,14 +112,31 @@ def test_two_nodes_meet_through_a_c10d_rendezvous_and_train_to_the_end(tmp_path)
     nodes = [
         subprocess.Popen(
             [
-                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
-                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=cnnlab-two-nodes", "-m", "cnnlab", "train", *TRAIN, "--epochs", "2", "--out", str(out),
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=cnnlab-two-nodes",
+                "-m",
+                "cnnlab",
+                "train",
+                *TRAIN,
+                "--epochs",
+                "2",
+                "--out",
+                str(out),
             ],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=ENV,
         )
         for node in (0, 1)
-    ]  # fmt: skip
+    ]
     outputs = [node.communicate(timeout=180)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert [row["epoch"] for row in metrics(out)] == [1, 2]
@@ -125,7 +154,7 @@ def test_resuming_with_another_number_of_processes_continues_the_same_run(tmp_pa
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (before, after), (expected_before, expected_after) = metrics(split), metrics(whole)
     assert before == expected_before
-    assert abs(after["test_acc"] - expected_after["test_acc"]) <= 0.01
+    assert abs(after["test_plain_accuracy"] - expected_after["test_plain_accuracy"]) <= 0.01
     assert after["train_loss"] == pytest.approx(expected_after["train_loss"], rel=1e-3)
 
 
@@ -172,7 +201,7 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint_and_the_run_finishe
     result = kill_rank_one_after_first_checkpoint(out, "--epochs", "3", *restarts)
     assert result.returncode == 0, result.stdout
     assert [row["epoch"] for row in metrics(out)] == [1, 2, 3]
-    assert abs(metrics(out)[-1]["test_acc"] - one_process["history"][-1]["test_acc"]) <= 0.01
+    assert abs(metrics(out)[-1]["test_plain_accuracy"] - one_process["history"][-1]["test_plain_accuracy"]) <= 0.01
     assert load_file(str(out / "model.safetensors"))
 
 
@@ -194,14 +223,33 @@ def test_a_process_whose_peer_dies_says_so_in_one_line(tmp_path):
     out = tmp_path / "run"
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "cnnlab", "train", *TRAIN, "--epochs", "20", "--checkpoint-every", "10",
-             "--out", str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            [
+                sys.executable,
+                "-m",
+                "cnnlab",
+                "train",
+                *TRAIN,
+                "--epochs",
+                "20",
+                "--checkpoint-every",
+                "10",
+                "--out",
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={
+                **ENV,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
         )
         for rank in (0, 1)
-    ]  # fmt: skip
+    ]
     wait_for_checkpoint(out, processes[0], timeout=120)
     processes[1].kill()
     processes[1].communicate(timeout=30)

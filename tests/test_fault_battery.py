@@ -153,9 +153,19 @@ def test_every_command_reading_the_faulty_folder_ends_cleanly(faulty, trained, t
     assert_clean(cnnlab("report", trained, "--data", faulty))
     assert_clean(cnnlab("data", "show", "--data", faulty, "--out", tmp_path / "grid.png"))
     assert_clean(
-        cnnlab("compare", "--models", "tutorial-mlp,tutorial-cnn", "--data", faulty, "--epochs", "1", "--out",
-               tmp_path / "compare", "-q")
-    )  # fmt: skip
+        cnnlab(
+            "compare",
+            "--models",
+            "tutorial-mlp,tutorial-cnn",
+            "--data",
+            faulty,
+            "--epochs",
+            "1",
+            "--out",
+            tmp_path / "compare",
+            "-q",
+        )
+    )
     archive = tmp_path / "faulty.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:  # links become link members; the FIFO is left out
         tar.add(faulty, arcname="data", filter=lambda member: None if member.isfifo() else member)
@@ -235,8 +245,21 @@ def test_a_write_failure_in_process_names_the_file_and_the_intact_checkpoint(tmp
     monkeypatch.setattr(checkpoint_module, "atomic_write", failing_write)
     run = tmp_path / "run"
     result = CliRunner().invoke(
-        app, ["train", "--model", "tutorial-cnn", "--dataset", "digits", "--image-size", "12", "--epochs", "3",
-              "--out", str(run), "-q"]
-    )  # fmt: skip
+        app,
+        [
+            "train",
+            "--model",
+            "tutorial-cnn",
+            "--dataset",
+            "digits",
+            "--image-size",
+            "12",
+            "--epochs",
+            "3",
+            "--out",
+            str(run),
+            "-q",
+        ],
+    )
     assert (result.exit_code == 74 and result.exception is None) or isinstance(result.exception, SystemExit)
     assert f"cannot write {run / 'checkpoint.pt'}: No space left on device; the checkpoint of epoch 1" in result.output

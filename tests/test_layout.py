@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.config import SECTIONS, AugmentConfig, DataConfig, RunConfig, TrainConfig
+from cnnlab.config import SECTIONS, AugmentConfig, DataConfig, InferenceConfig, RunConfig, TrainConfig
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.data import transforms as transforms_module
 from cnnlab.data.augment import random_crop_boxes, resized_crops
@@ -28,7 +28,7 @@ from cnnlab.data.transforms import channel_statistics
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, create_model, load_model, registry
 from cnnlab.models.families.fast import FastNet
-from cnnlab.models.inference import Scores, evaluate, in_order
+from cnnlab.models.inference import Scores, in_order, predict_and_score
 from cnnlab.recipes import RECIPES, resolve_run_config
 from cnnlab.run_dir import RunDir
 from cnnlab.train import fit, resume
@@ -111,8 +111,11 @@ def test_an_image_folder_stays_on_disk_and_trains_as_from_memory(tmp_path):
     files = sorted((tmp_path / "photos").rglob("*.png"))
     size = dataset.image_shape.size  # the family's input size, 32
     decoded = {to_array(Image.open(f), size, 3).tobytes(): f.parent.name for f in files if f.name != "broken.png"}
-    seen = [(image.tobytes(), dataset.classes[label]) for split in (dataset.train, dataset.test)
-            for image, label in zip(np.asarray(split.images), split.labels, strict=True)]  # fmt: skip
+    seen = [
+        (image.tobytes(), dataset.classes[label])
+        for split in (dataset.train, dataset.test)
+        for image, label in zip(np.asarray(split.images), split.labels, strict=True)
+    ]
     assert len(seen) == len(decoded) == 36 and all(decoded[pixels] == name for pixels, name in seen)
     (images_file,) = (tmp_path / "cache" / "decoded").glob("*.images.npy")
     images_file.write_bytes(images_file.read_bytes()[:-5])  # a damaged cache entry is decoded again
@@ -286,18 +289,25 @@ def test_a_new_family_is_one_file_and_its_hooks_are_called(tmp_path, monkeypatch
 
 def test_one_evaluation_path_gives_plain_and_delivered_scores(trained_run):
     trained = load_model(trained_run)
-    model, norm = trained.module, trained.info.norm
+    model, norm = trained.module, trained.info.normalization
     test = load_dataset(DataConfig(dataset="digits", image_size=12)).test
-    plain, _ = evaluate(model, in_order(test.images), test.labels, norm, torch.device("cpu"))
-    both, logits = evaluate(model, in_order(test.images, 7), test.labels, norm, torch.device("cpu"), "flip-translate")
-    assert isinstance(both, Scores) and both.accuracy == plain.accuracy and both.loss == pytest.approx(plain.loss)
+    plain, _ = predict_and_score(model, in_order(test.images), test.labels, norm, torch.device("cpu"))
+    views = InferenceConfig("flip-translate")
+    both, logits = predict_and_score(model, in_order(test.images, 7), test.labels, norm, torch.device("cpu"), views)
+    assert isinstance(both, Scores) and both.plain_accuracy == plain.plain_accuracy
+    assert both.plain_loss == pytest.approx(plain.plain_loss)
     assert both.delivered_accuracy == pytest.approx((logits.delivered.argmax(1).numpy() == test.labels).mean())
-    assert plain.accuracy == pytest.approx(trained.info.metrics["test_acc"]) and plain.accuracy > 0.5
-    entries = {"test_loss", "test_acc", "test_delivered_loss", "test_delivered_acc", "test_tta", "test_tta_share"}
+    assert plain.plain_accuracy == pytest.approx(trained.info.metrics["test_plain_accuracy"])
+    assert plain.plain_accuracy > 0.5
+    entries = {f"test_{kind}_{score}" for kind in ("plain", "delivered") for score in ("loss", "accuracy")}
+    entries |= {"test_tta", "test_tta_share"}
     assert set(both.metrics("test")) == set(plain.metrics("test")) == entries
     assert both.tta_share == 1.0 and plain.tta_share == 0.0
     recorded = plain.metrics("test")
-    assert (recorded["test_delivered_acc"], recorded["test_tta"]) == (plain.accuracy, "none")  # delivered is plain
+    assert (recorded["test_delivered_accuracy"], recorded["test_tta"]) == (
+        plain.plain_accuracy,
+        "none",
+    )  # delivered is plain
     assert Scores.from_metrics(both.metrics("test"), "test") == both  # read back as written
 
 
@@ -336,8 +346,22 @@ def test_library_errors_name_config_keys_and_the_cli_says_them_as_flags(tmp_path
 
 def test_a_bare_model_on_the_command_line_trains_with_its_family_recipe(tmp_path):
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--model", "fast-tiny", "--dataset", "digits", "--epochs", "0.2",
-                                      "--out", str(run), "-q", "--no-report"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "fast-tiny",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "0.2",
+            "--out",
+            str(run),
+            "-q",
+            "--no-report",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = RunDir(run).read_config().train
     assert (config.recipe, config.optim.optimizer, config.inference.tta, config.augment.low_res) == (

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from cnnlab import figures
 from cnnlab.cli import app
 from cnnlab.data import Dataset, Split
+from cnnlab.data.dataset import ImageShape
+from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import evaluate
 from cnnlab.explain import explain
@@ -25,7 +27,7 @@ from cnnlab.train.reporter import LineReporter
 from tests.conftest import ARTIFACTS
 
 runner = CliRunner()
-UNIT = {"mean": [0.0] * 3, "std": [1.0] * 3}
+UNIT = Normalization((0.0,) * 3, (1.0,) * 3)
 
 
 def assert_real_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
@@ -36,8 +38,14 @@ def assert_real_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, f"{path} is nearly a single colour"
 
 
-FIGURES = ("training_curves", "per_class_scores", "confusion_matrix", "sample_predictions", "worst_mistakes_gradcam",
-           "confidently_wrong")  # fmt: skip
+FIGURES = (
+    "training_curves",
+    "per_class_scores",
+    "confusion_matrix",
+    "sample_predictions",
+    "worst_mistakes_gradcam",
+    "confidently_wrong",
+)
 
 
 def test_run_report_leads_with_the_answer_and_is_self_contained(trained_run):
@@ -47,12 +55,19 @@ def test_run_report_leads_with_the_answer_and_is_self_contained(trained_run):
     assert page.count('src="data:image/png;base64,') == len(FIGURES)
     assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything from outside"
     assert "<script" not in page and "macro avg" in page and "Metrics per epoch" in page
-    accuracy = json.loads((trained_run / "model.json").read_text())["metrics"]["test_delivered_acc"]
+    accuracy = json.loads((trained_run / "model.json").read_text())["metrics"]["test_delivered_accuracy"]
     title = re.search(r"<h1>(.*?)</h1>", page).group(1)
     assert title == f"tutorial-cnn on digits: {accuracy:.2%} test accuracy"
     headings = re.findall(r"<h2>(.*?)</h2>", page)
-    assert headings == ["Summary", "Training", "Per class (test)", "Confusion matrix", "Examples", "Worst mistakes",
-                        "Configuration"]  # fmt: skip
+    assert headings == [
+        "Summary",
+        "Training",
+        "Per class (test)",
+        "Confusion matrix",
+        "Examples",
+        "Worst mistakes",
+        "Configuration",
+    ]
     summary = page[page.index("<h2>Summary</h2>") : page.index("<h2>Training</h2>")]
     for fact in ("test accuracy (delivered)", "balanced accuracy", "training", "machine", "recipe"):
         assert f"<th>{fact}</th>" in summary
@@ -128,7 +143,7 @@ def test_gradcam_points_at_the_square_that_decides_the_class(tmp_path):
     dataset = Dataset("squares", ("top-left", "top-right", "bottom-left", "bottom-right"), train, test)
     config = resolve_run_config({"train": {"model": "tutorial-cnn", "epochs": 6}, "out": str(tmp_path / "run")})
     model = fit(config, dataset, reporter=LineReporter()).model
-    assert evaluate(model, test).accuracy > 0.95
+    assert evaluate(model, test).scores.delivered_accuracy > 0.95
     hits = 0
     for image, mask in zip(test.images, masks, strict=True):
         heat = explain(model, image).heat
@@ -137,8 +152,9 @@ def test_gradcam_points_at_the_square_that_decides_the_class(tmp_path):
 
 
 @pytest.mark.parametrize(("device", "width", "height"), [("laptop", 1366, 768), ("phone", 390, 844)])
-def test_report_html_reads_at_laptop_and_phone_widths_in_headless_chromium(trained_run, browser_page, device, width,
-                                                                          height):  # fmt: skip
+def test_report_html_reads_at_laptop_and_phone_widths_in_headless_chromium(
+    trained_run, browser_page, device, width, height
+):
     """In real Chromium: every image loads, nothing errors, the page is never wider than the screen, and the
     accuracy and the summary table are on the first screen."""
     browser_page.set_viewport_size({"width": width, "height": height})
@@ -155,7 +171,8 @@ def test_report_html_reads_at_laptop_and_phone_widths_in_headless_chromium(train
 
 @pytest.mark.parametrize("name", [name for name in MODELS if name != "tutorial-mlp"])
 def test_explain_works_for_every_conv_model_in_the_registry(name):
-    model = TrainedModel(create_model(name, (3, 16, 16), 4).eval(), ModelInfo(name, list("abcd"), [3, 16, 16], UNIT))
+    shape = ImageShape(3, 16, 16)
+    model = TrainedModel(create_model(name, shape, 4).eval(), ModelInfo(name, list("abcd"), shape, UNIT))
     explanation = explain(model, np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     assert explanation.heat.shape == (16, 16) and explanation.heat.min() >= 0 and explanation.heat.max() <= 1
     assert explanation.first_filters.shape[-1] == 3 and len(explanation.feature_maps) >= 2

@@ -71,8 +71,11 @@ def test_an_image_size_whose_first_step_cannot_fit_is_refused_with_the_estimate(
     config = resolve_run_config(
         {"data": {"dataset": "digits", "image_size": 100_000}, "train": {"model": "tutorial-cnn"}, "out": str(tmp_path)}
     )
-    with pytest.raises(ConfigError, match=r"one training step of tutorial-cnn on 32 images of 100000x100000 takes "
-                                          r"at least [\d,.]+ GB, more than the [\d,.]+ GB of memory here"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"one training step of tutorial-cnn on 32 images of 100000x100000 takes "
+        r"at least [\d,.]+ GB, more than the [\d,.]+ GB of memory here",
+    ):
         fit(config, reporter=LineReporter())
 
 

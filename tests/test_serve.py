@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from cnnlab.config import InferenceConfig
 from cnnlab.data import DataConfig, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import evaluate
@@ -293,7 +294,7 @@ def test_onnx_export_computes_the_models_selective_tta(model, tmp_path):
     plain = model.probabilities(sample[:7])  # the fixture's model has no TTA
     third, fourth = np.sort(plain.max(1))[2:4]
     below = float(third + fourth) / 2  # the views for the three least sure images; no image at the threshold
-    viewing = TrainedModel(model.module, replace(model.info, tta="flip-translate", tta_below=below))
+    viewing = TrainedModel(model.module, replace(model.info, inference=InferenceConfig("flip-translate", below)))
     verification = export_onnx(viewing, tmp_path / "model.onnx", sample)
     assert verification.max_abs_difference <= 1e-4
     exported = OnnxModel(tmp_path / "model.onnx").probabilities(sample[:7])
@@ -383,9 +384,12 @@ def test_concurrent_requests_are_classified_together_and_answered_as_alone(model
     async def answers(config: ServeConfig) -> tuple[list[list[dict]], str]:
         app = create_app(model, config)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cnnlab") as http:
-            responses = await asyncio.gather(*(
-                http.post("/predict", files={"file": (f"{i}.png", body, "image/png")}) for i, body in enumerate(bodies)
-            ))  # fmt: skip
+            responses = await asyncio.gather(
+                *(
+                    http.post("/predict", files={"file": (f"{i}.png", body, "image/png")})
+                    for i, body in enumerate(bodies)
+                )
+            )
             assert all(response.status_code == 200 for response in responses)
             return [r.json()["predictions"][0]["top"] for r in responses], (await http.get("/metrics")).text
 

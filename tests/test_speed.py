@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from cnnlab.bench import MARKS, format_ratio, format_result, mean_pixel_share, ratios, summarise, with_seeds
+from cnnlab.config import InferenceConfig
 from cnnlab.data.augment import (
     alternating_flips,
     jittered,
@@ -113,8 +116,8 @@ def test_tta_is_the_weighted_mean_of_its_views():
 
         padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         expected = mirrored(x) / 2 + (mirrored(padded[..., :16, :16]) + mirrored(padded[..., 2:, 2:])) / 4
-        torch.testing.assert_close(tta_logits(model, x, "flip-translate"), expected)
-        torch.testing.assert_close(tta_logits(model, x, "flip"), mirrored(x))
+        torch.testing.assert_close(tta_logits(model, x, InferenceConfig("flip-translate")), expected)
+        torch.testing.assert_close(tta_logits(model, x, InferenceConfig("flip")), mirrored(x))
 
 
 def test_selective_tta_equals_full_tta_on_the_images_it_covers_and_the_plain_logits_elsewhere():
@@ -124,17 +127,17 @@ def test_selective_tta_equals_full_tta_on_the_images_it_covers_and_the_plain_log
         plain = model(x)
         confidence = torch.softmax(plain, 1).amax(1)
         below = confidence.median().item()  # half the images are less sure than this
-        one, delivered, viewed = views(model, x, "flip-translate", below)
-        full = tta_logits(model, x, "flip-translate")
-        traced = tta_logits(model, x, "flip-translate", below)  # what export computes
-        sure_of_all = tta_logits(model, x, "flip-translate", 0.0)
+        one, delivered, viewed = views(model, x, InferenceConfig("flip-translate", below))
+        full = tta_logits(model, x, InferenceConfig("flip-translate"))
+        traced = tta_logits(model, x, InferenceConfig("flip-translate", below))  # what export computes
+        sure_of_all = tta_logits(model, x, InferenceConfig("flip-translate", 0.0))
     assert torch.equal(viewed, confidence < below) and 0 < viewed.sum() < len(x)
     torch.testing.assert_close(one, plain)
     torch.testing.assert_close(delivered[viewed], full[viewed])
     assert torch.equal(delivered[~viewed], plain[~viewed])
     torch.testing.assert_close(traced, delivered)
     assert torch.equal(sure_of_all, plain)
-    _, everything, all_viewed = views(model, x, "flip-translate", 1.0)
+    _, everything, all_viewed = views(model, x, InferenceConfig("flip-translate", 1.0))
     assert all_viewed.all()
     torch.testing.assert_close(everything, full)
 
@@ -240,7 +243,7 @@ def test_a_tiny_fast_run_on_digits_beats_90_percent(tmp_path, monkeypatch):
     result = fit(config, reporter=LineReporter())
     assert seen[0] == (12, 12) and seen[-1] == (32, 32) and seen == sorted(seen)
     assert len(trims) == len(set(seen)) - 1 + 2 * len(result.history)
-    assert result.history[-1]["test_delivered_acc"] > 0.90
+    assert result.history[-1]["test_delivered_accuracy"] > 0.90
     assert 0 < result.history[-1]["test_tta_share"] < 1  # selective TTA: the less sure share of the test split
     first, last = result.history[0], result.history[-1]
     assert first["init_seconds"] > 0 and "init_seconds" not in last  # the whitening, timed once
@@ -252,22 +255,27 @@ def test_bench_counts_every_epoch_trained_and_reports_the_epoch_the_run_kept():
         scores = Scores("flip", 1.0, plain, 1.0, delivered, 0.5).metrics("test")
         return {"epoch": epoch, "seconds": 10.0, "images_per_s": 100.0, "precision": "fp32", **scores, **more}
 
-    history = [line(1, 0.6, 0.72, test_seconds=2.0, init_seconds=1.5), line(2, 0.8, 0.91, test_seconds=2.5),
-               line(3, 0.7, 0.75, test_seconds=2.0)]  # fmt: skip
+    history = [
+        line(1, 0.6, 0.72, test_seconds=2.0, init_seconds=1.5),
+        line(2, 0.8, 0.91, test_seconds=2.5),
+        line(3, 0.7, 0.75, test_seconds=2.0),
+    ]
     config = resolve_run_config({"train": {"recipe": "fast70"}})
-    run = ChildRun(config, history, history[1] | {"best_epoch": 2}, "flip", 1.0)  # early stopping kept epoch 2
+    run = ChildRun(config, history, history[1] | {"best_epoch": 2}, 1.0)  # early stopping kept epoch 2
     result = summarise(run, 0, 1e6, {"fp32_peak_gflops": 1.0})
-    assert (result["kept_epoch"], result["accuracy"], result["plain_accuracy"]) == (2, 0.91, 0.8)
-    assert result["train_seconds"] == 30.0 and result["delivered_seconds"] == 1.5 + 30.0 + 2.5
-    assert result["train_time_to"]["0.70"] == 10.0 and result["time_to"]["0.70"] == 1.5 + 10.0 + 2.0
-    assert result["time_to"]["0.90"] == 24.0 and result["time_to"]["0.93"] is None  # marks use the TTA accuracy
+    assert (result.kept_epoch, result.scores.delivered_accuracy, result.scores.plain_accuracy) == (2, 0.91, 0.8)
+    assert result.train_seconds == 30.0 and result.delivered_seconds == 1.5 + 30.0 + 2.5
+    assert result.train_time_to["0.70"] == 10.0 and result.time_to["0.70"] == 1.5 + 10.0 + 2.0
+    assert result.time_to["0.90"] == 24.0 and result.time_to["0.93"] is None  # marks use the TTA accuracy
+    written = result.to_dict()  # bench.json's row: the scores by the one pair of names
+    assert (written["delivered_accuracy"], written["plain_accuracy"], written["kept_epoch"]) == (0.91, 0.8, 2)
     assert "accuracy 0.9100 (with flip TTA on the 50% least sure; 0.8000 without) (epoch 2)" in format_result(result)
 
 
 def test_bench_ratios_are_of_means_over_seeds_and_only_for_marks_every_run_reached():
     def run(recipe, delivered, to_90):
         marks = {f"{mark:.2f}": None for mark in MARKS} | {"0.70": delivered / 2, "0.90": to_90}
-        return {"recipe": recipe, "delivered_seconds": delivered, "time_to": marks}
+        return SimpleNamespace(recipe=recipe, delivered_seconds=delivered, time_to=marks)
 
     results = [run("base", 100.0, 80.0), run("base", 120.0, 100.0), run("fast", 30.0, 27.0), run("fast", 36.0, None)]
     (row,) = ratios(results, ["fast"], ["base"])

@@ -37,8 +37,20 @@ def train(out: Path, *flags: str) -> None:
 
 
 def train_in_background(out: Path, epochs: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cnnlab", "train", *TINY, "--model", "tutorial-mlp", "--epochs", str(epochs),
-               "--out", str(out), "--no-report"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cnnlab",
+        "train",
+        *TINY,
+        "--model",
+        "tutorial-mlp",
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--no-report",
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -72,12 +84,12 @@ def test_runs_lists_every_run_with_its_status_and_keeps_machine_kinds_apart(tmp_
     assert all(rows[name]["status"] == "finished" for name in ("cnn", "mlp", "compare/cnn-elsewhere"))
     assert rows["cnn"]["epochs"] == 2 and rows["cnn"]["epochs_planned"] == 2 and rows["stopped"]["epochs"] >= 1
     recorded = json.loads((runs / "cnn" / RunDir.METRICS).read_text().splitlines()[-1])
-    assert rows["cnn"]["accuracy"] == pytest.approx(recorded["test_delivered_acc"])
+    assert rows["cnn"]["delivered_accuracy"] == pytest.approx(recorded["test_delivered_accuracy"])
     assert rows["cnn"]["machine_kind"] != "NVIDIA H100 80GB HBM3" == rows["compare/cnn-elsewhere"]["machine_kind"]
     # Sorted by accuracy within each machine kind, the kind with the most runs first.
     here = [row for row in json.loads(listed.stdout) if row["machine_kind"] == rows["cnn"]["machine_kind"]]
     assert [row["name"] for row in json.loads(listed.stdout)][: len(here)] == [row["name"] for row in here]
-    scored = [row["accuracy"] for row in here if row["accuracy"] is not None]
+    scored = [row["delivered_accuracy"] for row in here if row["delivered_accuracy"] is not None]
     assert scored == sorted(scored, reverse=True)
     assert "NVIDIA H100 80GB HBM3: 1 run(s)" in page.stdout and "running" in page.stdout
     html = (tmp_path / "runs.html").read_text()
@@ -105,14 +117,14 @@ def test_tensorboard_event_files_hold_steps_epochs_images_and_hyperparameters(tm
     steps = events.Scalars("step/loss")
     assert [event.step for event in steps] == list(range(1, 2 * 23 + 1))  # 1,437 images at batch 64: 23 steps
     assert [event.step for event in events.Scalars("step/lr")] == [event.step for event in steps]
-    assert [event.value for event in events.Scalars("epoch/test_acc")] == pytest.approx(
-        [m["test_acc"] for m in history]
+    assert [event.value for event in events.Scalars("epoch/test_plain_accuracy")] == pytest.approx(
+        [m["test_plain_accuracy"] for m in history]
     )
     assert {"confusion matrix", "sample predictions"} <= set(events.Tags()["images"])
     image = events.Images("confusion matrix")[0]
     assert image.width > 300 and image.height > 200
-    final = events.Scalars("final/test_accuracy")[0].value
-    assert final == pytest.approx(history[-1]["test_delivered_acc"])
+    final = events.Scalars("final/test_delivered_accuracy")[0].value
+    assert final == pytest.approx(history[-1]["test_delivered_accuracy"])
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     assert "tutorial-cnn" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
@@ -121,9 +133,22 @@ def test_tensorboard_event_files_hold_steps_epochs_images_and_hyperparameters(tm
 def mlflow_server(tmp_path):
     """A real `mlflow server` on localhost, with a SQLite store and its own artifact folder."""
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+    ]
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115  # the server's, closed below
     # In a session of its own: the server runs its workers as children, and they all go with the group.
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -162,10 +187,10 @@ def test_mlflow_logs_params_metrics_tags_and_files_to_a_real_server(tmp_path, ml
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.params["train.model"] == "tutorial-cnn" and run.data.params["train.optim.epochs"] == "2.0"
     assert run.data.tags["precision"] == history[0]["precision"] and run.data.tags["machine_kind"]
-    logged = client.get_metric_history(run_id, "test_acc")
+    logged = client.get_metric_history(run_id, "test_plain_accuracy")
     assert [m.step for m in logged] == [m["epoch"] for m in history]
-    assert [m.value for m in logged] == pytest.approx([m["test_acc"] for m in history])
-    assert run.data.metrics["final_test_accuracy"] == pytest.approx(history[-1]["test_delivered_acc"])
+    assert [m.value for m in logged] == pytest.approx([m["test_plain_accuracy"] for m in history])
+    assert run.data.metrics["final_test_delivered_accuracy"] == pytest.approx(history[-1]["test_delivered_accuracy"])
     assert len(client.get_metric_history(run_id, "step_loss")) == 2 * 45  # 1,437 images at batch 32
     files = {artifact.path for artifact in client.list_artifacts(run_id)}
     assert {"model.safetensors", "model.json", "report.html", "figures"} <= files
@@ -183,10 +208,13 @@ def test_an_mlflow_server_gone_mid_run_costs_a_warning_not_the_run(tmp_path, mlf
             if metrics["epoch"] == 1:
                 stop(signal.SIGKILL)
 
-    config = resolve_run_config({
-        "data": {"dataset": "digits", "image_size": 12},
-        "train": {"model": "tutorial-cnn", "epochs": 3, "log": "mlflow"}, "out": str(tmp_path / "run"),
-    })  # fmt: skip
+    config = resolve_run_config(
+        {
+            "data": {"dataset": "digits", "image_size": 12},
+            "train": {"model": "tutorial-cnn", "epochs": 3, "log": "mlflow"},
+            "out": str(tmp_path / "run"),
+        }
+    )
     logger = logging.getLogger("cnnlab")  # the CLI's tests leave it unpropagated: caplog listens on it directly
     logger.addHandler(caplog.handler)
     try:

@@ -64,7 +64,7 @@ def test_config_refuses_unknown_keys_and_wrong_types():
 
 def test_tutorial_cnn_learns_digits_to_95_percent(tmp_path):
     result = fit(digits_config(tmp_path / "run"), reporter=LineReporter())
-    assert result.history[-1]["test_acc"] >= 0.95
+    assert result.history[-1]["test_plain_accuracy"] >= 0.95
 
 
 def test_run_folder_holds_everything_and_the_model_rebuilds_from_two_files(tmp_path):
@@ -79,18 +79,27 @@ def test_run_folder_holds_everything_and_the_model_rebuilds_from_two_files(tmp_p
     }
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
-    assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s"} <= set(
-        lines[0]
-    )
+    assert {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_plain_loss",
+        "test_plain_accuracy",
+        "lr",
+        "seconds",
+        "images_per_s",
+    } <= set(lines[0])
 
     alone = tmp_path / "alone"
     alone.mkdir()
     for name in ("model.safetensors", "model.json"):
         (alone / name).write_bytes((run / name).read_bytes())
     rebuilt = load_model(alone / "model.safetensors")
-    assert rebuilt.info.classes == [str(d) for d in range(10)] and rebuilt.info.input_shape == [1, 32, 32]
+    assert rebuilt.info.classes == [str(d) for d in range(10)] and rebuilt.info.input_shape == (1, 32, 32)
     dataset = load_dataset(DataConfig(dataset="digits"))
-    assert evaluate(rebuilt, dataset.test).accuracy == pytest.approx(lines[-1]["test_acc"], abs=1e-6)
+    assert evaluate(rebuilt, dataset.test).scores.delivered_accuracy == pytest.approx(
+        lines[-1]["test_plain_accuracy"], abs=1e-6
+    )
 
 
 def test_validation_metrics_are_logged_when_a_validation_split_is_asked_for(tmp_path):
@@ -101,7 +110,7 @@ def test_validation_metrics_are_logged_when_a_validation_split_is_asked_for(tmp_
             "out": str(tmp_path / "run"),
         }
     )
-    assert {"val_loss", "val_acc"} <= set(fit(config, reporter=LineReporter()).history[0])
+    assert {"val_plain_loss", "val_plain_accuracy"} <= set(fit(config, reporter=LineReporter()).history[0])
 
 
 def test_lookahead_pulls_the_weights_every_five_steps_and_ends_on_the_average():
@@ -199,11 +208,11 @@ def test_patience_in_the_image_loop_keeps_the_epoch_with_the_best_validation_los
     config = digits_config(tmp_path / "run", epochs=6, patience=2, lr=0.02)  # a high rate, so val loss wavers
     result = fit(config, reporter=LineReporter())
     info = load_model(tmp_path / "run").info
-    losses = [metrics["val_loss"] for metrics in result.history]
+    losses = [metrics["val_plain_loss"] for metrics in result.history]
     best = info.metrics["best_epoch"]
     assert losses[best - 1] == min(losses) and info.metrics == result.history[best - 1] | {"best_epoch": best}
-    kept = evaluate(load_model(tmp_path / "run"), result.dataset.test).scores.accuracy
-    assert kept == pytest.approx(result.history[best - 1]["test_acc"])
+    kept = evaluate(load_model(tmp_path / "run"), result.dataset.test).scores.plain_accuracy
+    assert kept == pytest.approx(result.history[best - 1]["test_plain_accuracy"])
 
 
 def test_config_is_in_sections_and_a_flat_train_table_is_read_into_them(tmp_path):

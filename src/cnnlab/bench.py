@@ -10,13 +10,14 @@ recipes run in (never an emulated bf16)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,8 @@ from cnnlab.data.dataset import ImageShape
 from cnnlab.errors import CnnlabError
 from cnnlab.machine import DTYPES, Machine, resolve_device, resolve_precision, synchronize, this_machine
 from cnnlab.models import create_model
-from cnnlab.models.inference import Scores
 from cnnlab.recipes import resolve_run_config
-from cnnlab.runs import ChildRun, train_in_child
+from cnnlab.runs import ChildRun, RunOutcome, train_in_child
 
 MARKS = (0.70, 0.80, 0.90, 0.93, 0.94)
 
@@ -95,51 +95,87 @@ def mean_pixel_share(augment: AugmentConfig, full: tuple[int, int], samples: int
     return pixels / (samples * math.prod(full))
 
 
-def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str, float]) -> dict[str, Any]:
+@dataclass
+class EpochMark:
+    """One trained epoch on the clock: when its accuracy was there to deliver."""
+
+    epoch: int
+    seconds_cum: float  # training so far
+    # The initialisation, the training so far and one evaluation of the test split with the recipe's TTA (the
+    # other epochs' evaluations only monitor).
+    delivered_seconds: float
+    delivered_accuracy: float
+
+
+@dataclass
+class BenchRow(RunOutcome):
+    """A run's outcome with its timings."""
+
+    seed: int
+    timeline: list[EpochMark]
+    time_to: dict[str, float | None]  # delivered seconds to each accuracy mark ("0.90"); None: not reached
+    train_time_to: dict[str, float | None]  # training seconds to each mark
+    delivered_seconds: float  # every epoch trained, and the kept epoch's evaluation
+    images_per_s: float
+    gflops: float
+    precision: str
+    fraction_of_peak: float  # of the dense peak of the precision it ran in
+    peak_rss_mb: float
+
+
+def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str, float]) -> BenchRow:
     """A run's timings and time-to-accuracy marks, and the accuracy of the epoch it kept."""
     history = run.history
     initialisation = history[0].get("init_seconds", 0.0)
-    epochs, seconds = [], 0.0
+    timeline, seconds = [], 0.0
     for metrics in history:
         seconds += metrics["seconds"]
-        epochs.append(
-            {
-                "epoch": metrics["epoch"],
-                "seconds_cum": seconds,
-                # Delivering this epoch's accuracy: the initialisation, the training so far and one evaluation
-                # of the test split with the recipe's TTA (the other epochs' evaluations only monitor).
-                "delivered_seconds": initialisation + seconds + metrics.get("test_seconds", 0.0),
-                "accuracy": run.scores_of(metrics).delivered_accuracy,
-            }
-        )
+        delivered = initialisation + seconds + metrics.get("test_seconds", 0.0)
+        timeline.append(EpochMark(metrics["epoch"], seconds, delivered, run.scores_of(metrics).delivered_accuracy))
 
     def first(clock: str, mark: float) -> float | None:
-        return next((e[clock] for e in epochs if e["accuracy"] >= mark), None)
+        return next((getattr(e, clock) for e in timeline if e.delivered_accuracy >= mark), None)
 
     images = sum(m["images_per_s"] * m["seconds"] for m in history)
     gflops = flops_per_image * images / seconds / 1e9
     precision = history[-1].get("precision", "fp32")
-    kept, scores = run.kept_epoch, run.scores
-    return {
-        "recipe": run.config.train.recipe,
-        "seed": seed,
-        "epochs": epochs,
-        "time_to": {f"{mark:.2f}": first("delivered_seconds", mark) for mark in MARKS},  # delivered seconds
-        "train_time_to": {f"{mark:.2f}": first("seconds_cum", mark) for mark in MARKS},
-        "kept_epoch": kept,
-        "accuracy": scores.delivered_accuracy,  # of the kept epoch
-        "plain_accuracy": scores.accuracy,
-        "tta": scores.tta,
-        "tta_share": scores.tta_share,
-        "train_seconds": seconds,
-        # Every epoch trained, and the kept epoch's evaluation.
-        "delivered_seconds": initialisation + seconds + history[kept - 1].get("test_seconds", 0.0),
-        "images_per_s": images / seconds,
-        "gflops": gflops,
-        "precision": precision,
-        "fraction_of_peak": gflops / peaks[f"{precision}_peak_gflops"],  # the peak of the precision it ran in
-        "peak_rss_mb": run.peak_rss_mb,
-    }
+    outcome = run.outcome()
+    return BenchRow(
+        **{field.name: getattr(outcome, field.name) for field in dataclasses.fields(outcome)},
+        seed=seed,
+        timeline=timeline,
+        time_to={f"{mark:.2f}": first("delivered_seconds", mark) for mark in MARKS},
+        train_time_to={f"{mark:.2f}": first("seconds_cum", mark) for mark in MARKS},
+        delivered_seconds=initialisation + seconds + history[outcome.kept_epoch - 1].get("test_seconds", 0.0),
+        images_per_s=images / seconds,
+        gflops=gflops,
+        precision=precision,
+        fraction_of_peak=gflops / peaks[f"{precision}_peak_gflops"],
+        peak_rss_mb=run.peak_rss_mb,
+    )
+
+
+@dataclass
+class BenchResult:
+    """What `cnnlab bench --json` prints: the machine, each run, and each recipe over its seeds and against each
+    baseline."""
+
+    machine: dict[str, Any]
+    train_flags: list[str]
+    data: dict[str, Any]
+    rows: list[BenchRow]
+    recipes: list[str]
+    baselines: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "train_flags": self.train_flags,
+            "data": self.data,
+            "results": [row.to_dict() for row in self.rows],
+            "across_seeds": across_seeds(self.rows),
+            "ratios": ratios(self.rows, self.recipes, self.baselines),
+        }
 
 
 def with_seeds(entry: str, seeds: int) -> tuple[str, int]:
@@ -162,7 +198,7 @@ def bench(
     device: str = "auto",
     train_flags: Sequence[str] = (),
     progress: Callable[[str], object] = print,
-) -> dict[str, Any]:
+) -> BenchResult:
     """Run every recipe (and each `compare` recipe) `seeds` times on `device` (seeded 0..N-1; an entry
     "name:N" runs N times), each with `train_flags` added to its `cnnlab train` command; the result is what
     `--json` prints, with each recipe's times as ratios to each baseline's."""
@@ -177,18 +213,10 @@ def bench(
     shape = dataset.image_shape
     train_flags = ["--device", device, *train_flags]
     timed, baselines = ([with_seeds(entry, seeds) for entry in entries] for entries in (recipes, compare))
-    results: list[dict[str, Any]] = []
-
-    def summary() -> dict[str, Any]:
-        return {
-            "machine": {**machine.to_dict(), "cpu_count": os.cpu_count(), "device": str(torch_device), **peaks},
-            "train_flags": train_flags,
-            "data": asdict(data),
-            "results": results,
-            "across_seeds": across_seeds(results),
-            "ratios": ratios(results, [name for name, _ in timed], [name for name, _ in baselines]),
-        }
-
+    machine_facts = {**machine.to_dict(), "cpu_count": os.cpu_count(), "device": str(torch_device), **peaks}
+    result = BenchResult(
+        machine_facts, train_flags, asdict(data), [], [name for name, _ in timed], [name for name, _ in baselines]
+    )
     for recipe, runs in [*baselines, *timed]:
         flops = training_flops_per_image(
             resolve_run_config({"train": {"recipe": recipe}}).train, shape, len(dataset.classes)
@@ -199,31 +227,35 @@ def bench(
             config = resolve_run_config(
                 {"data": asdict(data), "train": train, "out": str(out / f"{recipe}-seed{seed}")}
             )
-            results.append(summarise(train_in_child(config, train_flags), seed, flops, peaks))
-            progress(format_result(results[-1]))
+            result.rows.append(summarise(train_in_child(config, train_flags), seed, flops, peaks))
+            progress(format_result(result.rows[-1]))
             # After every run, so that a long benchmark cut short keeps what it measured.
-            write_text(out / "bench.json", json.dumps(summary(), indent=2))
-    return summary()
+            write_text(out / "bench.json", json.dumps(result.to_dict(), indent=2))
+    return result
 
 
-def across_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def across_seeds(rows: list[BenchRow]) -> list[dict[str, Any]]:
     """Mean and standard deviation of each recipe's delivered accuracy and training time over its seeds."""
     summaries = []
-    for recipe in dict.fromkeys(r["recipe"] for r in results):
-        runs = [r for r in results if r["recipe"] == recipe]
-        keys = {"accuracy": "accuracy", "seconds": "train_seconds", "delivered_seconds": "delivered_seconds"}
-        figures = {name: torch.tensor([r[key] for r in runs], dtype=torch.float64) for name, key in keys.items()}
+    for recipe in dict.fromkeys(row.recipe for row in rows):
+        runs = [row for row in rows if row.recipe == recipe]
+        columns = {
+            "delivered_accuracy": [row.scores.delivered_accuracy for row in runs],
+            "seconds": [row.train_seconds for row in runs],
+            "delivered_seconds": [row.delivered_seconds for row in runs],
+        }
+        figures = {name: torch.tensor(values, dtype=torch.float64) for name, values in columns.items()}
         summaries.append(
             {"recipe": recipe, "seeds": len(runs)}
             | {f"{name}_mean": values.mean().item() for name, values in figures.items()}
             # The sample standard deviation; 0.0 for a single run, which has no spread to measure.
             | {f"{name}_std": values.std().item() if len(runs) > 1 else 0.0 for name, values in figures.items()}
-            | {"peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs)}
+            | {"peak_rss_mb_max": max(row.peak_rss_mb for row in runs)}
         )
     return summaries
 
 
-def ratios(results: list[dict[str, Any]], recipes: Sequence[str], baselines: Sequence[str]) -> list[dict[str, Any]]:
+def ratios(rows: list[BenchRow], recipes: Sequence[str], baselines: Sequence[str]) -> list[dict[str, Any]]:
     """Each recipe's mean delivered seconds over a baseline's, and its mean delivered seconds to each accuracy
     mark over the baseline's to the same mark, where every run of both reached it (None where one did not)."""
 
@@ -234,17 +266,17 @@ def ratios(results: list[dict[str, Any]], recipes: Sequence[str], baselines: Seq
     def ratio(ours: float | None, theirs: float | None) -> float | None:
         return ours / theirs if ours is not None and theirs else None
 
-    runs = {name: [r for r in results if r["recipe"] == name] for name in (*recipes, *baselines)}
-    rows = []
+    runs = {name: [row for row in rows if row.recipe == name] for name in (*recipes, *baselines)}
+    table = []
     for recipe in recipes:
         for baseline in baselines:
-            delivered = [mean([r["delivered_seconds"] for r in runs[name]]) for name in (recipe, baseline)]
+            delivered = [mean([row.delivered_seconds for row in runs[name]]) for name in (recipe, baseline)]
             marks = {}
             for key in (f"{mark:.2f}" for mark in MARKS):
-                ours, theirs = (mean([r["time_to"][key] for r in runs[name]]) for name in (recipe, baseline))
+                ours, theirs = (mean([row.time_to[key] for row in runs[name]]) for name in (recipe, baseline))
                 marks[key] = ratio(ours, theirs)
-            rows.append({"recipe": recipe, "baseline": baseline, "delivered": ratio(*delivered), "time_to": marks})
-    return rows
+            table.append({"recipe": recipe, "baseline": baseline, "delivered": ratio(*delivered), "time_to": marks})
+    return table
 
 
 def format_ratio(row: dict[str, Any]) -> str:
@@ -262,19 +294,13 @@ def format_peaks(peaks: dict[str, float]) -> str:
     )
 
 
-def format_result(result: dict[str, Any]) -> str:
+def format_result(row: BenchRow) -> str:
     marks = "  ".join(
-        f"{float(mark):.0%}@{'-' if seconds is None else f'{seconds:.0f}s'}"
-        for mark, seconds in result["time_to"].items()
-    )
-    scores = Scores(
-        result["tta"], math.nan, result["plain_accuracy"], math.nan, result["accuracy"], result["tta_share"]
+        f"{float(mark):.0%}@{'-' if seconds is None else f'{seconds:.0f}s'}" for mark, seconds in row.time_to.items()
     )
     return (
-        f"{result['recipe']:>14} seed {result['seed']}: {scores.describe()} (epoch {result['kept_epoch']}) "
-        f"in {result['train_seconds']:.1f}s of training "
-        f"({result['delivered_seconds']:.1f}s delivered), "
-        f"{result['images_per_s']:,.0f} img/s, {result['gflops']:.0f} GFLOP/s "
-        f"({result['fraction_of_peak']:.0%} of the {result['precision']} peak), "
-        f"peak RSS {result['peak_rss_mb']:,.0f} MB  {marks}"
+        f"{row.recipe:>14} seed {row.seed}: {row.scores.describe()} (epoch {row.kept_epoch}) "
+        f"in {row.train_seconds:.1f}s of training ({row.delivered_seconds:.1f}s delivered), "
+        f"{row.images_per_s:,.0f} img/s, {row.gflops:.0f} GFLOP/s "
+        f"({row.fraction_of_peak:.0%} of the {row.precision} peak), peak RSS {row.peak_rss_mb:,.0f} MB  {marks}"
     )

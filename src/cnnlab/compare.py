@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,25 +17,18 @@ from cnnlab.evaluate import Evaluation, evaluate, write_evaluation
 from cnnlab.models import load_model, parameter_count
 from cnnlab.recipes import resolve_run_config
 from cnnlab.report import write_comparison_report
-from cnnlab.runs import train_in_child
+from cnnlab.runs import RunOutcome, train_in_child
 
 TABLE_FILES = ("comparison.md", "comparison.json", "report.html")
 
 
 @dataclass
-class ComparisonRow:
-    model: str
-    recipe: str | None
-    epochs: int  # trained
-    kept_epoch: int  # whose weights the model has: the last, or the one early stopping kept
-    accuracy: float  # delivered, at the kept epoch: with the recipe's TTA when it has one
-    plain_accuracy: float  # each test image seen once
-    tta: str
+class ComparisonRow(RunOutcome):
+    """A run's outcome, with what the comparison adds from the model itself."""
+
     macro_f1: float
     parameters: int
-    train_seconds: float  # training only, excluding the per-epoch evaluations
     seconds_per_epoch: float
-    run_dir: str
 
 
 def compare(
@@ -66,26 +60,18 @@ def compare(
         evaluation = evaluate(model, dataset.test)  # the per-class report; the accuracy is the run's own
         write_evaluation(evaluation, run.run_dir)
         evaluations[name], histories[name] = evaluation, run.history
-        scores = run.scores
+        outcome = run.outcome()
         rows.append(
             ComparisonRow(
-                model=name,
-                recipe=config.train.recipe,
-                epochs=len(run.history),
-                kept_epoch=run.kept_epoch,
-                accuracy=scores.delivered_accuracy,
-                plain_accuracy=scores.accuracy,
-                tta=scores.tta,
+                **{field.name: getattr(outcome, field.name) for field in dataclasses.fields(outcome)},
                 macro_f1=evaluation.macro_f1,
                 parameters=parameter_count(model.module),
-                train_seconds=run.train_seconds,
-                seconds_per_epoch=run.train_seconds / max(1, len(run.history)),
-                run_dir=str(run.run_dir),
+                seconds_per_epoch=outcome.train_seconds / max(1, outcome.epochs),
             )
         )
     write_text(out / TABLE_FILES[0], comparison_markdown(rows, dataset.name))
     write_text(
-        out / TABLE_FILES[1], json.dumps({"dataset": dataset.name, "results": [asdict(r) for r in rows]}, indent=2)
+        out / TABLE_FILES[1], json.dumps({"dataset": dataset.name, "results": [r.to_dict() for r in rows]}, indent=2)
     )
     write_comparison_report(out, rows, evaluations, histories, dataset)
     return rows
@@ -100,8 +86,9 @@ def comparison_markdown(rows: list[ComparisonRow], dataset_name: str) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r.model} | {r.recipe or '-'} | {r.epochs} ({r.kept_epoch}) | {r.accuracy:.2%}{_tta_label(r.tta)} "
-        f"| {r.plain_accuracy:.2%} | {r.macro_f1:.4f} | {r.parameters:,} "
+        f"| {r.model} | {r.recipe or '-'} | {r.epochs} ({r.kept_epoch}) "
+        f"| {r.scores.delivered_accuracy:.2%}{_tta_label(r.scores.tta)} "
+        f"| {r.scores.plain_accuracy:.2%} | {r.macro_f1:.4f} | {r.parameters:,} "
         f"| {r.train_seconds:.1f} | {r.seconds_per_epoch:.2f} |"
         for r in rows
     ]

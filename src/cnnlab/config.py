@@ -65,8 +65,7 @@ def check_ranges(config: DataclassInstance, section: str) -> None:
             continue
         if value is None:
             continue
-        bounds = [(holds, words, item.metadata[name]) for name, (holds, words) in _BOUNDS.items()
-                  if name in item.metadata]  # fmt: skip
+        bounds = [(holds, words, item.metadata[key]) for key, (holds, words) in _BOUNDS.items() if key in item.metadata]
         if not all(holds(value, bound) for holds, _, bound in bounds):
             key = f"{section}.{item.name}" if section else item.name
             wanted = " and ".join(f"{words} {bound:g}" for _, words, bound in bounds)
@@ -195,9 +194,9 @@ class AugmentConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferenceConfig:
-    """How the model answers: its test-time augmentation (`train.inference`)."""
+    """How the model answers: its test-time augmentation (`train.inference`), kept with the model."""
 
     tta: Literal["none", "flip", "flip-translate"] = setting("none", "Test-time views averaged at evaluation.")
     tta_below: float = setting(

@@ -21,8 +21,7 @@ from cnnlab.data.loader import in_order
 from cnnlab.errors import CnnlabError
 from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.files import model_folder
-from cnnlab.models.inference import Scores
-from cnnlab.models.inference import evaluate as score
+from cnnlab.models.inference import Scores, predict_and_score
 from cnnlab.progress import tracked
 from cnnlab.run_dir import RunDir
 
@@ -37,15 +36,6 @@ class Evaluation:
     probabilities: np.ndarray  # (N, K) softmax per image, as delivered
 
     @property
-    def accuracy(self) -> float:
-        """The delivered accuracy: with the model's TTA when it has one, as predict and serve answer."""
-        return self.scores.delivered_accuracy
-
-    @property
-    def loss(self) -> float:
-        return self.scores.delivered_loss
-
-    @property
     def balanced_accuracy(self) -> float:
         """The mean of the per-class recalls: what accuracy says when every class counts the same."""
         return float(balanced_accuracy_score(self.labels, self.probabilities.argmax(1)))
@@ -56,13 +46,8 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "accuracy": self.accuracy,
-            "loss": self.loss,
+            **self.scores.to_dict(),
             "balanced_accuracy": self.balanced_accuracy,
-            "tta": self.scores.tta,
-            "tta_share": self.scores.tta_share,
-            "plain_accuracy": self.scores.accuracy,
-            "plain_loss": self.scores.loss,
             "images": len(self.labels),
             "per_class": {name: self.report[name] for name in self.classes},
             "macro avg": self.report["macro avg"],
@@ -75,16 +60,11 @@ def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cp
     """Evaluate on a split whose images already have the model's size and channel count."""
     device = torch.device(device)
     info = model.info
-    what = f"evaluating ({info.tta} TTA)" if info.tta != "none" else "evaluating"
-    scores, logits = score(
-        model.module,
-        tracked(in_order(split.images), len(split), what),
-        split.labels,
-        info.norm,
-        device,
-        info.tta,
-        info.bf16_on(device),
-        info.tta_below,
+    tta = info.inference.tta
+    what = f"evaluating ({tta} TTA)" if tta != "none" else "evaluating"
+    batches = tracked(in_order(split.images), len(split), what)
+    scores, logits = predict_and_score(
+        model.module, batches, split.labels, info.normalization, device, info.inference, info.bf16_on(device)
     )
     predicted = logits.delivered.argmax(1).numpy()
     indices = list(range(len(model.info.classes)))
@@ -125,7 +105,7 @@ def dataset_for(model: TrainedModel, data: DataConfig | None) -> Dataset:
         if not recorded:
             raise CnnlabError("this model records no dataset; pass --dataset or --data")
         data = build(DataConfig, recorded, "model.json data")
-    height, width = model.info.shape.size
+    height, width = model.info.input_shape.size
     if height == width and (data.dataset or data.image_size is None):
         data = replace(data, image_size=height)
     return load_dataset(replace(data, val_fraction=0.0, exclude=None))
@@ -142,7 +122,7 @@ def test_split_of(model: TrainedModel, dataset: Dataset) -> Split:
 
 def in_model_format(model: TrainedModel, images: Pixels) -> Pixels:
     """(N, H, W, C) uint8 images at the model's input size and channel count."""
-    return match_channels(resize_images(images, model.info.shape.size), model.info.shape.channels)
+    return match_channels(resize_images(images, model.info.input_shape.size), model.info.input_shape.channels)
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path) -> None:

@@ -58,7 +58,7 @@ def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = Non
     ]
     module = model.module.eval()
     try:
-        x = to_input(torch.from_numpy(image[None]).to(next(module.parameters()).device), model.info.norm)
+        x = to_input(torch.from_numpy(image[None]).to(next(module.parameters()).device), model.info.normalization)
         with torch.enable_grad():
             logits = module(x)[0]  # (classes,)
             target = classes.index(class_name) if class_name else int(logits.argmax())

@@ -8,12 +8,11 @@ nothing but decoding and resizing happens outside it. `<name>.json` beside it re
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,8 @@ class Probabilities(nn.Module):
         self.model, self.info = model.module.float().cpu(), model.info
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = to_input(pixels, self.info.norm)
-        return torch.softmax(tta_logits(self.model, x, self.info.tta, self.info.tta_below), dim=1)  # (B, classes)
+        x = to_input(pixels, self.info.normalization)
+        return torch.softmax(tta_logits(self.model, x, self.info.inference), dim=1)  # (B, classes)
 
 
 @dataclass
@@ -99,7 +98,7 @@ def export_onnx(model: TrainedModel, out: Path, sample: Pixels) -> Verification:
             )
     except Exception as error:  # the exporter raises many types; report any in one line
         raise CnnlabError(f"ONNX export of {model.info.architecture} failed: {error}") from None
-    write_text(out.with_suffix(".json"), json.dumps(asdict(model.info), indent=2))
+    write_text(out.with_suffix(".json"), model.info.to_json())
     verification = verify(model, out, sample)
     if verification.max_abs_difference > TOLERANCE:
         raise CnnlabError(

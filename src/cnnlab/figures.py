@@ -114,13 +114,15 @@ def training_curves(history: list[dict[str, Any]], title: str = "") -> Figure:
     with matplotlib.rc_context(STYLE):
         figure, (loss_axis, accuracy_axis) = subplots(1, 2, figsize=(10, 3.6))
         for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR), ("test", TEST_COLOR)):
-            if f"{split}_loss" in history[0]:
-                loss_axis.plot(epochs, [m[f"{split}_loss"] for m in history], "o-", color=color, label=split)
-                accuracy_axis.plot(epochs, [m[f"{split}_acc"] for m in history], "o-", color=color, label=split)
+            kind = "" if split == "train" else "plain_"  # training figures are plain: augmented images, once
+            if f"{split}_{kind}loss" in history[0]:
+                loss_axis.plot(epochs, [m[f"{split}_{kind}loss"] for m in history], "o-", color=color, label=split)
+                accuracy = [m[f"{split}_{kind}accuracy"] for m in history]
+                accuracy_axis.plot(epochs, accuracy, "o-", color=color, label=split)
         delivered = [Scores.from_metrics(m, "test") for m in history]
         if delivered[0] is not None and delivered[0].tta != "none":
-            accuracy_axis.plot(epochs, [s.delivered_accuracy for s in delivered if s is not None], "o--",
-                               color=TEST_COLOR, label=f"test ({delivered[0].tta} TTA)")  # fmt: skip
+            accuracy = [s.delivered_accuracy for s in delivered if s is not None]
+            accuracy_axis.plot(epochs, accuracy, "o--", color=TEST_COLOR, label=f"test ({delivered[0].tta} TTA)")
         loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
         accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         for axis in (loss_axis, accuracy_axis):
@@ -227,8 +229,9 @@ def image_gallery(images: np.ndarray, captions: Sequence[str], title: str, colum
     return figure
 
 
-def gradcam_gallery(images: np.ndarray, heats: np.ndarray, captions: Sequence[str], title: str,
-                    columns: int = 4) -> Figure:  # fmt: skip
+def gradcam_gallery(
+    images: np.ndarray, heats: np.ndarray, captions: Sequence[str], title: str, columns: int = 4
+) -> Figure:
     """Each image above itself under its (H, W) Grad-CAM heat map in [0, 1], `columns` images to a row."""
     rows = max(1, -(-len(images) // columns))
     with matplotlib.rc_context(STYLE):

@@ -17,7 +17,7 @@ from cnnlab.models.files import model_folder
 _BATCH = 256  # images decoded and predicted together
 
 
-class Classifier(Protocol):
+class Predictor(Protocol):
     """A PyTorch model (TrainedModel) or an exported one (OnnxModel)."""
 
     info: ModelInfo
@@ -50,7 +50,7 @@ def expand_paths(paths: list[Path]) -> tuple[list[Path], list[str]]:
 ENGINES = ("auto", "torch", "onnx")
 
 
-def load_classifier(path: Path, engine: str = "auto") -> Classifier:
+def load_classifier(path: Path, engine: str = "auto") -> Predictor:
     """A model to predict with: `path` is a run folder, its model files, or an exported .onnx file. The engine is
     PyTorch for the first two and onnxruntime for the last ("auto"); "onnx" with a run folder runs the model.onnx
     that `cnnlab export` wrote there."""
@@ -71,7 +71,7 @@ def load_classifier(path: Path, engine: str = "auto") -> Classifier:
     return load_model(path)
 
 
-def predict_files(model: Classifier, paths: list[Path], top_k: int = 3) -> list[Prediction]:
+def predict_files(model: Predictor, paths: list[Path], top_k: int = 3) -> list[Prediction]:
     """One Prediction per file, in order; files that are not readable images carry an error instead."""
     top_k = max(1, min(top_k, len(model.info.classes)))
     results: list[Prediction] = []
@@ -83,7 +83,9 @@ def predict_files(model: Classifier, paths: list[Path], top_k: int = 3) -> list[
             try:
                 if not path.is_file():
                     raise image_io.ImageError(f"{path}: no such file")
-                decoded[i] = image_io.decode(path, str(path), model.info.shape.size, model.info.shape.channels)
+                decoded[i] = image_io.decode(
+                    path, str(path), model.info.input_shape.size, model.info.input_shape.channels
+                )
             except image_io.ImageError as error:
                 failed[i] = str(error)
         probabilities = model.probabilities(np.stack(list(decoded.values()))) if decoded else None

@@ -53,8 +53,14 @@ def step(what: str, total: int, unit: str = "images", line: bool = True) -> Iter
 @contextlib.contextmanager
 def bar(what: str, total: int, console: Console) -> Iterator[Advance]:
     """A transient bar on `console`: the count, the time spent and the time left."""
-    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(what, total=total)
         yield lambda done: progress.advance(task, done)

@@ -10,7 +10,6 @@ accuracy.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -44,8 +43,10 @@ class Scheme:
 # pair), against 139 in fp32; efficientnet-lite0 on flowers128 fell from 76.3% to 54.9% in the first scheme (its
 # ReLU6 left in float, each convolution's range is calibrated before the clip) and scored 76.5% with every op
 # quantized.
-SCHEMES = (Scheme("convolutions and dense layers, U8S8", ("Conv", "Gemm", "MatMul"), True),
-           Scheme("every quantizable op, S8S8", None, False))  # fmt: skip
+SCHEMES = (
+    Scheme("convolutions and dense layers, U8S8", ("Conv", "Gemm", "MatMul"), True),
+    Scheme("every quantizable op, S8S8", None, False),
+)
 CALIBRATION_BATCH = 32
 SCORING_BATCH = 256
 
@@ -116,7 +117,7 @@ def export_int8(
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, int8.read_bytes())
     info = replace(model.info, quantization={"type": "int8", **asdict(settings), **_measured(result)})
-    write_text(out.with_suffix(".json"), json.dumps(asdict(info), indent=2))
+    write_text(out.with_suffix(".json"), info.to_json())
     return result
 
 
@@ -144,10 +145,15 @@ def quantize_file(fp32: Path, out: Path, calibration: np.ndarray, scheme: Scheme
             # of selective TTA (the views go to the unsure images alone).
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             quantize_static(
-                str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                str(prepared),
+                str(out),
+                Batches(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
                 activation_type=QuantType.QUInt8 if scheme.unsigned_activations else QuantType.QInt8,
-                weight_type=QuantType.QInt8, op_types_to_quantize=list(scheme.ops) if scheme.ops else None,
-            )  # fmt: skip
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(scheme.ops) if scheme.ops else None,
+            )
         except Exception as error:  # onnxruntime's tooling raises bare Exceptions among others
             raise CnnlabError(f"INT8 quantization of {fp32.name} failed: {first_line(error)}") from None
     write_text(out.with_suffix(".json"), fp32.with_suffix(".json").read_text())
@@ -161,6 +167,6 @@ def _measured(result: Int8Result) -> dict[str, Any]:
 
 def _top_classes(model: OnnxModel, split: Split) -> np.ndarray:
     images = np.asarray(split.images)
-    return np.concatenate([
-        model.probabilities(images[i : i + SCORING_BATCH]).argmax(1) for i in range(0, len(images), SCORING_BATCH)
-    ])  # fmt: skip
+    return np.concatenate(
+        [model.probabilities(images[i : i + SCORING_BATCH]).argmax(1) for i in range(0, len(images), SCORING_BATCH)]
+    )

@@ -7,9 +7,10 @@ is named, its registered default recipe applies (the fast nets train with their 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from cnnlab.config import RunConfig, TrainConfig, build, merge, sectioned
+from cnnlab.config import SECTIONS, RunConfig, TrainConfig, build, merge, sectioned
 from cnnlab.errors import CnnlabError
 from cnnlab.models import model_spec
 
@@ -114,10 +115,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     # airbench94's network with Muon (named for the 94% that network reaches on the original CIFAR-10), ten
     # epochs of the two thirds of the images with the highest losses, the first half of the steps at 28 px
-    # (a 28 px step costs about three quarters of a full-size one; over 60% of the steps it cost accuracy),
-    # and the test-time views only for the images it is unsure of. Batch 1000: half again as many steps as
-    # at 1500 for the same images, which bought accuracy on the AMX machine and costs no time; the SGD
-    # learning rates follow the batch linearly, Muon's needs no scaling. Peak memory near 2.5 GB.
+    # (a 28 px step costs about three quarters of a full-size one; over more of the steps it costs accuracy),
+    # and the test-time views only for the images it is unsure of. Batch 1000: more steps for the same images,
+    # and a smaller batch's fresh tensors cost less to allocate; the SGD learning rates follow the batch
+    # linearly, Muon's needs no scaling.
     "fast94": {
         **_MUON_RUN,
         "model": "fast",
@@ -177,3 +178,33 @@ def resolve_run_config(*layers: dict[str, Any]) -> RunConfig:
     if config.data.data and config.data.image_size is None and input_size is not None:
         config.data.image_size = input_size
     return config
+
+
+Source = Literal["recipe", "default", "family"]  # the recipe's own value, the config's default, the family's
+
+
+@dataclass(frozen=True)
+class RecipeValue:
+    key: str  # as a config file has it: "train.optim.lr"
+    value: Any
+    source: Source
+
+
+def recipe_explained(name: str) -> list[RecipeValue]:
+    """Every value recipe `name` trains with, and where it comes from: the recipe (with the settings it shares
+    with other recipes), the config's defaults, or the model family's own defaults."""
+    train = resolve_run_config({"train": {"recipe": name}}).train
+    given = sectioned(recipe_values(name))
+    values = [RecipeValue("train.model", train.model, "recipe")]
+    for section in SECTIONS:
+        chosen = given.get(section, {})
+        for field in dataclasses.fields(getattr(train, section)):
+            source: Source = "recipe" if field.name in chosen else "default"
+            values.append(
+                RecipeValue(f"train.{section}.{field.name}", getattr(train.__dict__[section], field.name), source)
+            )
+    family = model_spec(train.model).family_settings(train.family)
+    for field in dataclasses.fields(family):
+        origin: Source = "recipe" if field.name in train.family else "family"
+        values.append(RecipeValue(f"train.family.{field.name}", getattr(family, field.name), origin))
+    return values

@@ -186,8 +186,12 @@ class RunDir:
     def record_session(self, precision: str) -> None:
         """A line in sessions.jsonl: this process starts (or resumes) training the run, now, here."""
         machine = this_machine()
-        line = {"started": datetime.now().astimezone().isoformat(timespec="seconds"), "precision": precision,
-                "machine_kind": machine.kind, "machine": machine.describe()}  # fmt: skip
+        line = {
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "precision": precision,
+            "machine_kind": machine.kind,
+            "machine": machine.describe(),
+        }
         append_line(self / self.SESSIONS, json.dumps(line))
 
     def read_sessions(self) -> list[dict[str, Any]]:
@@ -241,15 +245,22 @@ class RunDir:
         append_line(self / self.METRICS, json.dumps(metrics))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        return _json_lines(self / self.METRICS)
+        """metrics.jsonl's lines, in this release's names whichever release wrote them."""
+        lines = _json_lines(self / self.METRICS)
+        oldest = any(key.endswith("_acc_tta") for line in lines[:1] for key in line)
+        tta = self.read_config().train.inference.tta if oldest else "none"  # the views those lines do not name
+        return [metrics_in_current_names(line, tta) for line in lines]
 
     def check_same_run(self, config: RunConfig, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume when config.toml no longer describes the checkpointed run (epochs may change)."""
         saved = checkpoint.get("config", {})
         before = _leaves({"data": saved.get("data", {}), "train": saved.get("train", {})})
         now = _leaves({"data": dataclasses.asdict(config.data), "train": dataclasses.asdict(config.train)})
-        conflicts = [key for key in sorted(set(before) | set(now)) if key != "train.optim.epochs"
-                     and before.get(key) != now.get(key)]  # fmt: skip
+        conflicts = [
+            key
+            for key in sorted(set(before) | set(now))
+            if key != "train.optim.epochs" and before.get(key) != now.get(key)
+        ]
         if conflicts:
             raise CnnlabError(
                 f"{self.path}: {self.CONFIG} differs from the checkpointed run in {', '.join(conflicts)}; "
@@ -263,6 +274,38 @@ class RunDir:
                 f"{self.path}: the checkpoint was trained on classes {checkpoint.get('classes')} at input "
                 f"{checkpoint.get('input_shape')}, but the data now gives {classes} at {input_shape}"
             )
+
+
+# How metrics.jsonl lines of earlier releases named a split's scores, and the names they have now (`Scores`).
+SPLIT_KEY_RENAMES = (
+    ("{split}_acc", "{split}_plain_accuracy"),
+    ("{split}_loss", "{split}_plain_loss"),
+    ("{split}_delivered_acc", "{split}_delivered_accuracy"),
+)
+
+
+def metrics_in_current_names(metrics: dict[str, Any], tta: str = "none") -> dict[str, Any]:
+    """A metrics line (or a model's kept metrics) of any release in this release's names: `train_accuracy`, and
+    for each split `<split>_plain_accuracy`, `<split>_delivered_accuracy` and their losses. Lines written before
+    the delivered entries had `<split>_acc_tta` alone, with the model's `tta`: their delivered loss is unknown."""
+    renamed = {("train_accuracy" if key == "train_acc" else key): value for key, value in metrics.items()}
+    for split in ("val", "test"):
+        if f"{split}_acc" not in renamed:
+            continue
+        for old, new in SPLIT_KEY_RENAMES:
+            if old.format(split=split) in renamed:
+                renamed[new.format(split=split)] = renamed.pop(old.format(split=split))
+        if f"{split}_delivered_accuracy" in renamed:
+            continue
+        older = renamed.pop(f"{split}_acc_tta", None)
+        plain_loss, plain = renamed[f"{split}_plain_loss"], renamed[f"{split}_plain_accuracy"]
+        renamed |= {
+            f"{split}_delivered_loss": plain_loss if older is None else float("nan"),
+            f"{split}_delivered_accuracy": plain if older is None else older,
+            f"{split}_tta": "none" if older is None else tta,
+            f"{split}_tta_share": 0.0 if older is None else renamed.get(f"{split}_tta_share", 1.0),
+        }
+    return renamed
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

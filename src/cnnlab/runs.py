@@ -8,6 +8,7 @@ recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -26,11 +27,30 @@ from cnnlab.run_dir import RunDir
 
 
 @dataclass
+class RunOutcome:
+    """What one run delivered, read back from its folder: the row `compare` tabulates and `bench` adds its
+    timings to."""
+
+    model: str
+    recipe: str | None
+    epochs: int  # trained
+    kept_epoch: int  # whose weights the model has: the last, or the one early stopping kept
+    scores: Scores  # on the test split, at the kept epoch
+    train_seconds: float  # training only, every epoch trained, without the per-epoch evaluations
+    run_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as JSON files have it: the scores by their one pair of names, beside the other fields."""
+        fields = dataclasses.asdict(self)
+        del fields["scores"]
+        return fields | self.scores.to_dict()
+
+
+@dataclass
 class ChildRun:
     config: RunConfig
     history: list[dict[str, Any]]  # every epoch trained, as metrics.jsonl has them
     kept: dict[str, Any]  # the metrics of the epoch whose weights the model has (early stopping may keep an earlier)
-    tta: str
     peak_rss_mb: float
 
     @property
@@ -44,7 +64,7 @@ class ChildRun:
 
     def scores_of(self, metrics: dict[str, Any]) -> Scores:
         """The test scores one of the run's metrics lines recorded."""
-        scores = Scores.from_metrics(metrics, "test", self.tta)
+        scores = Scores.from_metrics(metrics, "test")
         if scores is None:
             raise CnnlabError(f"{self.run_dir}: the run recorded no test scores")
         return scores
@@ -58,6 +78,18 @@ class ChildRun:
         """Training only, every epoch trained, without the per-epoch evaluations."""
         return float(sum(metrics["seconds"] for metrics in self.history))
 
+    def outcome(self) -> RunOutcome:
+        train = self.config.train
+        return RunOutcome(
+            train.model,
+            train.recipe,
+            len(self.history),
+            self.kept_epoch,
+            self.scores,
+            self.train_seconds,
+            str(self.run_dir),
+        )
+
 
 def train_in_child(
     config: RunConfig, train_flags: Sequence[str] = (), echo: Callable[[str], object] | None = None
@@ -69,8 +101,9 @@ def train_in_child(
         config_file = Path(scratch) / RunDir.CONFIG
         write_text(config_file, to_toml(config))
         command = [sys.executable, "-m", "cnnlab", "train", "--config", str(config_file), "--no-report", "-q"]
-        process = subprocess.Popen([*command, *train_flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)  # fmt: skip
+        process = subprocess.Popen(
+            [*command, *train_flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         assert process.stdout is not None  # stdout=PIPE
         lines = []
         for line in process.stdout:
@@ -84,4 +117,4 @@ def train_in_child(
         raise CnnlabError(f"the run of {config.train.recipe or config.train.model} failed: {last}")
     info = read_info(RunDir(Path(config.out)) / RunDir.INFO)
     history = RunDir(Path(config.out)).read_metrics()
-    return ChildRun(config, history, info.metrics, info.tta, usage.ru_maxrss / 1024)  # Linux reports KiB
+    return ChildRun(config, history, info.metrics, usage.ru_maxrss / 1024)  # Linux reports KiB

@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from cnnlab.cli.flags import render
 from cnnlab.errors import CnnlabError
@@ -64,6 +66,12 @@ def setup() -> None:
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
+
+
+def print_whole(table: Table) -> None:
+    """A table on stdout; a pipe or a log gets it whole, where rich would squeeze it into 80 columns."""
+    whole = Measurement.get(console, console.options.update_width(1000), table).maximum
+    (console if console.is_terminal else Console(width=whole, highlight=False, markup=False)).print(table)
 
 
 def main() -> None:

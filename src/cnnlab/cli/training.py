@@ -15,7 +15,7 @@ from rich.table import Table
 
 from cnnlab import progress
 from cnnlab.bench import bench, format_ratio, with_seeds
-from cnnlab.cli import app, console, errors, handles_errors
+from cnnlab.cli import app, console, errors, handles_errors, print_whole
 from cnnlab.cli.flags import DATA_FIELDS, TRAIN_FIELDS, Flags, takes_config
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
 from cnnlab.config import DataConfig, load_toml
@@ -23,7 +23,7 @@ from cnnlab.data.dataset import ImageShape
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS, create_model, model_spec, parameter_count
 from cnnlab.models.inference import Scores
-from cnnlab.recipes import recipe_values, resolve_run_config
+from cnnlab.recipes import RECIPES, recipe_explained, recipe_values, resolve_run_config
 from cnnlab.report import write_run_report
 from cnnlab.tracking.loggers import publish
 from cnnlab.train import run
@@ -65,7 +65,7 @@ def train(
         if result is None or not result.is_main:  # launched processes report for themselves
             return
         info = result.model.info
-        recorded = Scores.from_metrics(info.metrics, "test", info.tta)
+        recorded = Scores.from_metrics(info.metrics, "test")
         test = recorded.describe() if recorded is not None else "accuracy not measured (no test split)"
         console.print(f"run folder: {result.run_dir}  test {test}")
         if report:
@@ -116,14 +116,15 @@ def bench_command(
     out.mkdir(parents=True, exist_ok=True)
     report = errors.print if as_json else console.print
     epochs = flags.train.get("epochs")
-    summary = bench(split, data_config, out, baselines, seeds, epochs, device, shlex.split(train_args), report)
+    result = bench(split, data_config, out, baselines, seeds, epochs, device, shlex.split(train_args), report)
+    summary = result.to_dict()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     for row in summary["across_seeds"]:
         console.print(
-            f"{row['recipe']}: delivered accuracy {row['accuracy_mean']:.2%} ± {row['accuracy_std']:.2%}, "
-            f"{row['seconds_mean']:.1f} ± {row['seconds_std']:.1f} s of training, "
+            f"{row['recipe']}: delivered accuracy {row['delivered_accuracy_mean']:.2%} ± "
+            f"{row['delivered_accuracy_std']:.2%}, {row['seconds_mean']:.1f} ± {row['seconds_std']:.1f} s of training, "
             f"{row['delivered_seconds_mean']:.1f} ± {row['delivered_seconds_std']:.1f} s delivered, "
             f"over {row['seeds']} seed(s)"
         )
@@ -143,3 +144,32 @@ def models() -> None:
         weights = spec.weights or "from scratch"
         table.add_row(spec.name, f"{count:,}", size, weights, spec.default_recipe or "-", spec.summary)
     console.print(table)
+
+
+@app.command()
+@handles_errors
+def recipes(
+    name: Annotated[
+        str | None, typer.Argument(help="A recipe: every value it trains with, and where it comes from.")
+    ] = None,
+) -> None:
+    """List the training recipes, or show one: each value, and whether the recipe, the config's defaults or the
+    model family sets it. Flags and a --config file override any of them."""
+    if name is None:
+        table = Table("recipe", "model", "epochs", "optimizer", "batch", "test-time views")
+        for recipe in RECIPES:
+            train = resolve_run_config({"train": {"recipe": recipe}}).train
+            table.add_row(
+                recipe,
+                train.model,
+                f"{train.optim.epochs:g}",
+                train.optim.optimizer,
+                str(train.optim.batch_size),
+                train.inference.tta,
+            )
+        print_whole(table)
+        return
+    table = Table("setting", "value", "from", title=f"recipe {name}", title_justify="left")
+    for value in recipe_explained(name):
+        table.add_row(value.key, str(value.value), value.source)
+    print_whole(table)

@@ -11,11 +11,9 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
-from cnnlab.cli import EXIT_PARTIAL, app, console, errors, handles_errors
+from cnnlab.cli import EXIT_PARTIAL, app, console, errors, handles_errors, print_whole
 from cnnlab.cli.flags import DATA_FIELDS, DOCTOR_FIELDS, Flags, takes_config
 from cnnlab.config import DataConfig, DoctorConfig, check_ranges
 from cnnlab.data import images as image_io
@@ -46,10 +44,10 @@ Engine = Annotated[
 TEST_DATA = ("dataset", "data", "test_fraction", "split_seed", "cache_dir", "strict")
 
 
-@app.command()
+@app.command(name="evaluate")
 @handles_errors
 @takes_config(data=TEST_DATA)
-def evaluate(
+def evaluate_command(
     flags: Flags,
     model: ModelPath,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -63,7 +61,7 @@ def evaluate(
     console.print(report_table(evaluation))
     console.print(
         f"test {evaluation.scores.describe()}  balanced accuracy {evaluation.balanced_accuracy:.4f}  "
-        f"loss {evaluation.loss:.4f}  ({len(evaluation.labels)} images)"
+        f"loss {evaluation.scores.delivered_loss:.4f}  ({len(evaluation.labels)} images)"
     )
     console.print(f"wrote {folder / RunDir.EVALUATION} and the confusion matrix beside it")
 
@@ -132,7 +130,7 @@ def explain(
 ) -> None:
     """Grad-CAM heat map, feature maps of every conv layer and the first layer's filters for one image."""
     trained = load_model(model)
-    pixels = image_io.decode(image, str(image), trained.info.shape.size, trained.info.shape.channels)
+    pixels = image_io.decode(image, str(image), trained.info.input_shape.size, trained.info.input_shape.channels)
     explanation = explain_image(trained, pixels, class_name)
     paths = write_explanation(explanation, pixels, out, image.name)
     console.print(
@@ -221,8 +219,8 @@ def export_command(
         console.print(
             f"wrote {out} and {out.with_suffix('.json').name}: test accuracy {result.int8_accuracy:.2%} in INT8 "
             f"against {result.fp32_accuracy:.2%} in fp32 (onnxruntime, {result.test_images:,} images, "
-            f"{trained.info.tta} TTA; the same top class on {result.agreement:.2%}); {result.scheme}, calibrated on "
-            f"{result.calibration_images} training images"
+            f"{trained.info.inference.tta} TTA; the same top class on {result.agreement:.2%}); {result.scheme}, "
+            f"calibrated on {result.calibration_images} training images"
         )
         return
     sample = test_split_for(trained, None).images[:100]
@@ -279,10 +277,7 @@ def runs_command(
             table = Table(*RUNS_HEADER, title=f"{kind}: {len(runs)} run(s)", title_justify="left")
             for row in runs_table_rows(runs):
                 table.add_row(*row)
-            # A pipe or a log gets the whole table: rich would squeeze it into 80 columns.
-            whole = Measurement.get(console, console.options.update_width(1000), table).maximum
-            wide = console if console.is_terminal else Console(width=whole, highlight=False, markup=False)
-            wide.print(table)
+            print_whole(table)
     if page is not None:
         written = write_runs_page(groups, page, folder)
         (errors if as_json else console).print(f"wrote {written}")

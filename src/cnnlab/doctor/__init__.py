@@ -53,8 +53,8 @@ class Finding:
 class Leakage:
     test_images: int
     leaked: int  # test images with an exact or near copy in train
-    accuracy: float | None = None  # of the examined run (`run`) on the whole test split, delivered
-    accuracy_without: float | None = None  # and on the test images without a copy in train
+    delivered_accuracy: float | None = None  # of the examined run (`run`) on the whole test split
+    delivered_accuracy_without_copies: float | None = None  # and on the test images without a copy in train
     run: str | None = None
 
     @property
@@ -69,7 +69,7 @@ class Diagnosis:
     class_counts: dict[str, list[int]]  # per split, images per class
     fingerprints: dict[str, str]  # per split: what `train --exclude` checks it is given the same data
     label_method: str  # which out-of-sample probabilities ranked the label issues, and why
-    label_accuracy: float  # how often those probabilities' top class is the given label
+    label_agreement: float  # how often those probabilities' top class is the given label
     calibration: duplicates.Calibration
     leakage: Leakage
     findings: list[Finding]
@@ -87,7 +87,7 @@ class Diagnosis:
         lines = [f"examined {images:,} images of {self.data} in {sum(self.seconds.values()):.0f}s"]
         lines.append(
             f"  label issues: {self.count(Kind.LABEL):,} suspected ({self.label_method}; its out-of-sample "
-            f"agreement with the given labels {self.label_accuracy:.1%})"
+            f"agreement with the given labels {self.label_agreement:.1%})"
         )
         lines.append(
             f"  copies: {self.count(Kind.DUPLICATE):,} within a split, {self.count(Kind.LEAK):,} across splits "
@@ -95,14 +95,19 @@ class Diagnosis:
         )
         leak = self.leakage
         line = f"  leakage: {leak.leaked:,} of {leak.test_images:,} test images ({leak.share:.2%}) have a copy in train"
-        if leak.accuracy is not None and leak.accuracy_without is not None:
-            line += f"; {leak.run} scores {leak.accuracy:.4f} on all of them, {leak.accuracy_without:.4f} without"
+        if leak.delivered_accuracy is not None and leak.delivered_accuracy_without_copies is not None:
+            line += (
+                f"; {leak.run} scores {leak.delivered_accuracy:.4f} on all of them, "
+                f"{leak.delivered_accuracy_without_copies:.4f} without"
+            )
         lines.append(line)
         lines.append(f"  outliers: {self.count(Kind.OUTLIER):,}; odd images: {self.count(Kind.ODD):,}")
         train = np.array(self.class_counts.get(SplitName.TRAIN.value, [0]))
         if train.min() > 0 and train.max() / train.min() > 2:
-            lines.append(f"  class balance: train's largest class has {train.max() / train.min():.1f}x its smallest's "
-                         "images; consider --class-weights auto")  # fmt: skip
+            lines.append(
+                f"  class balance: train's largest class has {train.max() / train.min():.1f}x its smallest's "
+                "images; consider --class-weights auto"
+            )
         if self.findings:
             lines.append("  to train without them: cnnlab train ... --exclude doctor.json (or doctor.json:label,leak)")
         return lines
@@ -115,7 +120,7 @@ class Diagnosis:
             "class_counts": self.class_counts,
             "fingerprints": self.fingerprints,
             "label_method": self.label_method,
-            "label_accuracy": self.label_accuracy,
+            "label_agreement": self.label_agreement,
             "near_copy_threshold": self.calibration.threshold,
             "calibration": {"sample": self.calibration.sample, "similarities": self.calibration.similarities},
             "leakage": {**vars(self.leakage), "share": self.leakage.share},
@@ -181,8 +186,11 @@ def examine(
 
     # Copies of a nearly constant image correlate with nothing: the calibration copies the others.
     textured = np.flatnonzero(statistics.std[: sizes[0]] >= odd.CONSTANT_STD)
-    sample = np.sort(np.random.default_rng(config.seed).choice(
-        textured, min(duplicates.CALIBRATION_IMAGES, len(textured)), replace=False))  # fmt: skip
+    sample = np.sort(
+        np.random.default_rng(config.seed).choice(
+            textured, min(duplicates.CALIBRATION_IMAGES, len(textured)), replace=False
+        )
+    )
     with stages.step("near-copy calibration", len(sample)) as advance:
         calibration = duplicates.calibrate(np.asarray(splits[SplitName.TRAIN].images[sample]), views[sample])
         advance(len(sample))
@@ -205,7 +213,7 @@ def examine(
         class_counts={name.value: counts.tolist() for name, counts in dataset.class_counts().items()},
         fingerprints={name.value: split_fingerprint(split) for name, split in splits.items()},
         label_method=method,
-        label_accuracy=issues.accuracy,
+        label_agreement=issues.agreement,
         calibration=calibration,
         leakage=leakage,
         findings=findings,
@@ -269,12 +277,16 @@ def _label_findings(issues: labels.LabelIssues, rows: _Rows, classes: tuple[str,
     for row, suggested, confidence in zip(issues.issues, issues.suggested, issues.self_confidence, strict=True):
         image = rows.ref(int(row))
         probability = float(issues.probabilities[row, suggested])
-        found.append(Finding(
-            Kind.LABEL, image, 1 - float(confidence),
-            f"given {image.label} (p={confidence:.3f}), most probably {classes[suggested]} (p={probability:.3f}); "
-            "score: 1 - p(given)",
-            suggested=classes[suggested],
-        ))  # fmt: skip
+        found.append(
+            Finding(
+                Kind.LABEL,
+                image,
+                1 - float(confidence),
+                f"given {image.label} (p={confidence:.3f}), most probably {classes[suggested]} (p={probability:.3f}); "
+                "score: 1 - p(given)",
+                suggested=classes[suggested],
+            )
+        )
     return found
 
 
@@ -300,9 +312,13 @@ def _copy_findings(
 
 
 def _odd_findings(
-    statistics: odd.PixelStatistics, neighbours: duplicates.Neighbours, images: Any, splits: Any, rows: _Rows,
+    statistics: odd.PixelStatistics,
+    neighbours: duplicates.Neighbours,
+    images: Any,
+    splits: Any,
+    rows: _Rows,
     dataset: Dataset,
-) -> list[Finding]:  # fmt: skip
+) -> list[Finding]:
     native = [split.native_sizes for split in splits.values()]
     native_sizes = np.concatenate(native) if all(sizes is not None for sizes in native) else None
     reasons = odd.odd_reasons(statistics, dataset.image_shape.channels == 3, native_sizes, dataset.image_shape.size)
@@ -313,11 +329,15 @@ def _odd_findings(
             found.append(Finding(Kind.ODD, rows.ref(row), float(len(said)), detail))
     outliers = odd.outlier_scores(neighbours.similarities, neighbours.indices)
     for row in np.flatnonzero(outliers > odd.ROBUST_Z)[np.argsort(-outliers[outliers > odd.ROBUST_Z])].tolist():
-        found.append(Finding(
-            Kind.OUTLIER, rows.ref(row), float(outliers[row]),
-            f"far from its nearest images (robust z {outliers[row]:.1f} of its mean embedding cosine to its "
-            f"{duplicates.NEIGHBOURS} nearest)",
-        ))  # fmt: skip
+        found.append(
+            Finding(
+                Kind.OUTLIER,
+                rows.ref(row),
+                float(outliers[row]),
+                f"far from its nearest images (robust z {outliers[row]:.1f} of its mean embedding cosine to its "
+                f"{duplicates.NEIGHBOURS} nearest)",
+            )
+        )
     return found
 
 

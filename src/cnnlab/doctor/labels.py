@@ -51,7 +51,7 @@ TRAINED_RECIPE, TRAINED_EPOCHS, TRAINED_LARGEST = "fast70", 1.5, 64
 @dataclass(frozen=True)
 class LabelIssues:
     probabilities: np.ndarray  # (N, K) out-of-sample class probabilities of every image
-    accuracy: float  # how often their most probable class is the given label
+    agreement: float  # how often their most probable class is the given label
     issues: np.ndarray  # (M,) indices of the suspected errors, most suspicious first
     suggested: np.ndarray  # (M,) the class each of them most probably is
     self_confidence: np.ndarray  # (M,) their probability of the given label, ascending
@@ -132,9 +132,9 @@ def confident_learning(probabilities: np.ndarray, labels: np.ndarray) -> LabelIs
     count, classes = probabilities.shape
     given = probabilities[np.arange(count), labels]
     # Each class's threshold: the mean probability of that class over the images labelled with it.
-    thresholds = np.array([
-        probabilities[labels == k, k].mean() if np.any(labels == k) else 1.0 for k in range(classes)
-    ])  # fmt: skip
+    thresholds = np.array(
+        [probabilities[labels == k, k].mean() if np.any(labels == k) else 1.0 for k in range(classes)]
+    )
     above = probabilities >= thresholds - 1e-6
     confident = np.where(above, probabilities, -1.0).argmax(1)
     counted = above.any(1)
@@ -158,7 +158,7 @@ def confident_learning(probabilities: np.ndarray, labels: np.ndarray) -> LabelIs
     issues = issues[np.argsort(given[issues], kind="stable")]
     return LabelIssues(
         probabilities=probabilities,
-        accuracy=agreement(probabilities, labels),
+        agreement=agreement(probabilities, labels),
         issues=issues,
         suggested=others[issues].argmax(1),
         self_confidence=given[issues],
@@ -178,9 +178,14 @@ def agreement(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def trained_probabilities(
-    images: Pixels, labels: np.ndarray, dataset: Dataset, folds: int, seed: int, scratch: Path,
+    images: Pixels,
+    labels: np.ndarray,
+    dataset: Dataset,
+    folds: int,
+    seed: int,
+    scratch: Path,
     advance: Advance,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """(N, K) probabilities of each image from a TRAINED_RECIPE net trained on the other folds' images."""
     classes = len(dataset.classes)
     probabilities = np.zeros((len(labels), classes), np.float32)
@@ -189,12 +194,18 @@ def trained_probabilities(
     for fold, (fitted, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         # Scored each epoch on a few held-out images only: the fold's probabilities are computed once, after.
         probe = held[:: max(1, len(held) // 500)]
-        part = Dataset(dataset.name, dataset.classes, Split(images.take(fitted, axis=0), labels[fitted]),
-                       Split(images.take(probe, axis=0), labels[probe]))  # fmt: skip
-        config = resolve_run_config({
-            "train": {"recipe": TRAINED_RECIPE, "epochs": TRAINED_EPOCHS, "seed": seed + fold},
-            "out": str(scratch / f"fold-{fold}"),
-        })  # fmt: skip
+        part = Dataset(
+            dataset.name,
+            dataset.classes,
+            Split(images.take(fitted, axis=0), labels[fitted]),
+            Split(images.take(probe, axis=0), labels[probe]),
+        )
+        config = resolve_run_config(
+            {
+                "train": {"recipe": TRAINED_RECIPE, "epochs": TRAINED_EPOCHS, "seed": seed + fold},
+                "out": str(scratch / f"fold-{fold}"),
+            }
+        )
         model = fit(config, part, reporter=quiet).model
         probabilities[held] = model.probabilities(np.asarray(images.take(held, axis=0)))
         advance(1)

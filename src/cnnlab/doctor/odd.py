@@ -36,8 +36,9 @@ class PixelStatistics:
     def of(batch: torch.Tensor) -> PixelStatistics:
         """The statistics of a (B, H, W, C) uint8 batch."""
         x = batch.float().permute(0, 3, 1, 2)  # (B, C, H, W), 0-255
-        luma = x.mean(1, keepdim=True) if x.shape[1] == 1 else (
-            0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # fmt: skip
+        luma = (
+            x.mean(1, keepdim=True) if x.shape[1] == 1 else (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        )
         spread = (x - x.mean(1, keepdim=True)).abs().mean((1, 2, 3)) * (x.shape[1] > 1)
         edges = F.conv2d(luma, _LAPLACIAN) if min(x.shape[-2:]) >= 3 else torch.zeros_like(luma)
         values = (x.std((1, 2, 3)), luma.mean((1, 2, 3)), spread, edges.var((1, 2, 3)))

@@ -47,15 +47,38 @@ def write_diagnosis(diagnosis: Diagnosis, dataset: Dataset, folder: Path) -> Doc
 def _csv(findings: list[Finding]) -> str:
     table = io.StringIO(newline="")
     writer = csv.writer(table)
-    writer.writerow(["kind", "split", "index", "path", "label", "score", "suggested",
-                     "other_split", "other_index", "other_path", "detail"])  # fmt: skip
+    writer.writerow(
+        [
+            "kind",
+            "split",
+            "index",
+            "path",
+            "label",
+            "score",
+            "suggested",
+            "other_split",
+            "other_index",
+            "other_path",
+            "detail",
+        ]
+    )
     for finding in findings:
         image, other = finding.image, finding.other
-        writer.writerow([
-            finding.kind.value, image.split.value, image.index, image.path or "", image.label, f"{finding.score:.5f}",
-            finding.suggested or "", other.split.value if other else "", other.index if other else "",
-            (other.path or "") if other else "", finding.detail,
-        ])  # fmt: skip
+        writer.writerow(
+            [
+                finding.kind.value,
+                image.split.value,
+                image.index,
+                image.path or "",
+                image.label,
+                f"{finding.score:.5f}",
+                finding.suggested or "",
+                other.split.value if other else "",
+                other.index if other else "",
+                (other.path or "") if other else "",
+                finding.detail,
+            ]
+        )
     return table.getvalue()
 
 
@@ -97,9 +120,11 @@ def _page(diagnosis: Diagnosis, dataset: Dataset) -> str:
     similarities = diagnosis.calibration.similarities
     calibration = html.table(
         ["copied as", "lowest correlation", "1st percentile", "median"],
-        [[way, min(found), float(np.quantile(found, 0.01)), float(np.median(found))]
-         for way, found in similarities.items()],
-    )  # fmt: skip
+        [
+            [way, min(found), float(np.quantile(found, 0.01)), float(np.median(found))]
+            for way, found in similarities.items()
+        ],
+    )
     calibration += (
         f"<p>{diagnosis.calibration.sample} images copied each way; two images are near copies at a cosine of "
         f"{diagnosis.calibration.threshold:.4f} or more.</p>"
@@ -108,15 +133,21 @@ def _page(diagnosis: Diagnosis, dataset: Dataset) -> str:
     sections = [
         ("Summary", "<pre>" + escape("\n".join(diagnosis.summary())) + "</pre>"),
         ("Class balance (images per class and split)", balance),
-        ("Suspected label errors", _gallery(dataset, diagnosis.of_kind(Kind.LABEL),
-                                            "Least sure of their given label first.")),
-        ("Copies across splits (leakage)", _gallery(dataset, leaks[:PAIRS], "Each pair: the earlier split's image, "
-                                                   "then its copy.")),
-        ("Copies within a split", _gallery(dataset, diagnosis.of_kind(Kind.DUPLICATE)[:PAIRS],
-                                           "Each pair: the first image, then its copy.")),
+        (
+            "Suspected label errors",
+            _gallery(dataset, diagnosis.of_kind(Kind.LABEL), "Least sure of their given label first."),
+        ),
+        (
+            "Copies across splits (leakage)",
+            _gallery(dataset, leaks[:PAIRS], "Each pair: the earlier split's image, then its copy."),
+        ),
+        (
+            "Copies within a split",
+            _gallery(dataset, diagnosis.of_kind(Kind.DUPLICATE)[:PAIRS], "Each pair: the first image, then its copy."),
+        ),
         ("Outliers", _gallery(dataset, diagnosis.of_kind(Kind.OUTLIER), "Furthest from their nearest images first.")),
         ("Odd images", _gallery(dataset, diagnosis.of_kind(Kind.ODD), "")),
         ("Near-copy calibration", calibration),
-    ]  # fmt: skip
+    ]
     title = f"cnnlab doctor: {dataset.name}"
     return html.page(title, sections, diagnosis.summary()[0]).replace("</head>", f"{_GALLERY_STYLE}</head>")

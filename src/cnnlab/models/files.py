@@ -20,13 +20,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from cnnlab.atomic import atomic_write, write_text
+from cnnlab.config import InferenceConfig, build
 from cnnlab.data.dataset import ImageShape
 from cnnlab.data.transforms import Normalization
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import inference_precision
-from cnnlab.models.inference import predict_logits
+from cnnlab.models.inference import NO_TTA, predict_logits
 from cnnlab.models.registry import Classifier, create_model
-from cnnlab.run_dir import RunDir
+from cnnlab.run_dir import RunDir, metrics_in_current_names
 
 FORMAT_VERSION = 1
 
@@ -35,28 +36,37 @@ FORMAT_VERSION = 1
 class ModelInfo:
     architecture: str
     classes: list[str]
-    input_shape: list[int]  # [C, H, W]
-    normalization: dict[str, list[float]]  # {"mean": [...], "std": [...]} after scaling to [0, 1]
-    tta: str = "none"  # test-time augmentation used for evaluation and prediction
-    tta_below: float = 1.0  # selective TTA: the views only for images whose plain top probability is below this
+    input_shape: ImageShape
+    normalization: Normalization  # of pixels scaled to [0, 1]
+    inference: InferenceConfig = NO_TTA  # how it answers (evaluation, prediction, export and serving)
     precision: str = "fp32"  # what training ran in; "bf16": inference under bf16 autocast where it is native
-    metrics: dict[str, Any] = field(default_factory=dict)  # the final epoch's metrics
+    metrics: dict[str, Any] = field(default_factory=dict)  # the kept epoch's metrics.jsonl line
     config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
     cnnlab_version: str = ""
     format_version: int = FORMAT_VERSION
     quantization: dict[str, Any] = field(default_factory=dict)  # an INT8 export: how, and its measured accuracy
 
-    @property
-    def norm(self) -> Normalization:
-        return Normalization(tuple(self.normalization["mean"]), tuple(self.normalization["std"]))
-
     def bf16_on(self, device: torch.device) -> bool:
         """Whether inference on `device` runs under bf16 autocast: as trained, where that is native."""
         return inference_precision(self.precision, device) == "bf16"
 
-    @property
-    def shape(self) -> ImageShape:
-        return ImageShape(*self.input_shape)
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelInfo:
+        """A model.json's description, typed. One written before the inference section had `tta` and
+        `tta_below` beside the other keys."""
+        values = dict(values)
+        older = {key: values.pop(key) for key in ("tta", "tta_below") if key in values}
+        inference = build(InferenceConfig, values.pop("inference", older), "model.json inference")
+        mean, std = values.pop("normalization").values()
+        shape = ImageShape(*values.pop("input_shape"))
+        info = cls(
+            input_shape=shape, normalization=Normalization(tuple(mean), tuple(std)), inference=inference, **values
+        )
+        info.metrics = metrics_in_current_names(info.metrics, inference.tta)
+        return info
 
 
 @dataclass
@@ -67,8 +77,8 @@ class TrainedModel:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C) uint8 at the model's input format -> (N, classes), with the model's TTA."""
         device = next(self.module.parameters()).device
-        bf16 = self.info.bf16_on(device)
-        logits = predict_logits(self.module, images, self.info.norm, device, self.info.tta, bf16, self.info.tta_below)
+        info = self.info
+        logits = predict_logits(self.module, images, info.normalization, device, info.inference, info.bf16_on(device))
         return torch.softmax(logits, 1).numpy()
 
 
@@ -83,7 +93,7 @@ def save_model(model: nn.Module, info: ModelInfo, folder: Path) -> None:
     """model.safetensors, then model.json: each replaced atomically, the description last."""
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     atomic_write(folder / RunDir.WEIGHTS, safetensors_bytes(weights))
-    write_text(folder / RunDir.INFO, json.dumps(asdict(info), indent=2))
+    write_text(folder / RunDir.INFO, info.to_json())
 
 
 def model_folder(path: Path) -> Path:
@@ -100,7 +110,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> TrainedModel:
     """Rebuild a model from a run folder or its model files; any mismatch is a one-line error."""
     folder = model_folder(path)
     info = read_info(folder / RunDir.INFO)
-    module = create_model(info.architecture, info.shape, len(info.classes))
+    module = create_model(info.architecture, info.input_shape, len(info.classes))
     weights_path = folder / RunDir.WEIGHTS
     if not weights_path.is_file():
         raise CnnlabError(f"{weights_path}: missing; the model folder is incomplete")
@@ -114,7 +124,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> TrainedModel:
         differing = sorted(set(expected.items()) ^ set(found.items()))
         raise CnnlabError(
             f"{weights_path}: weights do not fit {info.architecture} with {len(info.classes)} classes "
-            f"at input {info.input_shape}; first difference: {differing[0][0]}"
+            f"at input {list(info.input_shape)}; first difference: {differing[0][0]}"
         )
     module.load_state_dict(weights)
     return TrainedModel(module.to(device).eval(), info)
@@ -122,10 +132,9 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> TrainedModel:
 
 def read_info(path: Path) -> ModelInfo:
     try:
-        values = json.loads(path.read_text())
-        info = ModelInfo(**values)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
-        raise CnnlabError(f"{path}: not a cnnlab model description ({error})") from None
+        info = ModelInfo.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError, CnnlabError) as error:
+        raise CnnlabError(f"{path}: not a cnnlab model description ({first_line(error)})") from None
     if info.format_version != FORMAT_VERSION:
         raise CnnlabError(f"{path}: model format {info.format_version}, this cnnlab reads {FORMAT_VERSION}")
     return info

@@ -3,11 +3,12 @@
 Every accuracy cnnlab reports is a `Scores`: the plain one (each image seen once) and the delivered one (with
 the model's test-time augmentation, its views averaged, as predict and serve answer; the plain one without).
 Training writes it into each metrics.jsonl line (`Scores.metrics`); everything after reads it back from there
-(`Scores.from_metrics`) and says it one way (`Scores.describe`).
+(`Scores.from_metrics`), writes it by the same names (`Scores.to_dict`) and says it one way (`Scores.describe`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.config import InferenceConfig
 from cnnlab.data.loader import in_order
 from cnnlab.data.transforms import Normalization, to_input
+
+NO_TTA = InferenceConfig()  # each image seen once
+
+
+NO_TTA = InferenceConfig()  # each image seen once
 
 
 @dataclass(frozen=True)
@@ -36,11 +43,14 @@ class Logits:
 
 @dataclass(frozen=True)
 class Scores:
+    """A model's scores on a split, by the one pair of names every file and page uses: `delivered_*` (what the
+    model answers with: its TTA views averaged when it has them) and `plain_*` (each image seen once)."""
+
     tta: str  # "none", or the views averaged for `delivered_*`
-    loss: float  # mean cross-entropy, plain
-    accuracy: float  # plain
+    plain_loss: float  # mean cross-entropy
+    plain_accuracy: float
     delivered_loss: float
-    delivered_accuracy: float  # what the model answers with: with TTA when it has one
+    delivered_accuracy: float
     tta_share: float  # the share of images that got the TTA views (selective TTA: the less confident ones)
 
     @classmethod
@@ -51,41 +61,43 @@ class Scores:
         share = logits.viewed.float().mean().item() if len(logits.viewed) else 0.0
         return cls(logits.tta, loss, accuracy, *delivered, share)
 
-    def metrics(self, split: str) -> dict[str, Any]:
-        """A split's entries in a metrics.jsonl line: plain `<split>_loss` and `<split>_acc` (each image seen
-        once), delivered `<split>_delivered_loss` and `<split>_delivered_acc` (the plain ones without TTA),
-        `<split>_tta` (the views) and `<split>_tta_share` (the share of images that got them)."""
+    def to_dict(self) -> dict[str, Any]:
+        """The scores as every JSON file and answer names them (a split's metrics.jsonl entries add its name)."""
         return {
-            f"{split}_loss": self.loss,
-            f"{split}_acc": self.accuracy,
-            f"{split}_delivered_loss": self.delivered_loss,
-            f"{split}_delivered_acc": self.delivered_accuracy,
-            f"{split}_tta": self.tta,
-            f"{split}_tta_share": self.tta_share,
+            "delivered_accuracy": self.delivered_accuracy,
+            "plain_accuracy": self.plain_accuracy,
+            "delivered_loss": self.delivered_loss,
+            "plain_loss": self.plain_loss,
+            "tta": self.tta,
+            "tta_share": self.tta_share,
         }
 
+    def metrics(self, split: str) -> dict[str, Any]:
+        """A split's entries in a metrics.jsonl line: `<split>_delivered_accuracy`, `<split>_plain_accuracy` and
+        the rest of `to_dict`, each named after the split."""
+        return {f"{split}_{key}": value for key, value in self.to_dict().items()}
+
     @classmethod
-    def from_metrics(cls, metrics: dict[str, Any], split: str, tta: str = "none") -> Scores | None:
-        """The scores a metrics line recorded for `split`, read back, never recomputed; None when it has none.
-        Lines written before the delivered entries had `<split>_acc_tta` alone, with the model's `tta`."""
-        if f"{split}_acc" not in metrics:
+    def from_metrics(cls, metrics: dict[str, Any], split: str) -> Scores | None:
+        """The scores a metrics line recorded for `split`, read back, never recomputed; None when it has none
+        (lines of older releases are read in these names by `run_dir.metrics_in_current_names`)."""
+        if f"{split}_plain_accuracy" not in metrics:
             return None
-        plain_loss, plain = metrics[f"{split}_loss"], metrics[f"{split}_acc"]
-        if f"{split}_delivered_acc" in metrics:
-            delivered = metrics[f"{split}_delivered_loss"], metrics[f"{split}_delivered_acc"]
-            return cls(metrics[f"{split}_tta"], plain_loss, plain, *delivered, metrics[f"{split}_tta_share"])
-        if f"{split}_acc_tta" not in metrics:
-            return cls("none", plain_loss, plain, plain_loss, plain, 0.0)
-        share = metrics.get(f"{split}_tta_share", 1.0)
-        return cls(tta, plain_loss, plain, float("nan"), metrics[f"{split}_acc_tta"], share)
+        return cls(**{field: metrics[f"{split}_{field}"] for field in SCORE_FIELDS})
 
     def describe(self) -> str:
-        """ "accuracy 0.9412 (with flip-translate TTA; 0.9310 without)": the delivered accuracy, labelled;
-        selective TTA says on what share of the images: "(with flip TTA on the 25% least sure; ...)"."""
+        """The one way an accuracy is printed: "accuracy 0.9412 (with flip-translate TTA; 0.9310 without)", the
+        delivered accuracy, labelled; selective TTA says on what share of the images: "(with flip TTA on the 25%
+        least sure; ...)"."""
         if self.tta == "none":
-            return f"accuracy {self.accuracy:.4f}"
+            return f"accuracy {self.delivered_accuracy:.4f}"
         covered = "" if self.tta_share == 1 else f" on the {self.tta_share:.0%} least sure"
-        return f"accuracy {self.delivered_accuracy:.4f} (with {self.tta} TTA{covered}; {self.accuracy:.4f} without)"
+        return (
+            f"accuracy {self.delivered_accuracy:.4f} (with {self.tta} TTA{covered}; {self.plain_accuracy:.4f} without)"
+        )
+
+
+SCORE_FIELDS = tuple(field.name for field in dataclasses.fields(Scores))
 
 
 def _loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
@@ -100,41 +112,39 @@ def predict(
     batches: Iterable[torch.Tensor],
     normalization: Normalization,
     device: torch.device,
-    tta: str = "none",
+    inference: InferenceConfig = NO_TTA,
     bf16: bool = False,
-    tta_below: float = 1.0,
 ) -> Logits:
-    """Logits of (b, H, W, C) uint8 batches, in eval mode; both plain and delivered from one pass of views.
-    With `tta_below` < 1 only the images whose plain top-class probability is below it get the TTA views."""
+    """Logits of (b, H, W, C) uint8 batches, in eval mode; both plain and delivered from one pass of views (see
+    `views`), under bf16 autocast with `bf16`."""
     was_training = model.training
     model.eval()
     plain, delivered, viewed = [], [], []
     try:
         for batch in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                one, averaged, doubtful = views(model, to_input(batch.to(device), normalization), tta, tta_below)
+                one, averaged, doubtful = views(model, to_input(batch.to(device), normalization), inference)
             plain.append(one.float().cpu())
             delivered.append(averaged.float().cpu())
             viewed.append(doubtful.cpu())
     finally:
         model.train(was_training)
     if not plain:
-        return Logits(torch.empty(0), torch.empty(0), tta, torch.zeros(0, dtype=torch.bool))
-    return Logits(torch.cat(plain), torch.cat(delivered), tta, torch.cat(viewed))
+        return Logits(torch.empty(0), torch.empty(0), inference.tta, torch.zeros(0, dtype=torch.bool))
+    return Logits(torch.cat(plain), torch.cat(delivered), inference.tta, torch.cat(viewed))
 
 
-def evaluate(
+def predict_and_score(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
     labels: np.ndarray,
     normalization: Normalization,
     device: torch.device,
-    tta: str = "none",
+    inference: InferenceConfig = NO_TTA,
     bf16: bool = False,
-    tta_below: float = 1.0,
 ) -> tuple[Scores, Logits]:
     """Plain and delivered scores of `model` on `batches` whose true classes are `labels`, and its logits."""
-    logits = predict(model, batches, normalization, device, tta, bf16, tta_below)
+    logits = predict(model, batches, normalization, device, inference, bf16)
     return Scores.of(logits, labels), logits
 
 
@@ -143,27 +153,28 @@ def predict_logits(
     images: np.ndarray,
     normalization: Normalization,
     device: torch.device,
-    tta: str = "none",
+    inference: InferenceConfig = NO_TTA,
     bf16: bool = False,
-    tta_below: float = 1.0,
 ) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, classes) float32 delivered logits on the CPU."""
-    return predict(model, in_order(images), normalization, device, tta, bf16, tta_below).delivered
+    return predict(model, in_order(images), normalization, device, inference, bf16).delivered
 
 
 def views(
-    model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0
+    model: nn.Module, x: torch.Tensor, inference: InferenceConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits of (B, C, H, W) inputs seen once, the delivered logits, and which images got the test-time views.
 
-    The delivered logits average the views `tta` names for the images whose plain top-class probability is
-    below `below` (all of them at 1), and are the plain logits for the rest: selective TTA spends its extra
-    forward passes on the images the model is unsure of. Each image's answer depends on it alone.
+    The delivered logits average the views `inference.tta` names for the images whose plain top-class
+    probability is below `inference.tta_below` (all of them at 1), and are the plain logits for the rest:
+    selective TTA spends its extra forward passes on the images the model is unsure of. Each image's answer
+    depends on it alone.
     """
+    tta = inference.tta
     plain: torch.Tensor = model(x)
     if tta == "none":
         return plain, plain, torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    doubtful = unsure(plain, below)
+    doubtful = unsure(plain, inference.tta_below)
     if bool(doubtful.all()):
         return plain, averaged_views(model, x, plain, tta), doubtful
     delivered = plain.clone()
@@ -193,10 +204,11 @@ def averaged_views(model: nn.Module, x: torch.Tensor, plain: torch.Tensor, tta: 
     return 0.5 * pair + 0.25 * (mirrored(up_left) + mirrored(down_right))
 
 
-def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, below: float = 1.0) -> torch.Tensor:
+def tta_logits(model: nn.Module, x: torch.Tensor, inference: InferenceConfig) -> torch.Tensor:
     """The delivered logits of (B, C, H, W) inputs, as `views` gives them, in a form export can trace: no
     branch on the data. The views run on the unsure images, or on the first image when none is (a graph cannot
     branch on that, and a batch of no images does not export); that image then keeps its plain logits."""
+    tta, below = inference.tta, inference.tta_below
     plain: torch.Tensor = model(x)
     if tta == "none":
         return plain

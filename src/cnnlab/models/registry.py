@@ -141,8 +141,9 @@ def register(
     def decorate(build: Build) -> Build:
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelSpec(name, build, summary, default_recipe, min_input_size, input_size, normalization,
-                                 weights, settings)  # fmt: skip
+        MODELS[name] = ModelSpec(
+            name, build, summary, default_recipe, min_input_size, input_size, normalization, weights, settings
+        )
         return build
 
     return decorate

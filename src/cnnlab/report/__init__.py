@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from cnnlab.tracking.catalog import RunSummary, machine_kind_of, precision_of
 GALLERY_SIZE = 18
 SAMPLE_SIZE = 12  # test images shown with their predictions
 GRADCAM_MISTAKES = 8  # the worst mistakes shown under their Grad-CAM
+
+if TYPE_CHECKING:
+    from cnnlab.compare import ComparisonRow  # compare writes its report with this module
 
 
 def confidently_wrong(evaluation: Evaluation, split: Split, count: int = GALLERY_SIZE) -> tuple[np.ndarray, list[str]]:
@@ -108,7 +111,7 @@ def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool 
     for name, data in pngs.items():
         atomic_write(run_dir / name, data)
 
-    recorded = Scores.from_metrics(model.info.metrics, "test", model.info.tta) if own_split else None
+    recorded = Scores.from_metrics(model.info.metrics, "test") if own_split else None
     scores = recorded or evaluation.scores
     config = build(RunConfig, model.info.config, f"{run_dir / RunDir.INFO}")
     summary = (
@@ -174,7 +177,7 @@ def _run_facts(
     excluded = f", without what {config.data.exclude} flags" if config.data.exclude else ""
     return [
         ("test accuracy (delivered)", f"{scores.delivered_accuracy:.2%}" + _with_tta(scores.tta)),
-        *([("without TTA", f"{scores.accuracy:.2%}")] if scores.tta != "none" else []),
+        *([("without TTA", f"{scores.plain_accuracy:.2%}")] if scores.tta != "none" else []),
         ("balanced accuracy", f"{evaluation.balanced_accuracy:.2%}"),
         ("test loss", f"{scores.delivered_loss:.4f} on {images:,} images"),
         ("training", f"{seconds:,.1f} s, {len(history)} epochs" + (f" (kept epoch {kept})" if kept else "")),
@@ -202,7 +205,7 @@ def write_data_overview(dataset: Dataset, out: Path, per_class: int) -> tuple[Pa
 
 def write_comparison_report(
     out: Path,
-    rows: list[Any],
+    rows: list[ComparisonRow],
     evaluations: dict[str, Evaluation],
     histories: dict[str, list[dict[str, Any]]],
     dataset: Dataset,
@@ -210,7 +213,7 @@ def write_comparison_report(
     """report.html with the models side by side, opening with their ranking by delivered test accuracy; then
     per-class F1, confusion matrices and training curves."""
     classes = list(dataset.classes)
-    ranked = sorted(rows, key=lambda r: r.accuracy, reverse=True)
+    ranked = sorted(rows, key=lambda r: r.scores.delivered_accuracy, reverse=True)
     f1 = figures.png_bytes(figures.f1_side_by_side({m: e.report for m, e in evaluations.items()}, classes))
     confusions = "".join(
         f"<div>{html.image(figures.png_bytes(figures.confusion_heatmaps(e.confusion, classes, model)), model)}</div>"
@@ -226,29 +229,48 @@ def write_comparison_report(
         ("Per-class F1", html.image(f1, "per-class F1")),
         ("Confusion matrices", f'<div class="side">{confusions}</div>'),
         ("Training curves", f'<div class="side">{curves}</div>'),
-        ("Runs", f"<pre>{escape(json.dumps([asdict(r) for r in rows], indent=2))}</pre>"),
+        ("Runs", f"<pre>{escape(json.dumps([r.to_dict() for r in rows], indent=2))}</pre>"),
     ]
     best = ranked[0]
-    summary = f"best: {best.model} at {best.accuracy:.2%} test accuracy on {dataset.name}" + "".join(
-        f"; {r.model} {r.accuracy:.2%}" for r in ranked[1:]
+    summary = f"best: {best.model} at {best.scores.delivered_accuracy:.2%} test accuracy on {dataset.name}" + "".join(
+        f"; {r.model} {r.scores.delivered_accuracy:.2%}" for r in ranked[1:]
     )
-    title = f"Comparison on {dataset.name}: {best.model} best at {best.accuracy:.2%}"
+    title = f"Comparison on {dataset.name}: {best.model} best at {best.scores.delivered_accuracy:.2%}"
     write_text(out / RunDir.REPORT, html.page(title, sections, summary))
     return out / RunDir.REPORT
 
 
-RANKING_HEADER = ["rank", "model", "test accuracy (delivered)", "without TTA", "macro F1", "recipe", "epochs (kept)",
-                  "parameters", "training s", "s / epoch"]  # fmt: skip
+RANKING_HEADER = [
+    "rank",
+    "model",
+    "test accuracy (delivered)",
+    "without TTA",
+    "macro F1",
+    "recipe",
+    "epochs (kept)",
+    "parameters",
+    "training s",
+    "s / epoch",
+]
 
 
-def _ranking_rows(ranked: list[Any]) -> list[list[Any]]:
+def _ranking_rows(ranked: list[ComparisonRow]) -> list[list[Any]]:
     """A comparison's rows, best first, as its report's ranking shows them."""
     return [
-        [rank, r.model, f"{r.accuracy:.2%}" + _with_tta(r.tta), f"{r.plain_accuracy:.2%}", r.macro_f1,
-         r.recipe or "-", f"{r.epochs} ({r.kept_epoch})", r.parameters, f"{r.train_seconds:.1f}",
-         f"{r.seconds_per_epoch:.2f}"]
-        for rank, r in enumerate(ranked, 1)
-    ]  # fmt: skip
+        [
+            rank,
+            row.model,
+            f"{row.scores.delivered_accuracy:.2%}" + _with_tta(row.scores.tta),
+            f"{row.scores.plain_accuracy:.2%}",
+            row.macro_f1,
+            row.recipe or "-",
+            f"{row.epochs} ({row.kept_epoch})",
+            row.parameters,
+            f"{row.train_seconds:.1f}",
+            f"{row.seconds_per_epoch:.2f}",
+        ]
+        for rank, row in enumerate(ranked, 1)
+    ]
 
 
 def runs_table_rows(runs: list[RunSummary]) -> list[list[Any]]:
@@ -261,7 +283,7 @@ def runs_table_rows(runs: list[RunSummary]) -> list[list[Any]]:
             run.data,
             run.recipe or "-",
             f"{run.epochs}/{run.epochs_planned:g}",
-            "-" if run.accuracy is None else f"{run.accuracy:.2%}" + _with_tta(run.tta),
+            "-" if run.delivered_accuracy is None else f"{run.delivered_accuracy:.2%}" + _with_tta(run.tta),
             f"{run.seconds:,.1f}",
             run.precision,
             run.started.replace("T", " ")[:16],
@@ -270,8 +292,18 @@ def runs_table_rows(runs: list[RunSummary]) -> list[list[Any]]:
     ]
 
 
-RUNS_HEADER = ["run", "status", "model", "data", "recipe", "epochs", "test accuracy", "training s", "precision",
-               "started"]  # fmt: skip
+RUNS_HEADER = [
+    "run",
+    "status",
+    "model",
+    "data",
+    "recipe",
+    "epochs",
+    "test accuracy",
+    "training s",
+    "precision",
+    "started",
+]
 
 
 def write_runs_page(groups: dict[str, list[RunSummary]], out: Path, root: Path) -> Path:
@@ -284,10 +316,12 @@ def write_runs_page(groups: dict[str, list[RunSummary]], out: Path, root: Path) 
             html.image(figure, f"curves on {kind}") if figure else ""
         )
         sections.append((f"{kind}: {len(runs)} run(s)", content))
-    best = [run for runs in groups.values() for run in runs if run.accuracy is not None]
-    leader = max(best, key=lambda run: run.accuracy or 0.0) if best else None
+    best = [run for runs in groups.values() for run in runs if run.delivered_accuracy is not None]
+    leader = max(best, key=lambda run: run.delivered_accuracy or 0.0) if best else None
     summary = f"{sum(len(runs) for runs in groups.values())} runs under {root}" + (
-        f"; the most accurate: {leader.name} ({leader.model} on {leader.data}) at {leader.accuracy:.2%}"
-        if leader else "")  # fmt: skip
+        f"; the most accurate: {leader.name} ({leader.model} on {leader.data}) at {leader.delivered_accuracy:.2%}"
+        if leader
+        else ""
+    )
     write_text(out, html.page(f"Runs under {root}", sections, summary))
     return out

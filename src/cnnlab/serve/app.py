@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cnnlab.data import images as image_io
 from cnnlab.models import ModelInfo
 from cnnlab.models.inference import Scores
-from cnnlab.predict import Classifier
+from cnnlab.predict import Predictor
 from cnnlab.serve.batching import Batcher
 
 
@@ -127,7 +127,7 @@ class BadImage(Exception):
     pass
 
 
-def decode_upload(data: bytes, name: str, classifier: Classifier, config: ServeConfig) -> np.ndarray:
+def decode_upload(data: bytes, name: str, classifier: Predictor, config: ServeConfig) -> np.ndarray:
     """Check the header (format allow-list, pixel count), then decode with the training preprocessing."""
     if not data:
         raise BadImage(f"{name}: empty file")
@@ -135,7 +135,7 @@ def decode_upload(data: bytes, name: str, classifier: Classifier, config: ServeC
         found = image_io.header(data, name)  # refuses any format outside image_io.ALLOWED_FORMATS
         if found.height * found.width > config.max_pixels:
             raise BadImage(f"{name}: {found.width}x{found.height} pixels, over the limit of {config.max_pixels:,}")
-        return image_io.decode(data, name, classifier.info.shape.size, classifier.info.shape.channels)
+        return image_io.decode(data, name, classifier.info.input_shape.size, classifier.info.input_shape.channels)
     except image_io.ImageError as error:
         raise BadImage(str(error)) from None
 
@@ -143,15 +143,15 @@ def decode_upload(data: bytes, name: str, classifier: Classifier, config: ServeC
 def describe(info: ModelInfo) -> dict[str, Any]:
     """GET /model: what the model is, and its delivered test accuracy (with its TTA, as /predict answers)
     with the plain one (each image once) beside it."""
-    recorded = Scores.from_metrics(info.metrics, "test", info.tta)
+    recorded = Scores.from_metrics(info.metrics, "test")
     return {
         "architecture": info.architecture,
         "classes": info.classes,
-        "input_shape": info.input_shape,
-        "test_accuracy": recorded.delivered_accuracy if recorded is not None else None,
-        "test_accuracy_without_tta": recorded.accuracy if recorded is not None else None,
-        "tta": info.tta,
-        "tta_below": info.tta_below,  # selective TTA: the views only for images less sure than this
+        "input_shape": list(info.input_shape),
+        "test_delivered_accuracy": recorded.delivered_accuracy if recorded is not None else None,
+        "test_plain_accuracy": recorded.plain_accuracy if recorded is not None else None,
+        "tta": info.inference.tta,
+        "tta_below": info.inference.tta_below,  # selective TTA: the views only for images less sure than this
     }
 
 
@@ -228,7 +228,7 @@ def instrument(app: FastAPI) -> Metrics:
 
 
 def answering(
-    classifier: Classifier, config: ServeConfig, metrics: Metrics, in_flight: Callable[[], int]
+    classifier: Predictor, config: ServeConfig, metrics: Metrics, in_flight: Callable[[], int]
 ) -> Callable[[list[tuple[str, bytes]]], Awaitable[np.ndarray]]:
     """How /predict gets the probabilities of its uploads (name, bytes): decoded in a worker thread (the event
     loop only does I/O), then classified with the images of concurrent requests (`in_flight` of them), or alone."""
@@ -247,7 +247,7 @@ def answering(
     return probabilities_of
 
 
-def create_app(classifier: Classifier, config: ServeConfig | None = None) -> FastAPI:
+def create_app(classifier: Predictor, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     info = classifier.info
     app = FastAPI(title="cnnlab", description=f"{info.architecture} image classifier")

@@ -26,9 +26,13 @@ class _Waiting:
 
 class Batcher:
     def __init__(
-        self, classify: Callable[[np.ndarray], np.ndarray], max_images: int, window_s: float,
-        batch_sizes: Callable[[int], None] = lambda images: None, in_flight: Callable[[], int] = lambda: 0,
-    ):  # fmt: skip
+        self,
+        classify: Callable[[np.ndarray], np.ndarray],
+        max_images: int,
+        window_s: float,
+        batch_sizes: Callable[[int], None] = lambda images: None,
+        in_flight: Callable[[], int] = lambda: 0,
+    ):
         self.classify, self.max_images, self.window_s = classify, max_images, window_s
         self.in_flight = in_flight
         self.batch_sizes = batch_sizes  # told each batch's image count (for /metrics)

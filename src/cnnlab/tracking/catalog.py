@@ -33,7 +33,8 @@ class RunSummary:
     recipe: str | None
     epochs: int  # epochs trained so far
     epochs_planned: float
-    accuracy: float | None  # delivered test accuracy (with the model's TTA where it has one); None: not scored
+    delivered_accuracy: float | None  # test, with the model's TTA where it has one; None: not scored
+    plain_accuracy: float | None  # test, each image seen once
     tta: str
     seconds: float  # training, every epoch so far, without the per-epoch evaluations
     machine_kind: str
@@ -67,14 +68,11 @@ def summarize(folder: RunDir, root: Path) -> RunSummary:
     history = folder.read_metrics()
     sessions = folder.read_sessions()
     status = folder.status
-    scores, tta = None, "none"
-    if status == "finished":
-        info = read_info(folder / RunDir.INFO)
-        scores, tta = Scores.from_metrics(info.metrics, "test", info.tta), info.tta
+    if status == "finished":  # the kept epoch's scores, which may be an earlier one's
+        scores = Scores.from_metrics(read_info(folder / RunDir.INFO).metrics, "test")
     else:
-        scored = [m for m in history if "test_acc" in m]
-        scores = Scores.from_metrics(scored[-1], "test") if scored else None
-        tta = scores.tta if scores else "none"
+        scored = [scores for scores in (Scores.from_metrics(m, "test") for m in history) if scores is not None]
+        scores = scored[-1] if scored else None
     first = sessions[0] if sessions else {}
     started = first.get("started") or datetime.fromtimestamp((folder / RunDir.CONFIG).stat().st_mtime).astimezone()
     return RunSummary(
@@ -84,8 +82,9 @@ def summarize(folder: RunDir, root: Path) -> RunSummary:
         recipe=config.train.recipe,
         epochs=len(history),
         epochs_planned=config.train.optim.epochs,
-        accuracy=scores.delivered_accuracy if scores else None,
-        tta=tta,
+        delivered_accuracy=scores.delivered_accuracy if scores else None,
+        plain_accuracy=scores.plain_accuracy if scores else None,
+        tta=scores.tta if scores else "none",
         seconds=float(sum(m.get("seconds", 0.0) for m in history)),
         machine_kind=machine_kind_of(sessions),
         precision=precision_of(sessions, history),
@@ -118,7 +117,7 @@ def by_machine(runs: list[RunSummary], sort: str = "date") -> dict[str, list[Run
         raise CnnlabError(f"--sort {sort}: sort by one of {', '.join(SORT_KEYS)}")
     keys = {
         "date": lambda r: r.started,
-        "accuracy": lambda r: -1.0 if r.accuracy is None else r.accuracy,
+        "accuracy": lambda r: -1.0 if r.delivered_accuracy is None else r.delivered_accuracy,
         "time": lambda r: -r.seconds,  # reversed below: the shortest first
         "name": lambda r: r.name,
         "model": lambda r: (r.model, r.name),

@@ -124,11 +124,9 @@ def publish(run_dir: Path) -> None:
     if config.train.system.log == "none":
         return
     info = read_info(folder / RunDir.INFO)
-    scores = Scores.from_metrics(info.metrics, "test", info.tta)
-    final = {} if scores is None else {
-        "test_accuracy": scores.delivered_accuracy, "test_accuracy_plain": scores.accuracy,
-        "test_loss": scores.delivered_loss,
-    }  # fmt: skip
+    scores = Scores.from_metrics(info.metrics, "test")
+    numbers = {} if scores is None else scores.metrics("test")
+    final = {key: value for key, value in numbers.items() if isinstance(value, float)}  # as each epoch's, named
     trackers = open_trackers(config.train.system.log, folder)
     trackers.publish(folder, final)
     trackers.close()

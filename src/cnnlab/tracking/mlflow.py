@@ -52,8 +52,13 @@ class MlflowTracker:
     def start(self, run: RunFacts) -> None:
         from mlflow.entities import Param, RunTag
 
-        tags = {"machine_kind": run.machine_kind, "precision": run.precision, "model": run.config.train.model,
-                "data": run.config.data.label, "run_folder": str(run.run_dir.path.resolve())}  # fmt: skip
+        tags = {
+            "machine_kind": run.machine_kind,
+            "precision": run.precision,
+            "model": run.config.train.model,
+            "data": run.config.data.label,
+            "run_folder": str(run.run_dir.path.resolve()),
+        }
         if self.run_id is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
             experiment = self.client.get_experiment_by_name(name)

@@ -21,10 +21,10 @@ class EarlyStopping:
         """After epoch `metrics["epoch"]`: whether `patience` epochs since the later of the best epoch and
         `phase_start` (the phase's first epoch, which gets its own epochs to improve on an earlier best) have
         brought no better validation loss."""
-        if not self.patience or "val_loss" not in metrics:
+        if not self.patience or "val_plain_loss" not in metrics:
             return False
-        if self.best is None or metrics["val_loss"] < self.best[0]:
-            self.best = (metrics["val_loss"], metrics["epoch"], copy.deepcopy(model.state_dict()))
+        if self.best is None or metrics["val_plain_loss"] < self.best[0]:
+            self.best = (metrics["val_plain_loss"], metrics["epoch"], copy.deepcopy(model.state_dict()))
         return bool(metrics["epoch"] - max(self.best[1], phase_start - 1) >= self.patience)
 
     @property

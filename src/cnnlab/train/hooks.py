@@ -301,10 +301,9 @@ class FinalModel(Hook):
         self.info = ModelInfo(
             architecture=config.train.model,
             classes=self.classes,
-            input_shape=list(trainee.input_shape),
-            normalization={"mean": list(trainee.normalization.mean), "std": list(trainee.normalization.std)},
-            tta=config.train.inference.tta,
-            tta_below=config.train.inference.tta_below,
+            input_shape=trainee.input_shape,
+            normalization=trainee.normalization,
+            inference=config.train.inference,
             precision=trainee.precision,
             metrics=kept_metrics(self.progress.history, self.stopping.best_epoch),
             config=dataclasses.asdict(config),

@@ -59,10 +59,12 @@ def make_layerwise_optimizer(
     body = [p for p in model.parameters() if id(p) not in in_head]
     chunk = -(-len(body) // LAYER_GROUPS)  # ceiling division: at most LAYER_GROUPS groups
     param_groups: list[dict[str, Any]] = [
-        {"params": body[start : start + chunk],
-         "lr": finetune.unfreeze_lr * finetune.layer_lr_ratio ** (1 - start / len(body))}
+        {
+            "params": body[start : start + chunk],
+            "lr": finetune.unfreeze_lr * finetune.layer_lr_ratio ** (1 - start / len(body)),
+        }
         for start in range(0, len(body), chunk)
-    ]  # fmt: skip
+    ]
     param_groups.append({"params": list(head.parameters()), "lr": finetune.unfreeze_lr})
     for group in param_groups:
         group["weight_decay"] = config.weight_decay

@@ -28,7 +28,7 @@ from cnnlab.config import AugmentConfig, FinetuneConfig, InferenceConfig, OptimC
 from cnnlab.data import Dataset
 from cnnlab.data.augment import jittered, resolution_at
 from cnnlab.data.dataset import Pixels
-from cnnlab.data.loader import Batch, TrainBatches, in_order
+from cnnlab.data.loader import Batch, in_order
 from cnnlab.data.transforms import downscaled, to_input
 from cnnlab.errors import ConfigError
 from cnnlab.machine import DTYPES, synchronize
@@ -36,7 +36,7 @@ from cnnlab.models.inference import Logits, Scores, predict
 from cnnlab.progress import tracked
 from cnnlab.train.distributed import Ranks
 from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule
-from cnnlab.train.parts import ClassificationLoss, Trainee, TrainingParts
+from cnnlab.train.parts import Trainee, TrainingParts
 from cnnlab.train.plan import PhasePlan
 from cnnlab.train.runtime import release_freed_memory
 
@@ -72,18 +72,10 @@ class Phase(abc.ABC):
     averages_weights = False  # with optim.lookahead
     lookahead: Lookahead | None = None  # the average, once it is taken
 
-    def __init__(
-        self,
-        trainee: Trainee,
-        batches: TrainBatches,
-        ranks: Ranks,
-        loss: ClassificationLoss,
-        first_epoch: int,
-        epochs: float,
-    ):
-        self.trainee, self.batches, self.ranks, self.loss = trainee, batches, ranks, loss
+    def __init__(self, parts: TrainingParts, first_epoch: int, epochs: float):
+        self.trainee, self.batches, self.ranks, self.loss = parts.trainee, parts.batches, parts.ranks, parts.loss
         self.first_epoch, self.epochs = first_epoch, epochs
-        self.total_steps = math.ceil(batches.steps_per_epoch * epochs)
+        self.total_steps = math.ceil(self.batches.steps_per_epoch * epochs)
         self.optimizer: torch.optim.Optimizer
         self.schedule: torch.optim.lr_scheduler.LambdaLR
 
@@ -147,10 +139,7 @@ class ImagePhase(Phase):
 
     def __init__(
         self,
-        trainee: Trainee,
-        batches: TrainBatches,
-        ranks: Ranks,
-        loss: ClassificationLoss,
+        parts: TrainingParts,
         first_epoch: int,
         epochs: float,
         *,
@@ -158,11 +147,11 @@ class ImagePhase(Phase):
         augment: AugmentConfig,
         scorer: Scorer,
     ):
-        super().__init__(trainee, batches, ranks, loss, first_epoch, epochs)
+        super().__init__(parts, first_epoch, epochs)
         self.augment, self.scorer = augment, scorer
         self.optimizer = self.make_optimizer(optim)
         self.schedule = make_schedule(self.optimizer, self.schedule_settings(optim), self.total_steps)
-        self.forward_module: nn.Module = trainee.forward
+        self.forward_module: nn.Module = self.trainee.forward
 
     def make_optimizer(self, optim: OptimConfig) -> torch.optim.Optimizer:
         model = self.trainee.model
@@ -222,22 +211,17 @@ class UnfreezePhase(ImagePhase):
 
     def __init__(
         self,
-        trainee: Trainee,
-        batches: TrainBatches,
-        ranks: Ranks,
-        loss: ClassificationLoss,
+        parts: TrainingParts,
         first_epoch: int,
         epochs: float,
         *,
+        finetune: FinetuneConfig,
         optim: OptimConfig,
         augment: AugmentConfig,
         scorer: Scorer,
-        finetune: FinetuneConfig,
     ):
-        self.finetune = finetune
-        super().__init__(
-            trainee, batches, ranks, loss, first_epoch, epochs, optim=optim, augment=augment, scorer=scorer
-        )
+        self.finetune = finetune  # before the optimizer is made, which reads it
+        super().__init__(parts, first_epoch, epochs, optim=optim, augment=augment, scorer=scorer)
 
     def make_optimizer(self, optim: OptimConfig) -> torch.optim.Optimizer:
         split = self.trainee.model.split_head()
@@ -253,20 +237,9 @@ class HeadPhase(Phase):
 
     name = "head"
 
-    def __init__(
-        self,
-        trainee: Trainee,
-        batches: TrainBatches,
-        ranks: Ranks,
-        loss: ClassificationLoss,
-        first_epoch: int,
-        epochs: float,
-        *,
-        optim: OptimConfig,
-        model_name: str,
-        dataset: Dataset,
-    ):
-        super().__init__(trainee, batches, ranks, loss, first_epoch, epochs)
+    def __init__(self, parts: TrainingParts, first_epoch: int, epochs: float, *, optim: OptimConfig, model_name: str):
+        super().__init__(parts, first_epoch, epochs)
+        trainee, ranks, self.dataset = parts.trainee, parts.ranks, parts.dataset
         model = trainee.model
         split = model.split_head()
         if split is None:
@@ -276,7 +249,7 @@ class HeadPhase(Phase):
         if ranks.world_size > 1:
             raise ConfigError("train.head_only trains in seconds in one process; leave out nproc", "train.head_only")
         self.body, self.head = split
-        self.batch_size, self.dataset = optim.batch_size, dataset
+        self.batch_size = optim.batch_size
         self.optimizer = make_optimizer(model, model.parameter_groups(), optim, DTYPES[trainee.precision])
         self.schedule = make_schedule(self.optimizer, optim, self.total_steps)
         self.features: dict[str, torch.Tensor] = {}  # split name -> (N, F)
@@ -337,15 +310,20 @@ class HeadPhase(Phase):
 
 def build_phase(plan: PhasePlan, first_epoch: int, parts: TrainingParts, settings: TrainConfig) -> Phase:
     """The phase `plan` names, starting at `first_epoch`, from the run's parts and its config sections."""
-    common = (parts.trainee, parts.batches, parts.ranks, parts.loss, first_epoch, plan.epochs)
     if plan.kind == "head":
-        return HeadPhase(*common, optim=settings.optim, model_name=settings.model, dataset=parts.dataset)
+        return HeadPhase(parts, first_epoch, plan.epochs, optim=settings.optim, model_name=settings.model)
     scorer = functools.partial(score_splits, parts.trainee, parts.dataset, settings.inference, parts.ranks)
     if plan.kind == "unfreeze":
         return UnfreezePhase(
-            *common, optim=settings.optim, augment=settings.augment, scorer=scorer, finetune=settings.finetune
+            parts,
+            first_epoch,
+            plan.epochs,
+            finetune=settings.finetune,
+            optim=settings.optim,
+            augment=settings.augment,
+            scorer=scorer,
         )
-    return ImagePhase(*common, optim=settings.optim, augment=settings.augment, scorer=scorer)
+    return ImagePhase(parts, first_epoch, plan.epochs, optim=settings.optim, augment=settings.augment, scorer=scorer)
 
 
 def score_splits(trainee: Trainee, dataset: Dataset, inference: InferenceConfig, ranks: Ranks) -> dict[str, Any]:
@@ -358,9 +336,7 @@ def score_splits(trainee: Trainee, dataset: Dataset, inference: InferenceConfig,
             continue
         started = time.perf_counter()
         images = in_order(split.images[ranks.shard(len(split))])
-        shard = predict(
-            trainee.model, images, trainee.normalization, ranks.device, inference.tta, trainee.bf16, inference.tta_below
-        )
+        shard = predict(trainee.model, images, trainee.normalization, ranks.device, inference, trainee.bf16)
         gathered = Logits(
             ranks.gather_rows(shard.plain, len(split)),
             ranks.gather_rows(shard.delivered, len(split)),

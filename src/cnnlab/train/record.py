@@ -12,7 +12,7 @@ import torch
 from cnnlab.config import RunConfig
 from cnnlab.data.loader import TrainBatches
 from cnnlab.errors import CnnlabError
-from cnnlab.run_dir import RunDir
+from cnnlab.run_dir import RunDir, metrics_in_current_names
 from cnnlab.train.distributed import Ranks
 from cnnlab.train.early_stopping import EarlyStopping
 from cnnlab.train.parts import Trainee
@@ -63,7 +63,7 @@ class RunProgress:
         }
 
     def load_state_dict(self, state: dict[str, Any], ranks: Ranks) -> None:
-        self.history = state["history"]
+        self.history = [metrics_in_current_names(line) for line in state["history"]]
         unfrozen_at = state.get("unfrozen_at")  # a checkpoint of the release before the plan: the unfreeze phase
         self.phase_index = state.get("phase_index", 0 if unfrozen_at is None else 1)
         self.phase_first_epoch = state.get("phase_first_epoch", (unfrozen_at or 0) + 1)

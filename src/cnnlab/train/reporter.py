@@ -30,11 +30,11 @@ class Reporter(Protocol):
 def epoch_line(metrics: dict[str, Any], epochs: float) -> str:
     """An epoch's line: its training figures, then each scored split's loss and delivered accuracy."""
     parts = [f"epoch {metrics['epoch']}/{epochs:g}"]
-    parts += [f"{key} {metrics[key]:.4f}" for key in ("train_loss", "train_acc") if key in metrics]
+    parts += [f"{key} {metrics[key]:.4f}" for key in ("train_loss", "train_accuracy") if key in metrics]
     for split in ("val", "test"):
         scores = Scores.from_metrics(metrics, split)
         if scores is not None:
-            parts.append(f"{split}_loss {scores.loss:.4f}  {split} {scores.describe()}")
+            parts.append(f"{split}_loss {scores.plain_loss:.4f}  {split} {scores.describe()}")
     parts.append(f"{metrics['seconds']:.1f}s {metrics['images_per_s']:,.0f} img/s")
     return "  ".join(parts)
 

@@ -25,8 +25,15 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models.registry import Classifier, fitting_tensors, register
 
 # (expansion, kernel, stride, channels out, blocks) of each stage of EfficientNet-B0 / Lite0.
-STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
-          (6, 3, 1, 320, 1))  # fmt: skip
+STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 STEM, HEAD = 32, 1280
 NORM_EPS = 1e-3  # TensorFlow's BatchNorm epsilon, which the weights were trained with
 DROPOUT = 0.2  # before the classifier, as trained on ImageNet
@@ -47,9 +54,15 @@ class ConvNorm(nn.Sequential):
     """Zero padding (TensorFlow's SAME, for this layer's input size), convolution, BatchNorm, then ReLU6 if asked."""
 
     def __init__(
-        self, size: tuple[int, int], channels_in: int, channels_out: int, kernel: int, stride: int = 1,
-        groups: int = 1, activation: bool = True,
-    ):  # fmt: skip
+        self,
+        size: tuple[int, int],
+        channels_in: int,
+        channels_out: int,
+        kernel: int,
+        stride: int = 1,
+        groups: int = 1,
+        activation: bool = True,
+    ):
         (top, bottom), (left, right) = (same_padding(side, kernel, stride) for side in size)
         layers: list[nn.Module] = [nn.ZeroPad2d((left, right, top, bottom))] if top + bottom + left + right else []
         self.output_size = (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
@@ -64,8 +77,9 @@ class MBConv(nn.Module):
     """Inverted residual: 1x1 expansion, depthwise kxk (the stride), 1x1 projection; a residual when the
     shape is kept."""
 
-    def __init__(self, size: tuple[int, int], channels_in: int, channels_out: int, expansion: int, kernel: int,
-                 stride: int):  # fmt: skip
+    def __init__(
+        self, size: tuple[int, int], channels_in: int, channels_out: int, expansion: int, kernel: int, stride: int
+    ):
         super().__init__()
         wide = channels_in * expansion
         self.expand = ConvNorm(size, channels_in, wide, 1) if expansion != 1 else None
@@ -118,15 +132,26 @@ class EfficientNetLite(Classifier):
 
 def package_name(key: str) -> str:
     """Our parameter name for a key of the package's state dict (the layout of lukemelas' EfficientNet-PyTorch)."""
-    renames = {"_conv_stem.": "stem.1.", "_bn0.": "stem.2.", "_conv_head.": "head.0.", "_bn1.": "head.1.",
-               "_fc.": "classifier."}  # fmt: skip
+    renames = {
+        "_conv_stem.": "stem.1.",
+        "_bn0.": "stem.2.",
+        "_conv_head.": "head.0.",
+        "_bn1.": "head.1.",
+        "_fc.": "classifier.",
+    }
     for theirs, ours in renames.items():
         if key.startswith(theirs):
             return ours + key.removeprefix(theirs)
     _, index, layer, rest = key.split(".", 3)  # _blocks.<i>.<layer>.<tensor>
     # A depthwise layer (3x3 or 5x5) always pads, so its convolution is its second module; 1x1 layers never pad.
-    block = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.1",
-             "_bn1": "depthwise.2", "_project_conv": "project.0", "_bn2": "project.1"}[layer]  # fmt: skip
+    block = {
+        "_expand_conv": "expand.0",
+        "_bn0": "expand.1",
+        "_depthwise_conv": "depthwise.1",
+        "_bn1": "depthwise.2",
+        "_project_conv": "project.0",
+        "_bn2": "project.1",
+    }[layer]
     return f"blocks.{index}.{block}.{rest}"
 
 

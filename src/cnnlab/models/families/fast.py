@@ -117,9 +117,6 @@ class FastSettings:
 
 
 class FastNet(Classifier):
-    # The whitening conv takes one pixel off each side, then three 2x2 pools must each keep >= 1 pixel.
-    min_input_size = WHITEN_KERNEL - 1 + 8
-
     def __init__(
         self,
         input_shape: ImageShape,
@@ -201,7 +198,8 @@ for _name, _widths, _linear, _recipe, _note in (
         _name,
         summary=f"speed-run net ({stem}, 3 conv-pool-BN-GELU blocks), widths {'/'.join(map(str, _widths))}{_note}",
         default_recipe=_recipe,
-        min_input_size=FastNet.min_input_size,
+        # The whitening conv takes one pixel off each side, then three 2x2 pools must each keep >= 1 pixel.
+        min_input_size=WHITEN_KERNEL - 1 + 8,
         input_size=32,
         settings=FastSettings,
     )(functools.partial(FastNet, widths=_widths, linear_stem=_linear))

@@ -36,9 +36,6 @@ class TutorialMLP(Classifier):
 class TutorialCNN(Classifier):
     """Conv 32 3x3 ReLU -> MaxPool 2 -> Conv 64 3x3 ReLU -> MaxPool 2 -> Dense 64 ReLU -> Dense classes."""
 
-    # Two valid 3x3 convolutions and two 2x2 pools: (((s - 2) // 2) - 2) // 2 >= 1 needs s >= 10.
-    min_input_size = 10
-
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
         channels, height, width = input_shape
@@ -82,7 +79,7 @@ def tutorial_mlp(shape: ImageShape, classes: int, generator: torch.Generator) ->
     "tutorial-cnn",
     summary="the tutorial's CNN: Conv 32, Pool, Conv 64, Pool, Dense 64, Dense classes",
     default_recipe="tutorial-cnn",
-    min_input_size=TutorialCNN.min_input_size,
+    min_input_size=10,  # two valid 3x3 convolutions and two 2x2 pools: (((s - 2) // 2) - 2) // 2 >= 1
     input_size=32,
 )
 def tutorial_cnn(shape: ImageShape, classes: int, generator: torch.Generator) -> Classifier:
