@@ -75,8 +75,9 @@ def copies_run(arguments: argparse.Namespace) -> dict[str, object]:
     rng = np.random.default_rng(arguments.seed)
     sources = rng.choice(len(dataset.train), 200, replace=False)
     ways = ["exact", "jpeg-75", "shifted", "brightened"]
-    planted = np.stack([planted_copy(np.asarray(dataset.train.images[int(source)]), ways[i // 50])
-                        for i, source in enumerate(sources)])  # fmt: skip
+    planted = np.stack(
+        [planted_copy(np.asarray(dataset.train.images[int(source)]), ways[i // 50]) for i, source in enumerate(sources)]
+    )
     test = dataset.test
     images = np.concatenate([np.asarray(test.images), planted])
     labels = np.concatenate([test.labels, dataset.train.labels[sources]])

@@ -27,8 +27,9 @@ for round in $(seq "$rounds"); do
 import json, sys
 out, round_, side, recipe, wall = sys.argv[1:]
 history = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
-last = history[-1]  # delivered accuracy; a checkout from before the delivered entries wrote test_acc_tta
-accuracy = last.get("test_delivered_acc", last.get("test_acc_tta", last["test_acc"]))
+last = history[-1]  # delivered accuracy, by the name of the release that wrote it
+names = ("test_delivered_accuracy", "test_delivered_acc", "test_acc_tta", "test_acc")
+accuracy = next(last[name] for name in names if name in last)
 print(f"round {round_} {side:6} {recipe:12} train {sum(m['seconds'] for m in history):6.2f} s  "
       f"accuracy {accuracy:.4f}  wall {float(wall):6.1f} s")
 PY

@@ -46,8 +46,10 @@ def build_folder(folder: Path, images: int, size: int) -> None:
     workers = len(os.sched_getaffinity(0))
     share = -(-images // workers)
     with ProcessPoolExecutor(workers) as pool:
-        jobs = [pool.submit(write_images, folder, start, min(share, images - start), size)
-                for start in range(0, images, share)]  # fmt: skip
+        jobs = [
+            pool.submit(write_images, folder, start, min(share, images - start), size)
+            for start in range(0, images, share)
+        ]
         for job in jobs:
             job.result()
 
@@ -81,8 +83,10 @@ def main() -> None:
         data = ["--data", str(photos), "--cache-dir", str(cache), "--image-size", str(args.size)]
         seconds, rss = measured([*cnnlab, "data", "show", *data, "--out", str(work / "show.png")])
         (images_file,) = (cache / "decoded").glob("*.images.npy")
-        print(f"decoded into the cache in {seconds:.0f}s: {images_file.stat().st_size / 2**30:.2f} GiB of pixels, "
-              f"peak RSS {rss:,.0f} MB")  # fmt: skip
+        print(
+            f"decoded into the cache in {seconds:.0f}s: {images_file.stat().st_size / 2**30:.2f} GiB of pixels, "
+            f"peak RSS {rss:,.0f} MB"
+        )
         train_images = int(args.images * 0.8)
         epochs = f"{args.steps * 64 / train_images:.6f}"
         results = {}
@@ -93,8 +97,10 @@ def main() -> None:
             seconds, rss = measured(command)
             metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
             results[loader] = (rss, metrics["images_per_s"])
-            print(f"--loader {loader:6}: peak RSS {rss:6,.0f} MB, {metrics['images_per_s']:5.1f} images/s of "
-                  f"training ({args.steps} steps), {seconds:.0f}s in all with loading and evaluating")  # fmt: skip
+            print(
+                f"--loader {loader:6}: peak RSS {rss:6,.0f} MB, {metrics['images_per_s']:5.1f} images/s of "
+                f"training ({args.steps} steps), {seconds:.0f}s in all with loading and evaluating"
+            )
         (memory_rss, memory_speed), (disk_rss, disk_speed) = results["memory"], results["disk"]
         ratios = f"{disk_rss / memory_rss:.2f}x the peak RSS, {disk_speed / memory_speed:.2f}x the speed"
         print(f"disk against memory: {ratios}")

@@ -63,8 +63,17 @@ class Server:
     def __init__(self, run: Path, engine: str, max_batch: int):
         model = run / MODEL_FILES[engine] if MODEL_FILES[engine] else run
         self.url = f"http://127.0.0.1:{free_port()}"
-        command = [sys.executable, "-m", "cnnlab", "serve", str(model), "--port", self.url.rsplit(":", 1)[1],
-                   "--max-batch", str(max_batch)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "cnnlab",
+            "serve",
+            str(model),
+            "--port",
+            self.url.rsplit(":", 1)[1],
+            "--max-batch",
+            str(max_batch),
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -84,10 +93,18 @@ class Server:
 def multipart_request(host: str, body: bytes) -> bytes:
     """A whole POST /predict request (HTTP/1.1, keep-alive) uploading `body` as one PNG file."""
     boundary = "cnnlab-load-boundary"
-    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
-    head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(form)}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()  # fmt: skip
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + body
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(form)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
     return head + form
 
 
@@ -136,12 +153,16 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
     answered = sum(status == 200 for status in statuses)
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
     return {
-        "requests": len(statuses), "answered": answered, "per_s": answered / elapsed,
+        "requests": len(statuses),
+        "answered": answered,
+        "per_s": answered / elapsed,
         "per_s_per_core": answered / elapsed / len(os.sched_getaffinity(0)),
-        "p50_ms": cuts[49] * 1000, "p95_ms": cuts[94] * 1000, "p99_ms": cuts[98] * 1000,
+        "p50_ms": cuts[49] * 1000,
+        "p95_ms": cuts[94] * 1000,
+        "p99_ms": cuts[98] * 1000,
         "errors": sum((status >= 500 and status != 503) or status == 0 for status in statuses),
         "busy_503": sum(status == 503 for status in statuses),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -181,8 +202,15 @@ def soak(server: Server, bodies: list[bytes], clients: int, seconds: float) -> d
     after_minute = rss_kb(server.process.pid, "VmRSS") / 1024
     rest = asyncio.run(load(server.url, bodies, clients, seconds - 60.0))
     at_end = rss_kb(server.process.pid, "VmRSS") / 1024
-    row = {"clients": clients, "seconds": seconds, "rss_after_first_minute_mb": after_minute, "rss_at_end_mb": at_end,
-           "growth": at_end / after_minute - 1, "first_minute": first, "rest": rest}  # fmt: skip
+    row = {
+        "clients": clients,
+        "seconds": seconds,
+        "rss_after_first_minute_mb": after_minute,
+        "rss_at_end_mb": at_end,
+        "growth": at_end / after_minute - 1,
+        "first_minute": first,
+        "rest": rest,
+    }
     print(json.dumps(row), flush=True)
     return row
 
