@@ -192,13 +192,14 @@ def training_hooks(
     """The hooks of a run, in the order each event calls them."""
     model, ranks = parts.trainee.model, parts.ranks
     averaging = (WeightAveraging(model),) if settings.optim.lookahead else ()
+    tracking = (TrackerLog(trackers, parts.batches.steps_per_epoch),) if trackers else ()  # nothing read back else
     return Hooks(
         HardExampleSelection(parts.batches, ranks),
         *averaging,
         EarlyStop(stopping, model),
         Checkpoints(checkpointer, settings.system.checkpoint_every),
         MetricsLine(run_dir, ranks),
-        TrackerLog(trackers, parts.batches.steps_per_epoch),
+        *tracking,
         StepReport(reporter, ranks.world_size),
         KeepBest(stopping, model, reporter),
         SignalStop(stop, checkpointer, ranks),

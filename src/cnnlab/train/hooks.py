@@ -9,7 +9,8 @@ it acts on when it is made, and each event carries only what it concerns:
     on_phase_end(phase)          KeepBest
     on_train_end()               FinalModel
 
-`Hooks` calls them in the order given, which is the order above within each event.
+`Hooks` calls them in the order given, which is the order above within each event; a run has WeightAveraging
+with optim.lookahead, and TrackerLog when it logs to a tracker.
 """
 
 from __future__ import annotations
