@@ -4,6 +4,7 @@ range, a port in use, a metrics log a crash cut short, more calibration images t
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 
@@ -15,6 +16,7 @@ from cnnlab.config import DoctorConfig
 from cnnlab.data import DataConfig, load_dataset
 from cnnlab.doctor import examine
 from cnnlab.errors import ConfigError
+from cnnlab.quantize import Int8Settings, calibration_sample
 from tests.conftest import free_port
 
 runner = CliRunner()
@@ -72,3 +74,13 @@ def test_runs_still_refuses_a_metrics_log_broken_before_its_last_line(trained_ru
     metrics.write_text(f"{first[:20]}\n{second}\n")
     result = invoke("runs", tmp_path / "runs", "--json")
     assert json.loads(result.stdout) == [] and "not read as a run" in result.output
+
+
+def test_int8_calibration_beyond_the_training_split_says_so(caplog):
+    train = load_dataset(DataConfig(dataset="digits")).train
+    with caplog.at_level(logging.WARNING, logger="cnnlab"):
+        chosen = calibration_sample(train, Int8Settings(calibration_images=99_999_999))
+    assert list(chosen) == list(range(len(train)))  # all of them, once each
+    assert f"calibrating on all {len(train):,} training images: 99,999,999 were asked" in caplog.text
+    caplog.clear()
+    assert len(calibration_sample(train, Int8Settings(calibration_images=64))) == 64 and not caplog.text
