@@ -76,9 +76,10 @@ def check_ranges(config: DataclassInstance, section: str) -> None:
 class DataConfig:
     dataset: str | None = setting(None, "Named dataset: digits, cifar10 or cifar100.")
     data: str | None = setting(None, "Image folder, .tar.gz/.zip of one, or a CIFAR archive.")
-    image_size: int | None = setting(
-        None, "Resize images to this many pixels per side (default: the source's).", at_least=1
-    )
+    labels: str | None = setting(None, "Label file of the images in data: .csv, .tsv, .json or .jsonl (see README).")
+    path_column: str | None = setting(None, "The label file's column of image paths (default: found by its name).")
+    label_column: str | None = setting(None, "The label file's column of labels (default: found by its name).")
+    image_size: int | None = setting(None, "Resize images to this many pixels a side (default: as stored).", at_least=1)
     val_fraction: float = setting(
         0.0,
         "Share of train held out for validation, stratified (0 to 1); 0: none, or 0.1 when train.patience needs "

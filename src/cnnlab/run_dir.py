@@ -16,6 +16,7 @@ folder), so a crash leaves the previous version or the new one.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import fcntl
 import io
@@ -33,6 +34,7 @@ import torch
 
 from cnnlab.atomic import append_line, atomic_write, remove_temporaries, write_text
 from cnnlab.config import RunConfig, build, load_toml, to_toml
+from cnnlab.data.dataset import Dataset
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import this_machine
 
@@ -53,6 +55,7 @@ class RunDir:
     CHECKPOINT = "checkpoint.pt"
     WEIGHTS = "model.safetensors"
     INFO = "model.json"
+    DATA = "data.csv"  # what the run trained and was scored on: each image's path, class and split
     EVALUATION = "report.json"
     CONFUSION = "confusion_matrix.csv"
     REPORT = "report.html"
@@ -169,6 +172,18 @@ class RunDir:
     @property
     def has_checkpoint(self) -> bool:
         return (self / self.CHECKPOINT).is_file()
+
+    def write_data(self, dataset: Dataset) -> None:
+        """data.csv: each image of a dataset read from files, with its class and split, as training read them."""
+        table = io.StringIO(newline="")
+        writer = csv.writer(table)
+        writer.writerow(["path", "label", "split"])
+        for name, split in dataset.splits().items():
+            if split.names is None:
+                return  # a dataset of arrays (digits, CIFAR archives): its order is its own
+            for path, label in zip(split.names.tolist(), split.labels.tolist(), strict=True):
+                writer.writerow([path, dataset.classes[label], name])
+        write_text(self / self.DATA, table.getvalue())
 
     def write_config(self, config: RunConfig, precision: str) -> None:
         """config.toml: the resolved config, headed by a comment with the precision it resolved to here."""

@@ -15,6 +15,7 @@ from cnnlab.data.dataset import Dataset, Split, SplitName, match_channels, resiz
 from cnnlab.data.digits import load_digits_dataset
 from cnnlab.data.exclude import read_exclusion, without
 from cnnlab.data.folder import load_image_folder
+from cnnlab.data.labels import LabelFile
 from cnnlab.errors import CnnlabError, ConfigError
 
 NAMED_DATASETS = ("digits", *cifar.SOURCES)
@@ -41,6 +42,11 @@ def load_dataset(config: DataConfig, needs_validation: bool = False) -> Dataset:
         )
     check_ranges(config, "data")
     root = cache_root(config.cache_dir)
+    labels = label_file(config)
+    if labels is not None and (config.dataset or cifar.identify(Path(config.data or "").expanduser())):
+        raise ConfigError(
+            "data.labels labels an image folder given as data.data, not a dataset with labels of its own", "data.labels"
+        )
     if config.dataset:
         if config.dataset == "digits":
             dataset = load_digits_dataset(config.image_size, config.test_fraction, config.split_seed)
@@ -66,9 +72,20 @@ def load_dataset(config: DataConfig, needs_validation: bool = False) -> Dataset:
                 split_seed=config.split_seed,
                 cache_root=root,
                 strict=config.strict,
+                label_file=labels,
             )
     dataset = validation_split(dataset, config, needs_validation)
     return without(dataset, read_exclusion(config.exclude, dataset)) if config.exclude else dataset
+
+
+def label_file(config: DataConfig) -> LabelFile | None:
+    """`config.labels` with its column choices; the column settings alone are refused, as is a label file for a
+    source whose labels are its own (a named dataset, a CIFAR archive)."""
+    if config.labels is None:
+        if config.path_column or config.label_column:
+            raise ConfigError("data.path_column and data.label_column go with data.labels", "data.path_column")
+        return None
+    return LabelFile(Path(config.labels).expanduser(), config.path_column, config.label_column)
 
 
 def validation_split(dataset: Dataset, config: DataConfig, needed: bool = False) -> Dataset:

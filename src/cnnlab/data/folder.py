@@ -31,7 +31,8 @@ from cnnlab.data import images as image_io
 from cnnlab.data.cache import array_cache_path, load_arrays, save_arrays
 from cnnlab.data.dataset import Dataset, Split, SplitName, split_stratified
 from cnnlab.data.disk_images import DiskImages, write_npy_header
-from cnnlab.data.layout import read_layout
+from cnnlab.data.labels import LabelFile
+from cnnlab.data.layout import Layout, read_layout
 from cnnlab.data.walk import tar_member_bytes, walk_files
 from cnnlab.errors import CnnlabError, ConfigError
 
@@ -62,11 +63,21 @@ def is_archive(path: Path) -> bool:
 
 
 def load_image_folder(
-    path: Path, *, image_size: int | None, test_fraction: float, split_seed: int, cache_root: Path, strict: bool
+    path: Path,
+    *,
+    image_size: int | None,
+    test_fraction: float,
+    split_seed: int,
+    cache_root: Path,
+    strict: bool,
+    label_file: LabelFile | None = None,
 ) -> Dataset:
+    """The images of a folder (or an archive of one), labelled by their class folders or by a label file."""
     if not path.exists():
         raise CnnlabError(f"{path}: no such file or folder")
     cache_key = {"source": str(path.resolve()), "image_size": image_size, "strict": strict}
+    if label_file is not None:
+        cache_key |= label_file.identity()
     skipped: list[str] = []  # entries of a folder that the walk left out, with their reasons
     if is_archive(path):
         stat = path.stat()
@@ -84,7 +95,12 @@ def load_image_folder(
     if arrays is None or images is None:
         if entries is None:
             entries = _archive_entries(path)
-        arrays = _decode_dataset(path, entries, skipped, image_size, strict, images_file)
+        if strict:  # refused before any decoding
+            _report_failures(path, skipped, len(entries) + len(skipped), strict)
+        names = [entry.name for entry in entries]
+        parts = [entry.parts for entry in entries]
+        placing = label_file.layout(names, strict) if label_file else read_layout(path, parts)
+        arrays = _decode_dataset(path, entries, placing, image_size, strict, images_file)
         save_arrays(cache_file, arrays)
         images = DiskImages(images_file)
     # The same warning on every load: the walk's skips now, the decoding's failures as the cache kept them.
@@ -158,13 +174,11 @@ def _stored_images(images_file: Path) -> DiskImages | None:
 
 
 def _decode_dataset(
-    path: Path, entries: list[Entry], skipped: list[str], image_size: int | None, strict: bool, images_file: Path
+    path: Path, entries: list[Entry], layout: Layout, image_size: int | None, strict: bool, images_file: Path
 ) -> dict[str, np.ndarray]:
-    """Decode every entry into `images_file` (a row per entry, zeros for the unreadable) and return the arrays
-    that describe them: which rows were kept, their labels and splits, the classes, layout and failures."""
-    if strict:  # refused before any decoding
-        _report_failures(path, skipped, len(entries) + len(skipped), strict)
-    layout = read_layout(path, [entry.parts for entry in entries])
+    """Decode every entry the layout places into `images_file` (a row per entry, zeros for the unreadable) and
+    return the arrays that describe them: which rows were kept, their labels and splits, the classes, layout and
+    failures."""
     labelled = [(entries[i], class_name, split) for i, class_name, split in layout.placed]
     entries = [entry for entry, _, _ in labelled]
 

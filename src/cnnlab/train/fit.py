@@ -81,6 +81,7 @@ def fit(config: RunConfig, dataset: Dataset | None = None, reporter: Reporter | 
         dataset = data_for(config, dataset)
         if ranks.is_main:
             run_dir.write_config(config, precision)
+            run_dir.write_data(dataset)
             run_dir.record_session(precision)
         return _train(config, precision, dataset, run_dir, reporter or default_reporter(), None, ranks)
 
