@@ -7,7 +7,9 @@ import importlib.util
 import io
 import json
 import logging
+import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +126,17 @@ def test_fine_tuning_the_head_beats_chance_keeps_the_best_epoch_and_everything_d
     assert explanation.heat.shape == (64, 64)
 
 
+def as_previous_release(checkpoint: Path) -> None:
+    """Rewrite a checkpoint as the release before the phase plan wrote it: `unfrozen_at` (the last head-only epoch,
+    in the unfreeze phase) instead of the plan's place, and the history's older score names."""
+    state = torch.load(checkpoint, weights_only=True)
+    del state["phase_index"]
+    state["unfrozen_at"] = state.pop("phase_first_epoch") - 1 or None
+    older = {"train_accuracy": "train_acc", "test_plain_loss": "test_loss", "test_plain_accuracy": "test_acc"}
+    state["history"] = [{older.get(key, key): value for key, value in line.items()} for line in state["history"]]
+    torch.save(state, checkpoint)
+
+
 @needs_weights
 def test_unfreezing_trains_the_whole_network_with_frozen_statistics_and_resumes_exactly(tmp_path):
     write_image_folder(tmp_path / "photos", classes=3, per_class=16, size=40, split=False)
@@ -136,14 +149,17 @@ def test_unfreezing_trains_the_whole_network_with_frozen_statistics_and_resumes_
     whole = fit(config(tmp_path / "whole"), reporter=LineReporter())
     with pytest.raises(Interrupt):
         fit(config(tmp_path / "cut"), reporter=InterruptAfter(3))  # in the unfreeze phase's first epoch
+    shutil.copytree(tmp_path / "cut", tmp_path / "older")
+    as_previous_release(tmp_path / "older" / RunDir.CHECKPOINT)
     resumed = resume(tmp_path / "cut", reporter=LineReporter())
     assert [m["train_loss"] for m in resumed.history] == [m["train_loss"] for m in whole.history]
     assert len(whole.history) == 4
     trained = load_file(str(tmp_path / "whole" / "model.safetensors"))
-    assert all(
-        torch.equal(trained[name], value)
-        for name, value in load_file(str(tmp_path / "cut" / "model.safetensors")).items()
-    )
+    for run in ("cut", "older"):  # the checkpoint as the release before the phase plan wrote it resumes alike
+        if run == "older":
+            resume(tmp_path / run, reporter=LineReporter())
+        weights = load_file(str(tmp_path / run / "model.safetensors"))
+        assert all(torch.equal(trained[name], value) for name, value in weights.items()), run
     pretrained = create_model("efficientnet-lite0", (3, 32, 32), 3)
     load_imagenet_weights(pretrained)
     reference = pretrained.state_dict()
