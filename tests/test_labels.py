@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.data import DataConfig, load_dataset
-from cnnlab.data.labels import read_label_file
+from cnnlab.data.labels import named_classes, read_label_file
 from cnnlab.errors import CnnlabError
 from cnnlab.recipes import resolve_run_config
 from cnnlab.train import fit
@@ -241,3 +241,14 @@ def test_the_two_label_file_shapes_of_scenes_miml_say_the_same(tmp_path):
     counts = np.bincount([len(row.labels) for row in one_hot.rows])
     assert counts.tolist() == [0, 1543, 442, 15]  # as the data's README counts them
     assert "5 0/1 columns" in one_hot.reading and "split at ','" in long_form.reading
+
+
+def test_class_names_rename_a_files_labels_each_once(tmp_path):
+    text = "path,label\na.jpg,1\nb.jpg,2\nc.png,1\nsub/d.jpg,2\n"
+    table = table_of(tmp_path, "l.csv", text, names=named_classes("1=awful, 2=great"))
+    assert table.classes == ("awful", "great") and labels_of(table)["b.jpg"] == ("great",)
+    with pytest.raises(CnnlabError, match=r"label\(s\) 2 have no name in data.class_names"):
+        table_of(tmp_path, "l.csv", text, names=named_classes("1=awful"))
+    for malformed in ("1:awful", "1=awful,1=great", "1=awful,2=awful", ""):
+        with pytest.raises(CnnlabError, match=r"data\.class_names"):
+            named_classes(malformed)

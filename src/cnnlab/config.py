@@ -79,6 +79,7 @@ class DataConfig:
     labels: str | None = setting(None, "Label file of the images in data: .csv, .tsv, .json or .jsonl (see README).")
     path_column: str | None = setting(None, "The label file's column of image paths (default: found by its name).")
     label_column: str | None = setting(None, "The label file's column of labels (default: found by its name).")
+    class_names: str | None = setting(None, "Names for a label file's labels, as 1=cat,2=dog (else labels are names).")
     image_size: int | None = setting(None, "Resize images to this many pixels a side (default: as stored).", at_least=1)
     val_fraction: float = setting(
         0.0,
@@ -100,14 +101,10 @@ class DataConfig:
     @property
     def label(self) -> str:
         """A short name for run folders: the dataset name or the data path's stem."""
-        if self.dataset:
-            return self.dataset
-        if self.data:
-            name = Path(self.data).name
-            for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
-                name = name.removesuffix(suffix)
-            return name or "data"
-        return "data"
+        name = self.dataset or Path(self.data or "data").name
+        for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+            name = name.removesuffix(suffix)
+        return name or "data"
 
 
 @dataclass

@@ -82,10 +82,11 @@ def label_file(config: DataConfig) -> LabelFile | None:
     """`config.labels` with its column choices; the column settings alone are refused, as is a label file for a
     source whose labels are its own (a named dataset, a CIFAR archive)."""
     if config.labels is None:
-        if config.path_column or config.label_column:
-            raise ConfigError("data.path_column and data.label_column go with data.labels", "data.path_column")
+        if config.path_column or config.label_column or config.class_names:
+            message = "data.path_column, data.label_column and data.class_names go with data.labels"
+            raise ConfigError(message, "data.path_column", "data.label_column", "data.class_names", "data.labels")
         return None
-    return LabelFile(Path(config.labels).expanduser(), config.path_column, config.label_column)
+    return LabelFile(Path(config.labels).expanduser(), config.path_column, config.label_column, config.class_names)
 
 
 def validation_split(dataset: Dataset, config: DataConfig, needed: bool = False) -> Dataset:

@@ -8,17 +8,13 @@ Shapes read, detected from the file and said in one line:
 - JSON: a list of {"image"/"file"/"path": ..., "label"/"labels": ...} objects, or {path: labels}.
 The path and label columns are found by their names, or named; a file that could be read two ways is refused in
 one line naming the choices, unless both readings agree. An optional `split` column (train/val/test) is kept.
-Paths are relative to the data folder; an ID without an extension is the one file of that stem. Nothing is ever
-moved or rewritten.
+Paths are relative to the data folder; an ID without an extension is the one file of that stem; `class_names`
+renames the labels. Nothing is ever moved or rewritten. Reading the file as a table is `tables.py`.
 """
 
 from __future__ import annotations
 
-import ast
-import csv
 import hashlib
-import io
-import json
 import logging
 import re
 from collections import defaultdict
@@ -28,34 +24,20 @@ from typing import Any
 
 from cnnlab.data.dataset import SplitName
 from cnnlab.data.layout import Layout
-from cnnlab.errors import CnnlabError
+from cnnlab.data.tables import (
+    EXAMPLES,
+    PATH_NAMES,
+    TableImage,
+    find_column,
+    images_of,
+    label_columns,
+    read_records,
+)
+from cnnlab.errors import CnnlabError, ConfigError
 
 log = logging.getLogger("cnnlab")
 
-PATH_NAMES = (
-    "path",
-    "paths",
-    "filepath",
-    "file",
-    "files",
-    "filename",
-    "filenames",
-    "file_name",
-    "image",
-    "images",
-    "image_path",
-    "image_name",
-    "img",
-    "image_id",
-    "id",
-)
-LABEL_NAMES = ("label", "labels", "class", "classes", "category", "categories", "tags", "tag", "target")
-VAL_NAMES = ("val", "valid", "validation", "dev")  # as the folder layouts name a validation split
-SPLIT_NAMES = {"train": SplitName.TRAIN, "test": SplitName.TEST} | dict.fromkeys(VAL_NAMES, SplitName.VAL)
-# Between labels in one cell, in the order they are looked for (a ',' inside a quoted CSV cell is one of them).
-SEPARATORS = (";", "|", ",", " ")
 FORMATS = (".csv", ".tsv", ".json", ".jsonl")
-EXAMPLES = 3  # paths named in a line that counts what was skipped or refused
 READER_VERSION = 1  # in the decode cache's key: raise it when a file would be read otherwise
 
 
@@ -66,19 +48,21 @@ class LabelFile:
     path: Path
     path_column: str | None = None  # default: found by its name
     label_column: str | None = None
+    class_names: str | None = None  # "1=cat,2=dog": names for the file's labels
 
     def identity(self) -> dict[str, Any]:
         """What a cache of the labelled dataset is keyed on: the file's bytes and how its columns are chosen."""
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest() if self.path.is_file() else "missing"
-        columns = {"path_column": self.path_column, "label_column": self.label_column}
+        columns = {"path_column": self.path_column, "label_column": self.label_column, "names": self.class_names}
         return {"labels": digest, "labels_reader": READER_VERSION, **columns}
 
     def layout(self, files: list[str], strict: bool) -> Layout:
         """The folder's images placed by this file: each named image in its class and split (train, unless the
         file's split column says otherwise), in the file's order. Several labels on an image are refused until
         multi-label training is built."""
+        names = named_classes(self.class_names) if self.class_names else None
         table = read_label_file(
-            self.path, files, path_column=self.path_column, label_column=self.label_column, strict=strict
+            self.path, files, path_column=self.path_column, label_column=self.label_column, strict=strict, names=names
         )
         if table.multi_label:
             several = [row.path for row in table.rows if len(row.labels) != 1]
@@ -118,8 +102,10 @@ def read_label_file(
     path_column: str | None = None,
     label_column: str | None = None,
     strict: bool = False,
+    names: dict[str, str] | None = None,
 ) -> LabelTable:
-    """The label file's table over `files` (the data folder's files, '/'-separated paths relative to it)."""
+    """The label file's table over `files` (the data folder's files, '/'-separated paths relative to it), its labels
+    renamed by `names` when given (each label must have one)."""
     if not path.is_file():
         raise CnnlabError(f"{path}: no such label file")
     if path.suffix.lower() not in FORMATS:
@@ -128,17 +114,17 @@ def read_label_file(
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as spreadsheets write, is left out
     except UnicodeDecodeError as error:
         raise CnnlabError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    records, shape = _records(path, text)
+    records, shape = read_records(path, text)
     if not records:
         raise CnnlabError(f"{path}: no rows")
     columns = list(records[0])
-    path_key = _column(path, columns, path_column, PATH_NAMES, "path", records)
+    path_key = find_column(path, columns, path_column, PATH_NAMES, "path", records)
     split_key = next((key for key in columns if key.strip().lower() == "split"), None)
-    label_keys, how = _label_columns(
-        path, records, [k for k in columns if k not in (path_key, split_key)], label_column
-    )
-    table = _rows(path, records, path_key, label_keys, split_key)
+    label_keys, how = label_columns(path, records, [k for k in columns if k not in (path_key, split_key)], label_column)
+    table = images_of(path, records, path_key, label_keys, split_key)
     rows = _resolved(path, table, files, strict)
+    if names is not None:
+        rows = _renamed(path, rows, names)
     classes = tuple(sorted({label for row in rows for label in row.labels}))
     separators = sorted({image.separator for image in table.values() if image.separator})
     gathered = how == "column" and not separators and any(len(image.labels) > 1 for image in table.values())
@@ -152,184 +138,7 @@ def read_label_file(
     return LabelTable(rows, classes, reading)
 
 
-def _records(path: Path, text: str) -> tuple[list[dict[str, Any]], str]:
-    """The file's records as {column: value}, and its shape in words."""
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        lines = [line for line in io.StringIO(text, newline="").read().splitlines() if line.strip()]
-        if not lines:
-            return [], "CSV"
-        delimiter = "\t" if suffix == ".tsv" else _delimiter(lines[0])
-        reader = csv.DictReader(lines, delimiter=delimiter)
-        if reader.fieldnames is None or len(set(reader.fieldnames)) != len(reader.fieldnames):
-            raise CnnlabError(f"{path}: the header row names a column twice or none: {reader.fieldnames}")
-        records = [dict(row) for row in reader]
-        ragged = [n for n, row in enumerate(records, start=2) if None in row or None in row.values()]
-        if ragged:
-            raise CnnlabError(
-                f"{path}: {len(ragged)} row(s) have another number of cells than the header, first line {ragged[0]}"
-            )
-        kind = {"\t": "TSV", ";": "CSV separated by ';'", ",": "CSV"}[delimiter]
-        return records, f"{kind}, one row per line"
-    try:
-        if suffix == ".jsonl":
-            values: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CnnlabError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
-    if isinstance(values, dict):
-        return [{"path": key, "labels": value} for key, value in values.items()], "JSON object of path: labels"
-    if isinstance(values, list) and all(isinstance(value, dict) for value in values):
-        keys = list(dict.fromkeys(key for value in values for key in value))  # an object may leave a key out
-        records = [{key: value.get(key) for key in keys} for value in values]
-        return records, "JSON list of objects" if suffix == ".json" else "JSON lines"
-    raise CnnlabError(f"{path}: expected a list of objects or an object of path: labels")
-
-
-def _delimiter(header: str) -> str:
-    """',' or ';' (as European spreadsheets write CSV), whichever splits the header row; refused when both do."""
-    commas, semicolons = header.count(","), header.count(";")
-    if commas and semicolons:
-        raise CnnlabError(f"the header row {header!r} has both ',' and ';': which separates the columns is unclear")
-    return ";" if semicolons else ","
-
-
-def _column(
-    path: Path,
-    columns: list[str],
-    named: str | None,
-    candidates: tuple[str, ...],
-    what: str,
-    records: list[dict[str, Any]],
-) -> str:
-    """The column named `named`, or the one whose name is among `candidates`; two candidates must agree."""
-    if named is not None:
-        if named not in columns:
-            raise CnnlabError(f"{path}: no column {named!r} for the {what}s; columns: {', '.join(columns)}")
-        return named
-    found = [key for key in columns if key.strip().lower() in candidates]
-    if not found:
-        flag = f"--{what}-column"
-        raise CnnlabError(f"{path}: no {what} column among {', '.join(columns)}; name it with {flag}")
-    if len(found) > 1 and any(record[found[0]] != record[other] for record in records for other in found[1:]):
-        raise CnnlabError(
-            f"{path}: {len(found)} columns could hold the {what}s ({', '.join(found)}) and they differ; "
-            f"name one with --{what}-column"
-        )
-    return found[0]
-
-
-def _label_columns(
-    path: Path, records: list[dict[str, Any]], others: list[str], named: str | None
-) -> tuple[list[str], str]:
-    """The label column ("column") or the 0/1 columns ("one-hot"); a file holding both is refused unless they agree
-    on every row."""
-    if named is not None:
-        return [_column(path, others, named, LABEL_NAMES, "label", records)], "column"
-    named_columns = [key for key in others if key.strip().lower() in LABEL_NAMES]
-    binary = [key for key in others if key not in named_columns and all(_is_bit(r[key]) for r in records)]
-    one_hot = binary if len(binary) >= 2 else []
-    if named_columns:
-        column = _column(path, named_columns, None, LABEL_NAMES, "label", records)
-        agree = all(set(_cell_labels(r[column])[0]) == {k for k in one_hot if _bit(r[k])} for r in records)
-        if one_hot and not agree:
-            raise CnnlabError(
-                f"{path}: labels could be read from '{column}' or from the 0/1 columns {', '.join(one_hot)}, and "
-                "they differ; name the one to use with --label-column, or remove the other"
-            )
-        return [column], "column"
-    if one_hot:
-        return one_hot, "one-hot"
-    if len(others) == 1:
-        return others, "column"
-    raise CnnlabError(f"{path}: no label column among {', '.join(others) or 'none'}; name it with --label-column")
-
-
-def _is_bit(value: Any) -> bool:
-    return (isinstance(value, bool | int) and value in (0, 1)) or str(value).strip() in ("0", "1")
-
-
-def _bit(value: Any) -> bool:
-    return str(value).strip() == "1" or value is True
-
-
-def _cell_labels(value: Any) -> tuple[list[str], str | None]:
-    """A cell's labels, and the separator they were split at (None: one label, or a list)."""
-    if value is None or isinstance(value, list):
-        return sorted({_name(item) for item in value or [] if _name(item)}), None
-    text = _name(value)
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            try:
-                items = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                raise CnnlabError(f"a label cell looks like a list but is not one: {text}") from None
-        return _cell_labels(list(items))
-    for separator in SEPARATORS:
-        if separator in text:
-            parts = re.split(re.escape(separator) if separator != " " else r"\s+", text)
-            return sorted({part.strip() for part in parts if part.strip()}), separator
-    return ([text] if text else []), None
-
-
-def _name(value: Any) -> str:
-    """A label as a class name: numbers stay their digits ("1"), text is stripped."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-@dataclass
-class _Image:
-    labels: set[str]
-    split: SplitName | None
-    separator: str | None
-
-
-def _rows(
-    path: Path, records: list[dict[str, Any]], path_key: str, label_keys: list[str], split_key: str | None
-) -> dict[str, _Image]:
-    """Each image's labels and split, by its path as written. An image on several rows of one label each is the long
-    form; identical rows are merged; rows that give one image different label sets or splits are refused."""
-    read = []
-    for number, record in enumerate(records, start=1):
-        name = str(record[path_key] if record[path_key] is not None else "").strip().replace("\\", "/")
-        if not name:
-            raise CnnlabError(f"{path}: row {number} has no path in '{path_key}'")
-        if len(label_keys) > 1:
-            labels, separator = [key for key in label_keys if _bit(record[key])], None
-        else:
-            labels, separator = _cell_labels(record[label_keys[0]])
-        read.append((name, labels, separator, _split(path, record[split_key], number) if split_key else None))
-    long_form = len(label_keys) == 1 and all(len(labels) <= 1 for _, labels, _, _ in read)
-    images: dict[str, _Image] = {}
-    conflicts = []
-    for name, labels, separator, split in read:
-        seen = images.setdefault(name, _Image(set(labels), split, separator))
-        if seen.split != split:
-            conflicts.append(f"{name} (split {seen.split} and {split})")
-        elif seen.labels != set(labels):
-            if not long_form:
-                conflicts.append(f"{name} ({' '.join(sorted(seen.labels))} and {' '.join(labels)})")
-            seen.labels |= set(labels)
-    if conflicts:
-        raise CnnlabError(
-            f"{path}: {len(conflicts)} image(s) on several rows that disagree: {'; '.join(conflicts[:EXAMPLES])}"
-        )
-    return images
-
-
-def _split(path: Path, value: Any, number: int) -> SplitName:
-    text = str(value if value is not None else "").strip().lower()
-    if text not in SPLIT_NAMES:
-        raise CnnlabError(f"{path}: row {number}: split {value!r} is none of train, val, test")
-    return SPLIT_NAMES[text]
-
-
-def _resolved(path: Path, images: dict[str, _Image], files: list[str], strict: bool) -> list[LabelRow]:
+def _resolved(path: Path, images: dict[str, TableImage], files: list[str], strict: bool) -> list[LabelRow]:
     """The rows whose image is among `files`, each by the file's own path; what is left out is said in one line each
     (with `strict`, refused)."""
     present = set(files)
@@ -394,3 +203,22 @@ def _inside(path: Path, written: str) -> str:
         elif part != ".":
             parts.append(part)
     return "/".join(parts)
+
+
+def named_classes(text: str) -> dict[str, str]:
+    """`data.class_names` ("1=cat,2=dog") as {label: name}; a malformed item, or a label or name given twice, is
+    refused."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not sep or not key.strip() or not name.strip() for key, sep, name in pairs):
+        raise ConfigError(f"data.class_names {text!r}: give label=name pairs, as 1=cat,2=dog", "data.class_names")
+    mapping = {key.strip(): name.strip() for key, _, name in pairs}
+    if len(mapping) < len(pairs) or len(set(mapping.values())) < len(mapping):
+        raise ConfigError(f"data.class_names {text!r}: a label or a name is given twice", "data.class_names")
+    return mapping
+
+
+def _renamed(path: Path, rows: list[LabelRow], names: dict[str, str]) -> list[LabelRow]:
+    unnamed = sorted({label for row in rows for label in row.labels} - set(names))
+    if unnamed:
+        raise CnnlabError(f"{path}: label(s) {', '.join(unnamed[:EXAMPLES])} have no name in data.class_names")
+    return [LabelRow(row.path, tuple(sorted(names[label] for label in row.labels)), row.split) for row in rows]
