@@ -30,6 +30,11 @@ def run(*command: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
+def started(*command: str, env: dict[str, str] = ENV) -> subprocess.Popen[str]:
+    """`command` running in the background, its output (stderr folded in) to read with `communicate`."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
 def cnnlab(*args: str) -> subprocess.CompletedProcess:
     return run(sys.executable, "-m", "cnnlab", "train", *args)
 
@@ -109,34 +114,10 @@ def test_a_fast_recipe_trains_data_parallel_with_its_whitening_and_batchnorm_in_
 def test_two_nodes_meet_through_a_c10d_rendezvous_and_train_to_the_end(tmp_path):
     port = free_port()
     out = tmp_path / "run"
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node-rank={node}",
-                "--nproc-per-node=1",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=cnnlab-two-nodes",
-                "-m",
-                "cnnlab",
-                "train",
-                *TRAIN,
-                "--epochs",
-                "2",
-                "--out",
-                str(out),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=ENV,
-        )
-        for node in (0, 1)
-    ]
+    rendezvous = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--rdzv-id=cnnlab-two-nodes"]
+    training = ["-m", "cnnlab", "train", *TRAIN, "--epochs", "2", "--out", str(out)]
+    nodes = [started(*launcher, f"--node-rank={node}", *training) for node in (0, 1)]
     outputs = [node.communicate(timeout=180)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert [row["epoch"] for row in metrics(out)] == [1, 2]
@@ -185,7 +166,7 @@ def worker_pids(launcher: int, rank: int) -> list[int]:
 
 def kill_rank_one_after_first_checkpoint(out: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "cnnlab", "train", *TRAIN, "--nproc", "2", "--out", str(out), *args]
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    launcher = started(*command)
     wait_for_checkpoint(out, launcher, timeout=120)
     victims = worker_pids(launcher.pid, 1)
     assert victims, "rank 1 was running"
@@ -221,33 +202,10 @@ def test_a_process_whose_peer_dies_says_so_in_one_line(tmp_path):
     # Started by hand, as a cluster's own launcher would: no torchrun agent to end the survivor first.
     port = free_port()
     out = tmp_path / "run"
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    command = [sys.executable, "-m", "cnnlab", "train", *TRAIN, "--epochs", "20", "--checkpoint-every", "10"]
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cnnlab",
-                "train",
-                *TRAIN,
-                "--epochs",
-                "20",
-                "--checkpoint-every",
-                "10",
-                "--out",
-                str(out),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={
-                **ENV,
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            },
-        )
+        started(*command, "--out", str(out), env={**ENV, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)})
         for rank in (0, 1)
     ]
     wait_for_checkpoint(out, processes[0], timeout=120)
@@ -264,9 +222,7 @@ def test_a_process_whose_peer_dies_says_so_in_one_line(tmp_path):
 def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_to_resume_from(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "cnnlab", "train", *TRAIN, "--nproc", "2", "--out", str(out), "--epochs", "20"]
-    launcher = subprocess.Popen(
-        [*command, "--checkpoint-every", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
-    )
+    launcher = started(*command, "--checkpoint-every", "10")
     wait_for_checkpoint(out, launcher, timeout=120)
     launcher.send_signal(signal.SIGINT)  # what Ctrl-C sends; torchrun passes it on to the processes as SIGTERM
     output = launcher.communicate(timeout=120)[0]
