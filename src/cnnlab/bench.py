@@ -10,7 +10,6 @@ recipes run in (never an emulated bf16)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -141,7 +140,7 @@ def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str,
     precision = history[-1].get("precision", "fp32")
     outcome = run.outcome()
     return BenchRow(
-        **{field.name: getattr(outcome, field.name) for field in dataclasses.fields(outcome)},
+        **outcome.fields(),
         seed=seed,
         timeline=timeline,
         time_to={f"{mark:.2f}": first("delivered_seconds", mark) for mark in MARKS},

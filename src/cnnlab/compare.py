@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,7 +62,7 @@ def compare(
         outcome = run.outcome()
         rows.append(
             ComparisonRow(
-                **{field.name: getattr(outcome, field.name) for field in dataclasses.fields(outcome)},
+                **outcome.fields(),
                 macro_f1=evaluation.macro_f1,
                 parameters=parameter_count(model.module),
                 seconds_per_epoch=outcome.train_seconds / max(1, outcome.epochs),

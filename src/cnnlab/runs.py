@@ -39,6 +39,10 @@ class RunOutcome:
     train_seconds: float  # training only, every epoch trained, without the per-epoch evaluations
     run_dir: str
 
+    def fields(self) -> dict[str, Any]:
+        """Its fields by name, as they are: to make a row that extends it, `ComparisonRow(**outcome.fields(), ...)`."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+
     def to_dict(self) -> dict[str, Any]:
         """The row as JSON files have it: the scores by their one pair of names, beside the other fields."""
         fields = dataclasses.asdict(self)
