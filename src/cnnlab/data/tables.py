@@ -121,8 +121,7 @@ def label_columns(
     one_hot = binary if len(binary) >= 2 else []
     if named_columns:
         column = find_column(path, named_columns, None, LABEL_NAMES, "label", records)
-        agree = all(set(cell_labels(r[column])[0]) == {k for k in one_hot if _bit(r[k])} for r in records)
-        if one_hot and not agree:
+        if one_hot and not all(set(cell_labels(r[column])[0]) == {k for k in one_hot if _bit(r[k])} for r in records):
             raise CnnlabError(
                 f"{path}: labels could be read from '{column}' or from the 0/1 columns {', '.join(one_hot)}, and "
                 "they differ; name the one to use with --label-column, or remove the other"
