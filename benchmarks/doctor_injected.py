@@ -2,13 +2,18 @@
 
     PYTHONPATH=src python benchmarks/doctor_injected.py labels --data ../shared/data/cifar10-png.tar.gz --share 0.02
     PYTHONPATH=src python benchmarks/doctor_injected.py copies --data ../shared/data/cifar10-png.tar.gz
+    PYTHONPATH=src python benchmarks/doctor_injected.py label-sets --data scenes/images \
+        --labels scenes/miml_labels_1.csv --share 0.05
 
 `labels`: a seeded `share` of the training labels flipped to another class (drawn uniformly among the others);
 prints the recall and precision of the doctor's suspected label errors, and of its first 1x and 2x as many as
-were flipped. `copies`: 200 training images copied into the test split, 50 each as exact copies, JPEG at quality
-75, shifted by 2 pixels (the uncovered edge repeating the image's edge) and brightened by 10%; prints the share
-of them found as leaks of their original, per way, and how many other copy pairs the doctor reports. The
-dataset is changed in memory only; its embeddings come from the cache after the first run.
+were flipped. `label-sets` (multi-label data): in a seeded `share` of the training images, one label dropped
+(half of them) or swapped for one the image does not carry (the others); prints the recall and precision of the
+suspected (image, class) decisions among the doctor's first 1x and 2x as many as were planted.
+`copies`: 200 training images copied into the test split, 50 each as exact copies, JPEG at quality 75, shifted
+by 2 pixels (the uncovered edge repeating the image's edge) and brightened by 10%; prints the share of them found
+as leaks of their original, per way, and how many other copy pairs the doctor reports. The dataset is changed in
+memory only; its embeddings come from the cache after the first run.
 """
 
 from __future__ import annotations
@@ -70,6 +75,47 @@ def labels_run(arguments: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+def planted_label_sets(targets: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """Multi-hot `targets` with one label dropped or swapped in a seeded `share` of the images carrying any, and
+    the (image, class) decisions changed."""
+    rng = np.random.default_rng(seed)
+    carrying = np.flatnonzero(targets.any(1))
+    chosen = np.sort(rng.choice(carrying, round(share * len(targets)), replace=False))
+    noisy, planted = targets.copy(), set()
+    for number, row in enumerate(chosen.tolist()):
+        dropped = int(rng.choice(np.flatnonzero(targets[row])))
+        noisy[row, dropped] = 0
+        planted.add((row, dropped))
+        absent = np.flatnonzero(targets[row] == 0)
+        if number % 2 and len(absent):
+            added = int(rng.choice(absent))
+            noisy[row, added] = 1
+            planted.add((row, added))
+    return noisy, planted
+
+
+def label_sets_run(arguments: argparse.Namespace) -> dict[str, object]:
+    dataset = load_dataset(DataConfig(data=arguments.data, labels=arguments.labels))
+    noisy, planted = planted_label_sets(dataset.train.labels, arguments.share, arguments.seed)
+    train = Split(dataset.train.images, noisy, dataset.train.names, dataset.train.native_sizes)
+    diagnosis = examine(replace(dataset, train=train), DoctorConfig(seed=arguments.seed), stages=Stages())
+    classes = list(dataset.classes)
+    suspected = []  # (image, class) of each suspect in the doctor's order; a suspect outside train is a miss
+    for finding in diagnosis.of_kind(Kind.LABEL):
+        given, corrected = set(finding.image.label.split(";")), set((finding.suggested or "").split(";"))
+        (changed,) = (given ^ corrected) - {"", "none"}
+        suspected.append(
+            (finding.image.index if finding.image.split == SplitName.TRAIN else -1, classes.index(changed))
+        )
+    result: dict[str, object] = {"planted": len(planted), "suspected": len(suspected), "method": diagnosis.label_method}
+    for name, first in (("all", len(suspected)), ("1x", len(planted)), ("2x", 2 * len(planted))):
+        chosen = suspected[:first]
+        hits = sum(pair in planted for pair in chosen)
+        result[name] = {"recall": hits / len(planted), "precision": hits / max(len(chosen), 1), "taken": len(chosen)}
+    result["agreement"], result["seconds"] = diagnosis.label_agreement, diagnosis.seconds
+    return result
+
+
 def copies_run(arguments: argparse.Namespace) -> dict[str, object]:
     dataset = load_dataset(DataConfig(data=arguments.data))
     rng = np.random.default_rng(arguments.seed)
@@ -103,12 +149,14 @@ def copies_run(arguments: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["labels", "copies"])
+    parser.add_argument("what", choices=["labels", "label-sets", "copies"])
     parser.add_argument("--data", required=True)
+    parser.add_argument("--labels", help="label-sets: the data's label file")
     parser.add_argument("--share", type=float, default=0.02, help="labels: the share of training labels flipped")
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
-    result = labels_run(arguments) if arguments.what == "labels" else copies_run(arguments)
+    runs = {"labels": labels_run, "label-sets": label_sets_run, "copies": copies_run}
+    result = runs[arguments.what](arguments)
     print(json.dumps(result, indent=1))
 
 

@@ -81,7 +81,7 @@ def trained(run: Path) -> None:
         sys.exit(f"{run}: export it first (cnnlab export {run}; cnnlab export {run} --int8)")
     measured = json.loads(int8.with_suffix(".json").read_text())["quantization"]
     extra = (
-        f"  | accuracy fp32 {measured['fp32_accuracy']:.2%}, int8 {measured['int8_accuracy']:.2%} "
+        f"  | {measured['metric']} fp32 {measured['fp32_score']:.2%}, int8 {measured['int8_score']:.2%} "
         f"({model.info.inference.tta} TTA)"
     )
     images = np.asarray(test_split_for(model, None).images[: max(BATCHES)])

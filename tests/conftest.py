@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import os
 import pickle
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -133,6 +137,33 @@ def trained_run(tmp_path_factory) -> Path:
     )
     fit(config, reporter=LineReporter())
     return out
+
+
+@contextlib.contextmanager
+def served(run: Path) -> Iterator[str]:
+    """`cnnlab serve RUN` in its own process on a free port of 127.0.0.1, as a user would run it; yields its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail(f"cnnlab serve did not start: {process.stdout.read().decode()[-500:]}")
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,7 +34,7 @@ from cnnlab.models import TrainedModel, load_model
 from cnnlab.predict import predict_files
 from cnnlab.quantize import Int8Settings, export_int8
 from cnnlab.serve.app import ServeConfig, create_app
-from tests.conftest import ARTIFACTS, free_port
+from tests.conftest import ARTIFACTS, served
 
 runner = CliRunner()
 
@@ -135,26 +133,8 @@ def test_a_full_queue_answers_503_with_retry_after(model):
 @pytest.fixture(scope="module")
 def server(trained_run):
     """`cnnlab serve` in its own process on 127.0.0.1, as a user would run it; yields its base URL."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cnnlab", "serve", str(trained_run), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"cnnlab serve did not start: {process.stdout.read().decode()[-500:]}")
-    yield url
-    process.terminate()
-    process.wait(10)
+    with served(trained_run) as url:
+        yield url
 
 
 OVER_LIMIT = 11_000_000  # bytes: over `cnnlab serve`'s default 10 MB limit
@@ -342,13 +322,14 @@ def test_int8_export_records_both_accuracies_and_answers_like_fp32(trained_run, 
     test = load_dataset(DataConfig(dataset="digits", image_size=12)).test
     int8 = OnnxModel(run / "model.int8.onnx").probabilities(test.images)
     torch_delivered = evaluate(model, test).scores.delivered_accuracy
-    assert record["int8_accuracy"] == pytest.approx(float((int8.argmax(1) == test.labels).mean()))
-    assert abs(record["fp32_accuracy"] - torch_delivered) <= 1 / len(test)  # fp32 onnxruntime is PyTorch's
+    assert record["metric"] == "accuracy"
+    assert record["int8_score"] == pytest.approx(float((int8.argmax(1) == test.labels).mean()))
+    assert abs(record["fp32_score"] - torch_delivered) <= 1 / len(test)  # fp32 onnxruntime is PyTorch's
     assert record["agreement"] >= 0.97 and record["calibration_images"] == 128 and record["test_images"] == len(test)
     graph = onnx.load(str(run / "model.int8.onnx")).graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
     assert any(weights.data_type == onnx.TensorProto.INT8 for weights in graph.initializer)
-    assert f"{record['int8_accuracy']:.2%} in INT8" in result.output
+    assert f"{record['int8_score']:.2%} in INT8" in result.output
 
 
 def test_int8_losing_more_than_allowed_writes_nothing(model, tmp_path):

@@ -103,7 +103,7 @@ class EpochMark:
     # The initialisation, the training so far and one evaluation of the test split with the recipe's TTA (the
     # other epochs' evaluations only monitor).
     delivered_seconds: float
-    delivered_accuracy: float
+    delivered_score: float  # the test accuracy with the recipe's TTA; a multi-label model's mAP (`Scores.headline`)
 
 
 @dataclass
@@ -130,10 +130,10 @@ def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str,
     for metrics in history:
         seconds += metrics["seconds"]
         delivered = initialisation + seconds + metrics.get("test_seconds", 0.0)
-        timeline.append(EpochMark(metrics["epoch"], seconds, delivered, run.scores_of(metrics).delivered_accuracy))
+        timeline.append(EpochMark(metrics["epoch"], seconds, delivered, run.scores_of(metrics).headline[1]))
 
     def first(clock: str, mark: float) -> float | None:
-        return next((getattr(e, clock) for e in timeline if e.delivered_accuracy >= mark), None)
+        return next((getattr(e, clock) for e in timeline if e.delivered_score >= mark), None)
 
     images = sum(m["images_per_s"] * m["seconds"] for m in history)
     gflops = flops_per_image * images / seconds / 1e9
@@ -234,18 +234,20 @@ def bench(
 
 
 def across_seeds(rows: list[BenchRow]) -> list[dict[str, Any]]:
-    """Mean and standard deviation of each recipe's delivered accuracy and training time over its seeds."""
+    """Mean and standard deviation of each recipe's delivered accuracy (a multi-label model's mAP: "metric" says
+    which) and training time over its seeds."""
     summaries = []
     for recipe in dict.fromkeys(row.recipe for row in rows):
         runs = [row for row in rows if row.recipe == recipe]
+        metric = runs[0].scores.headline[0]
         columns = {
-            "delivered_accuracy": [row.scores.delivered_accuracy for row in runs],
+            "delivered_map" if metric == "mAP" else "delivered_accuracy": [row.scores.headline[1] for row in runs],
             "seconds": [row.train_seconds for row in runs],
             "delivered_seconds": [row.delivered_seconds for row in runs],
         }
         figures = {name: torch.tensor(values, dtype=torch.float64) for name, values in columns.items()}
         summaries.append(
-            {"recipe": recipe, "seeds": len(runs)}
+            {"recipe": recipe, "seeds": len(runs), "metric": metric}
             | {f"{name}_mean": values.mean().item() for name, values in figures.items()}
             # The sample standard deviation; 0.0 for a single run, which has no spread to measure.
             | {f"{name}_std": values.std().item() if len(runs) > 1 else 0.0 for name, values in figures.items()}

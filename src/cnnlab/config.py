@@ -80,6 +80,7 @@ class DataConfig:
     path_column: str | None = setting(None, "The label file's column of image paths (default: found by its name).")
     label_column: str | None = setting(None, "The label file's column of labels (default: found by its name).")
     class_names: str | None = setting(None, "Names for a label file's labels, as 1=cat,2=dog (else labels are names).")
+    multi_label: bool = setting(False, "A sigmoid per class, as when an image has other than one label (chosen then).")
     image_size: int | None = setting(None, "Resize images to this many pixels a side (default: as stored).", at_least=1)
     val_fraction: float = setting(
         0.0,

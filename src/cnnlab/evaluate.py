@@ -1,4 +1,5 @@
-"""Evaluation: accuracy, loss, scikit-learn's per-class report and the confusion matrix of a model."""
+"""Evaluation: accuracy, loss, scikit-learn's per-class report and the confusion matrix of a model; for a
+multi-label model, its label-set scores (`label_sets`) and each class's average precision and threshold."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from sklearn.metrics import balanced_accuracy_score, classification_report, conf
 from cnnlab.atomic import write_text
 from cnnlab.config import DataConfig, build
 from cnnlab.data import Dataset, Split, load_dataset, match_channels, resize_images
-from cnnlab.data.dataset import Pixels
+from cnnlab.data.dataset import Labels, Pixels
 from cnnlab.data.loader import in_order
 from cnnlab.errors import CnnlabError
 from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.files import model_folder
 from cnnlab.models.inference import Scores, predict_and_score
+from cnnlab.models.label_sets import answered, per_class_report, probabilities
 from cnnlab.progress import tracked
 from cnnlab.run_dir import RunDir
 
@@ -30,14 +32,23 @@ from cnnlab.run_dir import RunDir
 class Evaluation:
     scores: Scores  # plain and delivered (with the model's TTA) accuracy and loss
     classes: list[str]
-    report: dict[str, Any]  # scikit-learn's classification_report(output_dict=True)
-    confusion: np.ndarray  # (K, K) counts, rows true class, columns predicted class
-    labels: np.ndarray  # (N,) true class per image
-    probabilities: np.ndarray  # (N, K) softmax per image, as delivered
+    report: dict[str, Any]  # scikit-learn's classification_report(output_dict=True); multi-label: + AP, threshold
+    # (K, K) counts, rows true class, columns predicted class; for a multi-label model, the images carrying class i
+    # that were answered with class j (its diagonal: each class found)
+    confusion: np.ndarray
+    labels: Labels  # the true class of each image, or its multi-hot classes
+    probabilities: np.ndarray  # (N, K) as delivered: a softmax per image, or a multi-label model's sigmoid per class
+    answered: np.ndarray  # (N, K) bool: the classes each image was answered with (the top one, or those at threshold)
 
     @property
-    def balanced_accuracy(self) -> float:
-        """The mean of the per-class recalls: what accuracy says when every class counts the same."""
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """The mean of the per-class recalls: what accuracy says when every class counts the same (single-label)."""
+        if self.multi_label:
+            return None
         return float(balanced_accuracy_score(self.labels, self.probabilities.argmax(1)))
 
     @property
@@ -45,10 +56,12 @@ class Evaluation:
         return float(self.report["macro avg"]["f1-score"])
 
     def to_dict(self) -> dict[str, Any]:
+        averages = ("micro avg", "samples avg") if self.multi_label else ()
         return {
             **self.scores.to_dict(),
             "balanced_accuracy": self.balanced_accuracy,
             "images": len(self.labels),
+            **{name: self.report[name] for name in averages},
             "per_class": {name: self.report[name] for name in self.classes},
             "macro avg": self.report["macro avg"],
             "weighted avg": self.report["weighted avg"],
@@ -63,21 +76,32 @@ def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cp
     tta = info.inference.tta
     what = f"evaluating ({tta} TTA)" if tta != "none" else "evaluating"
     batches = tracked(in_order(split.images), len(split), what)
+    bf16, thresholds = info.bf16_on(device), np.array(info.thresholds) if info.multi_label else None
     scores, logits = predict_and_score(
-        model.module, batches, split.labels, info.normalization, device, info.inference, info.bf16_on(device)
+        model.module, batches, split.labels, info.normalization, device, info.inference, bf16, thresholds
     )
+    classes = list(info.classes)
+    if thresholds is not None:
+        chances = probabilities(logits.delivered)
+        decided = answered(chances, thresholds)
+        report = classification_report(split.labels, decided, target_names=classes, output_dict=True, zero_division=0)
+        for name, extra in per_class_report(chances, split.labels, thresholds, classes).items():
+            report[name] |= {key: extra[key] for key in ("average_precision", "threshold")}
+        confusion = split.labels.T.astype(np.int64) @ decided.astype(np.int64)
+        return Evaluation(scores, classes, report, confusion, split.labels, chances, decided.astype(bool))
     predicted = logits.delivered.argmax(1).numpy()
-    indices = list(range(len(model.info.classes)))
+    indices = list(range(len(classes)))
     report = classification_report(
-        split.labels, predicted, labels=indices, target_names=model.info.classes, output_dict=True, zero_division=0
+        split.labels, predicted, labels=indices, target_names=classes, output_dict=True, zero_division=0
     )
     return Evaluation(
         scores=scores,
-        classes=list(model.info.classes),
+        classes=classes,
         report=report,
         confusion=confusion_matrix(split.labels, predicted, labels=indices),
         labels=split.labels,
         probabilities=torch.softmax(logits.delivered, 1).numpy(),
+        answered=np.eye(len(classes), dtype=bool)[predicted],
     )
 
 

@@ -8,6 +8,7 @@ stretches that coarse map over the input image.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,13 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = None) -> Explanation:
-    """Explain the model's view of one (H, W, C) uint8 image at its input size."""
+    """Explain the model's view of one (H, W, C) uint8 image at its input size: of `class_name`, or of the class
+    it answers most."""
+    return explanations(model, image[None], [class_name])[0]
+
+
+def explanations(model: TrainedModel, images: np.ndarray, class_names: Sequence[str | None]) -> list[Explanation]:
+    """`explain` for each of (N, H, W, C) uint8 images and its class, the map's geometry measured once."""
     layers = conv_layers(model.module)
     target_layer = model.module.gradcam_layer()  # the family's choice
     if not layers or target_layer is None:
@@ -48,46 +55,59 @@ def explain(model: TrainedModel, image: np.ndarray, class_name: str | None = Non
         layers.append(("grad-cam layer", target_layer))
     target_name = next(name for name, layer in layers if layer is target_layer)
     classes = model.info.classes
-    if class_name is not None and class_name not in classes:
-        raise CnnlabError(f"unknown class {class_name!r}; the model's classes: {', '.join(classes)}")
+    for class_name in class_names:
+        if class_name is not None and class_name not in classes:
+            raise CnnlabError(f"unknown class {class_name!r}; the model's classes: {', '.join(classes)}")
+    module = model.module.eval()
+    first_conv = layers[0][1]
+    assert isinstance(first_conv, nn.Conv2d)  # conv_layers lists the convolutions first
+    first = first_conv.weight.detach().float().cpu()  # (K, C, kh, kw)
+    centres, explained = None, []
+    for image, class_name in zip(images, class_names, strict=True):
+        x = to_input(torch.from_numpy(image[None]).to(next(module.parameters()).device), model.info.normalization)
+        target = classes.index(class_name) if class_name else None
+        logits, activations, cam = _grad_cam(module, layers, target_name, x, target)
+        if centres is None:
+            centres = receptive_field_centres(module, target_layer, x, (cam.shape[2], cam.shape[3]))
+        cam = onto_input(cam, centres, image.shape[:2])
+        cam = cam / cam.max() if cam.max() > 0 else cam
+        probabilities = torch.sigmoid(logits) if model.info.multi_label else torch.softmax(logits, 0)
+        explained.append(
+            Explanation(
+                target=classes[int(logits.argmax()) if target is None else target],
+                predicted=classes[int(probabilities.argmax())],
+                probabilities={name: float(p) for name, p in zip(classes, probabilities, strict=True)},
+                heat=cam.cpu().numpy(),
+                feature_maps={name: output[0].detach().float().cpu().numpy() for name, output in activations.items()},
+                first_filters=first.permute(0, 2, 3, 1).numpy() if first.shape[1] == 3 else first[:, 0].numpy(),
+            )
+        )
+    return explained
 
+
+def _grad_cam(
+    module: nn.Module, layers: list[tuple[str, nn.Module]], target_name: str, x: torch.Tensor, target: int | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The (classes,) logits of one input, every conv layer's output, and the (1, 1, h, w) Grad-CAM map of class
+    `target` (default: the top one) on the layer `target_name`."""
     activations: dict[str, torch.Tensor] = {}
     hooks = [
         layer.register_forward_hook(lambda _m, _i, output, name=name: activations.__setitem__(name, output))
         for name, layer in layers
     ]
-    module = model.module.eval()
     try:
-        x = to_input(torch.from_numpy(image[None]).to(next(module.parameters()).device), model.info.normalization)
         with torch.enable_grad():
             logits = module(x)[0]  # (classes,)
-            target = classes.index(class_name) if class_name else int(logits.argmax())
             last = activations[target_name]  # (1, K, h, w)
-            (gradient,) = torch.autograd.grad(logits[target], last)
+            (gradient,) = torch.autograd.grad(logits[int(logits.argmax()) if target is None else target], last)
     finally:
         for hook in hooks:
             hook.remove()
-
     weights = gradient.mean(dim=(2, 3), keepdim=True)  # (1, K, 1, 1): channel importance
     # The maps are taken after a ReLU, as Keras' conv layers (activation included) would give them;
     # for the tutorial CNN, whose ReLU runs after the pool, that is exactly what the next layer sees.
     cam = F.relu((weights * F.relu(last)).sum(1, keepdim=True)).detach()  # (1, 1, h, w)
-    map_height, map_width = last.shape[-2:]
-    centres = receptive_field_centres(module, target_layer, x, (map_height, map_width))
-    cam = onto_input(cam, centres, image.shape[:2])
-    cam = cam / cam.max() if cam.max() > 0 else cam
-    probabilities = torch.softmax(logits.detach().float(), 0)
-    first_conv = layers[0][1]
-    assert isinstance(first_conv, nn.Conv2d)  # conv_layers lists the convolutions first
-    first = first_conv.weight.detach().float().cpu()  # (K, C, kh, kw)
-    return Explanation(
-        target=classes[target],
-        predicted=classes[int(probabilities.argmax())],
-        probabilities={name: float(p) for name, p in zip(classes, probabilities, strict=True)},
-        heat=cam.cpu().numpy(),
-        feature_maps={name: output[0].detach().float().cpu().numpy() for name, output in activations.items()},
-        first_filters=first.permute(0, 2, 3, 1).numpy() if first.shape[1] == 3 else first[:, 0].numpy(),
-    )
+    return logits.detach().float(), activations, cam
 
 
 class _Captured(Exception):

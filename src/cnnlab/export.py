@@ -34,7 +34,7 @@ TOLERANCE = 1e-4  # max absolute difference of probabilities between onnxruntime
 
 class Probabilities(nn.Module):
     """The exported graph: (B, H, W, C) uint8 pixels normalised, the model with its test-time augmentation,
-    then softmax."""
+    then softmax, or a multi-label model's sigmoid per class (its thresholds are in the .json beside it)."""
 
     def __init__(self, model: TrainedModel):
         super().__init__()
@@ -42,7 +42,9 @@ class Probabilities(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = to_input(pixels, self.info.normalization)
-        return torch.softmax(tta_logits(self.model, x, self.info.inference), dim=1)  # (B, classes)
+        multi = self.info.multi_label
+        logits = tta_logits(self.model, x, self.info.inference, multi_label=multi)
+        return torch.sigmoid(logits) if multi else torch.softmax(logits, dim=1)  # (B, classes)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from cnnlab.atomic import atomic_write
 from cnnlab.data.dataset import SplitName
@@ -184,6 +185,50 @@ def confusion_heatmaps(confusion: np.ndarray, classes: Sequence[str], title: str
                     )
         if title:
             figure.suptitle(title)
+    return figure
+
+
+def precision_recall_curves(
+    probabilities: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds: np.ndarray
+) -> Figure:
+    """Each class's precision-recall curve over its (N,) probabilities, its average precision in the legend and
+    the point its threshold decides at marked."""
+    with matplotlib.rc_context(STYLE):
+        figure, axis = subplots(figsize=(6.5, 5))
+        for k, name in enumerate(classes):
+            if not targets[:, k].any():
+                continue
+            precision, recall, _ = precision_recall_curve(targets[:, k], probabilities[:, k])
+            (line,) = axis.plot(
+                recall,
+                precision,
+                label=f"{name} (AP {average_precision_score(targets[:, k], probabilities[:, k]):.2f})",
+            )
+            answered = probabilities[:, k] >= thresholds[k]
+            found = (answered & (targets[:, k] == 1)).sum()
+            if answered.any():
+                axis.plot(found / targets[:, k].sum(), found / answered.sum(), "o", color=line.get_color())
+        axis.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+        axis.set_title("precision-recall per class (dots: at the class's threshold)")
+        axis.legend(loc="lower left", fontsize=8)
+    return figure
+
+
+def cooccurrence(targets: np.ndarray, classes: Sequence[str]) -> Figure:
+    """How often the classes are carried together: image counts, the diagonal each class's images."""
+    counts = targets.T.astype(np.int64) @ targets.astype(np.int64)
+    size = max(4.5, 0.45 * len(classes) + 2)
+    with matplotlib.rc_context({**STYLE, "axes.grid": False}):
+        figure, axis = subplots(figsize=(size + 1, size), layout="constrained")
+        image = axis.imshow(counts, cmap="Purples")
+        figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+        axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        axis.set_yticks(range(len(classes)), classes)
+        axis.set_title("label co-occurrence (images carrying both)")
+        if len(classes) <= 20:
+            for (i, j), value in np.ndenumerate(counts):
+                color = "white" if value > counts.max() / 2 else "black"
+                axis.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
     return figure
 
 

@@ -13,6 +13,7 @@ from cnnlab.data.walk import walk_files
 from cnnlab.errors import CnnlabError
 from cnnlab.models import ModelInfo, load_model
 from cnnlab.models.files import model_folder
+from cnnlab.models.label_sets import answered_classes
 
 _BATCH = 256  # images decoded and predicted together
 
@@ -30,6 +31,9 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (class name, probability), most probable first; empty when error is set
     error: str | None = None
+    # A multi-label model's answer: every class at or above its threshold, most probable first (None: the model
+    # answers its top class)
+    labels: list[tuple[str, float]] | None = None
 
 
 def expand_paths(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -95,5 +99,8 @@ def predict_files(model: Predictor, paths: list[Path], top_k: int = 3) -> list[P
                 results.append(Prediction(str(path), [], failed[i]))
                 continue
             best = np.argsort(-rows[i])[:top_k]
-            results.append(Prediction(str(path), [(model.info.classes[c], float(rows[i][c])) for c in best]))
+            top = [(model.info.classes[c], float(rows[i][c])) for c in best]
+            thresholds = model.info.thresholds
+            labels = answered_classes(rows[i], model.info.classes, thresholds) if thresholds is not None else None
+            results.append(Prediction(str(path), top, labels=labels))
     return results

@@ -5,7 +5,7 @@ convolutions), then quantized in QDQ form (weights per output channel; which ops
 first of `SCHEMES` that keeps the accuracy), the activations' ranges calibrated (min-max) on a seeded sample of
 the training split. Both models then score the whole test split through onnxruntime, with the recipe's test-time
 augmentation (the graph holds it): the INT8 model is written only if it loses at most `max_drop` of the delivered
-accuracy.
+accuracy (of a multi-label model: of its mean average precision).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from cnnlab.atomic import atomic_write, write_text
 from cnnlab.data import Split
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.export import OnnxModel, Verification, export_onnx, require
-from cnnlab.models import TrainedModel
+from cnnlab.models import ModelInfo, TrainedModel
+from cnnlab.models.label_sets import answered, label_set_scores
 
 log = logging.getLogger("cnnlab")
 
@@ -55,22 +56,23 @@ SCORING_BATCH = 256
 class Int8Settings:
     calibration_images: int = 512  # from the training split, drawn with `seed`
     seed: int = 0
-    max_drop: float = 0.01  # the most delivered test accuracy the INT8 model may lose (0.01: one point)
+    max_drop: float = 0.01  # the most delivered test accuracy (or mAP) the INT8 model may lose (0.01: one point)
 
 
 @dataclass(frozen=True)
 class Int8Result:
     verification: Verification  # of the fp32 export against PyTorch
     scheme: str  # the first of SCHEMES within max_drop (or the last tried)
-    fp32_accuracy: float  # delivered test accuracy through onnxruntime, fp32 graph
-    int8_accuracy: float  # the same, INT8 graph
-    agreement: float  # share of test images whose top class the two graphs agree on
+    metric: str  # what the scores are: "accuracy", or a multi-label model's "mAP"
+    fp32_score: float  # delivered on the test split through onnxruntime, fp32 graph
+    int8_score: float  # the same, INT8 graph
+    agreement: float  # share of test images whose top class (multi-label: whole answer) the two graphs agree on
     test_images: int
     calibration_images: int
 
     @property
     def drop(self) -> float:
-        return self.fp32_accuracy - self.int8_accuracy
+        return self.fp32_score - self.int8_score
 
 
 def calibration_sample(train: Split, settings: Int8Settings) -> np.ndarray:
@@ -94,16 +96,19 @@ def export_int8(
     with tempfile.TemporaryDirectory(prefix="cnnlab-int8-") as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         verification = export_onnx(model, fp32, test.images[:100])
-        fp32_top = _top_classes(OnnxModel(fp32), test)
+        fp32_chances = _probabilities(OnnxModel(fp32), test)
         for scheme in SCHEMES:
             quantize_file(fp32, int8, calibration, scheme)
-            int8_top = _top_classes(OnnxModel(int8), test)
+            int8_chances = _probabilities(OnnxModel(int8), test)
+            fp32_score, fp32_answer = _scored(model.info, fp32_chances, test)
+            int8_score, int8_answer = _scored(model.info, int8_chances, test)
             result = Int8Result(
                 verification,
                 scheme=scheme.name,
-                fp32_accuracy=float((fp32_top == test.labels).mean()),
-                int8_accuracy=float((int8_top == test.labels).mean()),
-                agreement=float((fp32_top == int8_top).mean()),
+                metric="mAP" if model.info.multi_label else "accuracy",
+                fp32_score=fp32_score,
+                int8_score=int8_score,
+                agreement=float((fp32_answer == int8_answer).reshape(len(test), -1).all(1).mean()),
                 test_images=len(test),
                 calibration_images=len(calibration),
             )
@@ -111,8 +116,8 @@ def export_int8(
                 break
         if result.drop > settings.max_drop:
             raise CnnlabError(
-                f"INT8 loses {result.drop:.2%} of test accuracy ({result.fp32_accuracy:.2%} in fp32, "
-                f"{result.int8_accuracy:.2%} in INT8), more than --max-drop {settings.max_drop:.2%}; nothing written"
+                f"INT8 loses {result.drop:.2%} of test {result.metric} ({result.fp32_score:.2%} in fp32, "
+                f"{result.int8_score:.2%} in INT8), more than --max-drop {settings.max_drop:.2%}; nothing written"
             )
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, int8.read_bytes())
@@ -165,8 +170,18 @@ def _measured(result: Int8Result) -> dict[str, Any]:
     return fields
 
 
-def _top_classes(model: OnnxModel, split: Split) -> np.ndarray:
+def _probabilities(model: OnnxModel, split: Split) -> np.ndarray:
     images = np.asarray(split.images)
     return np.concatenate(
-        [model.probabilities(images[i : i + SCORING_BATCH]).argmax(1) for i in range(0, len(images), SCORING_BATCH)]
+        [model.probabilities(images[i : i + SCORING_BATCH]) for i in range(0, len(images), SCORING_BATCH)]
     )
+
+
+def _scored(info: ModelInfo, probabilities: np.ndarray, split: Split) -> tuple[float, np.ndarray]:
+    """The delivered score of `probabilities` on the split, with the answers: the top classes, or a multi-label
+    model's label sets at its thresholds and its mean average precision."""
+    if info.thresholds is None:
+        top = probabilities.argmax(1)
+        return float((top == split.labels).mean()), top
+    thresholds = np.array(info.thresholds)
+    return label_set_scores(probabilities, split.labels, thresholds)["map"], answered(probabilities, thresholds)

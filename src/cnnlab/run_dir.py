@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from cnnlab.atomic import append_line, atomic_write, remove_temporaries, write_text
@@ -174,15 +175,17 @@ class RunDir:
         return (self / self.CHECKPOINT).is_file()
 
     def write_data(self, dataset: Dataset) -> None:
-        """data.csv: each image of a dataset read from files, with its class and split, as training read them."""
+        """data.csv: each image of a dataset read from files, with its class (for multi-label data, its classes,
+        separated by ";") and split, as training read them."""
         table = io.StringIO(newline="")
         writer = csv.writer(table)
-        writer.writerow(["path", "label", "split"])
+        writer.writerow(["path", "labels" if dataset.multi_label else "label", "split"])
         for name, split in dataset.splits().items():
             if split.names is None:
                 return  # a dataset of arrays (digits, CIFAR archives): its order is its own
             for path, label in zip(split.names.tolist(), split.labels.tolist(), strict=True):
-                writer.writerow([path, dataset.classes[label], name])
+                carried = [dataset.classes[k] for k in np.flatnonzero(label)] if isinstance(label, list) else None
+                writer.writerow([path, dataset.classes[label] if carried is None else ";".join(carried), name])
         write_text(self / self.DATA, table.getvalue())
 
     def write_config(self, config: RunConfig, precision: str) -> None:

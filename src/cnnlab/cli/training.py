@@ -122,9 +122,10 @@ def bench_command(
         typer.echo(json.dumps(summary, indent=2))
         return
     for row in summary["across_seeds"]:
+        score = "delivered_map" if row["metric"] == "mAP" else "delivered_accuracy"
         console.print(
-            f"{row['recipe']}: delivered accuracy {row['delivered_accuracy_mean']:.2%} ± "
-            f"{row['delivered_accuracy_std']:.2%}, {row['seconds_mean']:.1f} ± {row['seconds_std']:.1f} s of training, "
+            f"{row['recipe']}: delivered {row['metric']} {row[f'{score}_mean']:.4f} ± "
+            f"{row[f'{score}_std']:.4f}, {row['seconds_mean']:.1f} ± {row['seconds_std']:.1f} s of training, "
             f"{row['delivered_seconds_mean']:.1f} ± {row['delivered_seconds_std']:.1f} s delivered, "
             f"over {row['seeds']} seed(s)"
         )

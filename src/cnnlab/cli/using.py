@@ -59,18 +59,28 @@ def evaluate_command(
         typer.echo(json.dumps(evaluation.to_dict(), indent=2))
         return
     console.print(report_table(evaluation))
+    balanced = evaluation.balanced_accuracy
     console.print(
-        f"test {evaluation.scores.describe()}  balanced accuracy {evaluation.balanced_accuracy:.4f}  "
-        f"loss {evaluation.scores.delivered_loss:.4f}  ({len(evaluation.labels)} images)"
+        f"test {evaluation.scores.describe()}  "
+        + ("" if balanced is None else f"balanced accuracy {balanced:.4f}  ")
+        + f"loss {evaluation.scores.delivered_loss:.4f}  ({len(evaluation.labels)} images)"
     )
     console.print(f"wrote {folder / RunDir.EVALUATION} and the confusion matrix beside it")
 
 
 def report_table(evaluation: Evaluation) -> Table:
-    table = Table("class", "precision", "recall", "f1-score", "support", title="classification report")
-    for name in [*evaluation.classes, "macro avg", "weighted avg"]:
+    """scikit-learn's classification report; a multi-label model's adds each class's average precision and
+    threshold, and its micro average."""
+    multi = evaluation.multi_label
+    extra = ("average precision", "threshold") if multi else ()
+    table = Table("class", "precision", "recall", "f1-score", "support", *extra, title="classification report")
+    averages = ("micro avg", "macro avg") if multi else ("macro avg", "weighted avg")
+    for name in [*evaluation.classes, *averages]:
         row = evaluation.report[name]
-        table.add_row(name, *(f"{row[k]:.4f}" for k in ("precision", "recall", "f1-score")), f"{row['support']:.0f}")
+        cells = [f"{row[k]:.4f}" for k in ("precision", "recall", "f1-score")] + [f"{row['support']:.0f}"]
+        if multi:
+            cells += [f"{row[k]:.4f}" if k in row else "-" for k in ("average_precision", "threshold")]
+        table.add_row(name, *cells)
     return table
 
 
@@ -96,7 +106,12 @@ def predict(
         if prediction.error:
             errors.print(f"error: {prediction.error}")
         elif not as_json:
-            console.print(prediction.path + "  " + "  ".join(f"{name} {p:.3f}" for name, p in prediction.top))
+            top = "  ".join(f"{name} {p:.3f}" for name, p in prediction.top)
+            if prediction.labels is None:
+                console.print(f"{prediction.path}  {top}")
+            else:  # a multi-label model's answer: the labels at their thresholds
+                labels = "  ".join(f"{name} {p:.3f}" for name, p in prediction.labels) or "none"
+                console.print(f"{prediction.path}  labels: {labels}  (top: {top})")
     if any(p.error for p in predictions):
         raise typer.Exit(EXIT_PARTIAL)
 
@@ -217,9 +232,10 @@ def export_command(
         images = np.asarray(in_model_format(trained, dataset.train.images[chosen]))
         result = export_int8(trained, out, images, test_split_of(trained, dataset), settings)
         console.print(
-            f"wrote {out} and {out.with_suffix('.json').name}: test accuracy {result.int8_accuracy:.2%} in INT8 "
-            f"against {result.fp32_accuracy:.2%} in fp32 (onnxruntime, {result.test_images:,} images, "
-            f"{trained.info.inference.tta} TTA; the same top class on {result.agreement:.2%}); {result.scheme}, "
+            f"wrote {out} and {out.with_suffix('.json').name}: test {result.metric} {result.int8_score:.2%} in INT8 "
+            f"against {result.fp32_score:.2%} in fp32 (onnxruntime, {result.test_images:,} images, "
+            f"{trained.info.inference.tta} TTA; the same {'label set' if trained.info.multi_label else 'top class'} "
+            f"on {result.agreement:.2%}); {result.scheme}, "
             f"calibrated on {result.calibration_images} training images"
         )
         return

@@ -1,4 +1,5 @@
-"""Data: every source becomes one `Dataset` of uint8 (N, H, W, C) images with int64 labels.
+"""Data: every source becomes one `Dataset` of uint8 (N, H, W, C) images with labels (`dataset.Labels`: a class
+index per image, or multi-hot rows for multi-label data).
 
 from cnnlab.data import DataConfig, load_dataset
 dataset = load_dataset(DataConfig(dataset="digits"))
@@ -74,6 +75,8 @@ def load_dataset(config: DataConfig, needs_validation: bool = False) -> Dataset:
                 strict=config.strict,
                 label_file=labels,
             )
+    if config.multi_label:
+        dataset = dataset.as_multi_label()
     dataset = validation_split(dataset, config, needs_validation)
     return without(dataset, read_exclusion(config.exclude, dataset)) if config.exclude else dataset
 

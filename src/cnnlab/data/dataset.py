@@ -13,11 +13,15 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from cnnlab.data.disk_images import DiskImages
+from cnnlab.data.stratify import iterative_stratification
 from cnnlab.data.transforms import CHUNK_PIXELS, images_within
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.machine import memory_bytes
 
 Pixels = np.ndarray | DiskImages  # (N, H, W, C) uint8 images, in memory or read from disk as they are needed
+# A split's labels: (N,) int64 class indices, one class per image; or, for multi-label data, (N, K) uint8
+# multi-hot rows, 1 where the image carries class k (a row of zeros: none of the classes).
+Labels = np.ndarray
 
 
 class ImageShape(NamedTuple):
@@ -53,7 +57,7 @@ class SplitName(StrEnum):
 @dataclass(frozen=True)
 class Split:
     images: Pixels
-    labels: np.ndarray  # (N,) int64, indices into Dataset.classes
+    labels: Labels  # indices into Dataset.classes, or multi-hot rows over them
     # Where each image came from, for sources that have files: its path inside the dataset ("train/cat/1.png"),
     # and its size before resizing, (N, 2) int (height, width) in pixels. None for array sources (CIFAR, digits).
     names: np.ndarray | None = None
@@ -62,8 +66,9 @@ class Split:
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be (N, H, W, C) uint8, got {self.images.shape} {self.images.dtype}")
-        if self.labels.shape != (len(self.images),):
-            raise ValueError(f"labels must be ({len(self.images)},), got {self.labels.shape}")
+        if self.labels.ndim not in (1, 2) or len(self.labels) != len(self.images):
+            count = len(self.images)
+            raise ValueError(f"labels must be ({count},) or ({count}, K), got {self.labels.shape}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,6 +92,24 @@ class Dataset:
     test: Split
     val: Split | None = None
     layout: str = ""  # how the source was read into splits and classes, in words
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether each image carries a set of the classes (multi-hot labels) rather than one."""
+        return self.train.labels.ndim == 2
+
+    def as_multi_label(self) -> Dataset:
+        """The same images with each one's class as a set of one: trained with a sigmoid per class."""
+        if self.multi_label:
+            return self
+        eye = np.eye(len(self.classes), dtype=np.uint8)
+        val = replace(self.val, labels=eye[self.val.labels]) if self.val is not None else None
+        return replace(
+            self,
+            train=replace(self.train, labels=eye[self.train.labels]),
+            val=val,
+            test=replace(self.test, labels=eye[self.test.labels]),
+        )
 
     @property
     def image_shape(self) -> ImageShape:
@@ -113,7 +136,7 @@ class Dataset:
 
     def class_counts(self) -> dict[SplitName, np.ndarray]:
         """Images per class, (K,) int, in each split there is."""
-        return {name: np.bincount(split.labels, minlength=len(self.classes)) for name, split in self.splits().items()}
+        return {name: class_counts(split.labels, len(self.classes)) for name, split in self.splits().items()}
 
     def summary(self) -> list[str]:
         """What was loaded, for the user to check before training: the layout read, the splits and their size,
@@ -122,6 +145,18 @@ class Dataset:
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits().items())
         lines = [f"data: {self.name}{f' ({self.layout})' if self.layout else ''}"]
         lines.append(f"  {len(self.classes)} classes, {width}x{height}x{channels}; images: {sizes}")
+        if self.multi_label:
+            per_image = np.bincount(self.train.labels.sum(1))
+            spread = ", ".join(f"{count:,} with {labels}" for labels, count in enumerate(per_image) if count)
+            lines.append(
+                f"  multi-label: a sigmoid per class; {self.train.labels.sum(1).mean():.2f} labels per training "
+                f"image ({spread}); "
+                + (
+                    "a threshold per class, the best for its F1 on the validation split"
+                    if self.val is not None
+                    else "every class at 0.5, as no validation split is there to choose thresholds on"
+                )
+            )
         counts = self.class_counts()
         header = "/".join(counts)
         if len(self.classes) <= 12:
@@ -145,10 +180,24 @@ def concatenate_images(parts: list[Pixels]) -> Pixels:
     return np.concatenate([np.asarray(part) for part in parts])
 
 
+def class_counts(labels: Labels, classes: int) -> np.ndarray:
+    """(K,) int: the images of each class (for multi-label data, the images that carry it)."""
+    if labels.ndim == 2:
+        counts: np.ndarray = labels.sum(0, dtype=np.int64)
+        return counts
+    return np.bincount(labels, minlength=classes)
+
+
 def split_stratified(split: Split, fraction: float, seed: int, purpose: str) -> tuple[Split, Split]:
-    """Hold out `fraction` of a split, keeping class proportions; returns (kept, held_out)."""
+    """Hold out `fraction` of a split, keeping class proportions (for multi-label data, by iterative
+    stratification, which brings every label, rare ones too, into both parts); returns (kept, held_out)."""
     if not 0 < fraction < 1:
         raise CnnlabError(f"the {purpose} fraction must be between 0 and 1, got {fraction}")
+    if split.labels.ndim == 2:
+        held = iterative_stratification(split.labels, fraction, seed)
+        if held.all() or not held.any():
+            raise CnnlabError(f"cannot carve a {purpose} split of {fraction} from {len(split)} images")
+        return split.take(np.flatnonzero(~held)), split.take(np.flatnonzero(held))
     smallest = min(Counter(split.labels.tolist()).values())
     if smallest < 2:
         raise CnnlabError(f"cannot carve a stratified {purpose} split: a class has only {smallest} image")

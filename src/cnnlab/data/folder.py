@@ -108,7 +108,8 @@ def load_image_folder(
     _report_failures(path, failures, len(arrays["labels"]) + len(failures), strict)
 
     classes = tuple(str(name) for name in arrays["classes"])
-    labels = arrays["labels"].astype(np.int64)
+    labels = arrays["labels"]
+    labels = labels.astype(np.int64) if labels.ndim == 1 else labels.astype(np.uint8)
     everything = Split(images.take(arrays["rows"]), labels, arrays["names"], arrays["native"])
     layout = str(arrays["layout"])
     codes = arrays["split"]
@@ -202,9 +203,15 @@ def _decode_dataset(
 
     index = {name: i for i, name in enumerate(layout.classes)}
     found = [result for result in decoded if not isinstance(result, str)]
+    if layout.label_sets is None:
+        labels = np.array([index[labelled[i][1]] for i in kept], dtype=np.int64)
+    else:  # multi-hot rows
+        labels = np.zeros((len(kept), len(layout.classes)), dtype=np.uint8)
+        for row, i in enumerate(kept):
+            labels[row, [index[name] for name in layout.label_sets[i]]] = 1
     return {
         "rows": np.array(kept, dtype=np.int64),  # the rows of images_file that hold readable images
-        "labels": np.array([index[labelled[i][1]] for i in kept], dtype=np.int64),
+        "labels": labels,
         "split": np.array([CACHE_CODES[labelled[i][2]] for i in kept], dtype=np.int8),
         "names": np.array([entries[i].name for i in kept], dtype=str),
         "native": np.array([native for native, _ in found], dtype=np.int64).reshape(-1, 2),  # (height, width)

@@ -58,22 +58,19 @@ class LabelFile:
 
     def layout(self, files: list[str], strict: bool) -> Layout:
         """The folder's images placed by this file: each named image in its class and split (train, unless the
-        file's split column says otherwise), in the file's order. Several labels on an image are refused until
-        multi-label training is built."""
+        file's split column says otherwise), in the file's order; multi-label when any image has other than one
+        label."""
         names = named_classes(self.class_names) if self.class_names else None
         table = read_label_file(
             self.path, files, path_column=self.path_column, label_column=self.label_column, strict=strict, names=names
         )
-        if table.multi_label:
-            several = [row.path for row in table.rows if len(row.labels) != 1]
-            raise CnnlabError(
-                f"{self.path}: {len(several):,} images have other than one label (first "
-                f"{', '.join(several[:EXAMPLES])}; read as {table.reading.split(': ', 1)[1]}); this cnnlab trains "
-                "one label per image"
-            )
         index = {name: i for i, name in enumerate(files)}
-        placed = [(index[row.path], row.labels[0], row.split or SplitName.TRAIN) for row in table.rows]
-        return Layout(placed, table.classes, table.reading)
+        placed = [(index[row.path], (*row.labels, "")[0], row.split or SplitName.TRAIN) for row in table.rows]
+        if not table.multi_label:
+            return Layout(placed, table.classes, table.reading)
+        several = sum(len(row.labels) != 1 for row in table.rows)
+        reading = f"{table.reading}; multi-label (images with other than one label: {several:,})"
+        return Layout(placed, table.classes, reading, [row.labels for row in table.rows])
 
 
 @dataclass(frozen=True)

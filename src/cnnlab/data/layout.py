@@ -40,6 +40,9 @@ class Layout:
     placed: list[tuple[int, str, SplitName]]  # (index into the files, class name, split) of each placed file
     classes: tuple[str, ...]  # sorted
     description: str  # how the folder was read, in words, for the user
+    # Multi-label data (from a label file): each placed file's classes, in the order of `placed`; its class name
+    # there is the first of them, or "" for none.
+    label_sets: list[tuple[str, ...]] | None = None
 
 
 def read_layout(path: Path, files: list[Parts]) -> Layout:

@@ -55,7 +55,7 @@ def shard(count: int, rank: int, world_size: int) -> slice:
 @dataclass(frozen=True)
 class Batch:
     images: torch.Tensor  # (b, H, W, C) uint8 on the training device: this process's shard, augmented
-    labels: torch.Tensor  # (b,) int64
+    labels: torch.Tensor  # (b,) int64 class indices, or (b, K) uint8 multi-hot
     count: int  # images of the global batch in this shard; 0: a one-image placeholder that must count for nothing
     size: int  # images in the global batch
     jitter: torch.Tensor | None = None  # (b, 2): each image's brightness shift and contrast scale, after normalising

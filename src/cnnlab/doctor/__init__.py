@@ -35,7 +35,7 @@ __all__ = ["Diagnosis", "DoctorConfig", "Finding", "ImageRef", "Kind", "Leakage"
 class ImageRef:
     split: SplitName
     index: int  # in its split, as cnnlab loads it with the same data flags
-    label: str  # its given class
+    label: str  # its given class (multi-label data: its classes, separated by ";")
     path: str | None  # inside the dataset, for sources made of files
 
 
@@ -45,7 +45,7 @@ class Finding:
     image: ImageRef
     score: float  # how strongly; its meaning per kind is in `detail`
     detail: str
-    suggested: str | None = None  # label issues: the class it most probably is
+    suggested: str | None = None  # label issues: the class it most probably is (multi-label: its probable classes)
     other: ImageRef | None = None  # copies: the image it copies
 
 
@@ -157,7 +157,12 @@ class _Rows:
         name = self.names[position]
         split = self.dataset.splits()[name]
         index = row - self.starts[position]
-        return ImageRef(name, index, self.dataset.classes[split.labels[index]], split.name_of(index))
+        return ImageRef(name, index, self.label_of(split.labels[index]), split.name_of(index))
+
+    def label_of(self, given: np.ndarray) -> str:
+        """A class index as its name; multi-hot classes as their names, separated by ";"."""
+        classes = self.dataset.classes
+        return ";".join(classes[k] for k in np.flatnonzero(given)) if given.ndim else classes[int(given)]
 
 
 def examine(
@@ -182,7 +187,9 @@ def examine(
         embeddings = embed(images, digests, root, advance)
 
     probabilities, method = _label_probabilities(images, embeddings, given, dataset, config, stages)
-    issues = labels.confident_learning(probabilities, given)
+    if dataset.multi_label:
+        method += "; each class against the rest, a suspect being one image's class given wrongly or missing"
+    findings, agreement = _suspected_labels(probabilities, given, rows)
 
     # Copies of a nearly constant image correlate with nothing: the calibration copies the others.
     textured = np.flatnonzero(statistics.std[: sizes[0]] >= odd.CONSTANT_STD)
@@ -202,7 +209,6 @@ def examine(
     with stages.step("candidate pairs compared", len(pairs)) as advance:
         near = duplicates.near_pairs(pairs, views, calibration.threshold, advance)
 
-    findings = _label_findings(issues, rows, dataset.classes)
     copy_findings, test_copies = _copy_findings(digests, near, rows)
     findings += copy_findings
     findings += _odd_findings(statistics, neighbours, images, splits, rows, dataset)
@@ -213,7 +219,7 @@ def examine(
         class_counts={name.value: counts.tolist() for name, counts in dataset.class_counts().items()},
         fingerprints={name.value: split_fingerprint(split) for name, split in splits.items()},
         label_method=method,
-        label_agreement=issues.agreement,
+        label_agreement=agreement,
         calibration=calibration,
         leakage=leakage,
         findings=findings,
@@ -272,6 +278,16 @@ def _label_probabilities(
     return candidates[chosen], f"{chosen}, the most often agreeing with the given labels out of sample ({said})"
 
 
+def _suspected_labels(probabilities: np.ndarray, given: np.ndarray, rows: _Rows) -> tuple[list[Finding], float]:
+    """The label findings by confident learning (of multi-label data, each class against the rest), and how often
+    the out-of-sample probabilities agree with the given labels."""
+    if given.ndim == 2:
+        label_sets = labels.label_set_issues(probabilities, given)
+        return _label_set_findings(label_sets, rows, given), label_sets.agreement
+    issues = labels.confident_learning(probabilities, given)
+    return _label_findings(issues, rows, rows.dataset.classes), issues.agreement
+
+
 def _label_findings(issues: labels.LabelIssues, rows: _Rows, classes: tuple[str, ...]) -> list[Finding]:
     found = []
     for row, suggested, confidence in zip(issues.issues, issues.suggested, issues.self_confidence, strict=True):
@@ -286,6 +302,27 @@ def _label_findings(issues: labels.LabelIssues, rows: _Rows, classes: tuple[str,
                 "score: 1 - p(given)",
                 suggested=classes[suggested],
             )
+        )
+    return found
+
+
+def _label_set_findings(issues: labels.LabelSetIssues, rows: _Rows, given: np.ndarray) -> list[Finding]:
+    """A finding per suspected (image, class) decision of multi-label data, suggesting the corrected label set."""
+    found, classes = [], rows.dataset.classes
+    for row, k, was_given, confidence in zip(
+        issues.rows, issues.classes, issues.given, issues.self_confidence, strict=True
+    ):
+        corrected = given[row].copy()
+        corrected[k] = 1 - corrected[k]
+        chance = float(issues.probabilities[row, k])
+        what = (
+            f"{classes[k]} given (p={chance:.3f}), likely wrongly"
+            if was_given
+            else f"{classes[k]} missing (p={chance:.3f})"
+        )
+        detail = f"{what}; score: 1 - p(as given)"
+        found.append(
+            Finding(Kind.LABEL, rows.ref(int(row)), 1 - float(confidence), detail, rows.label_of(corrected) or "none")
         )
     return found
 
@@ -346,7 +383,9 @@ def _leakage(run: str | None, dataset: Dataset, test_copies: set[int], test_imag
         return Leakage(test_images, len(test_copies))
     model = load_model(Path(run).expanduser())
     test = test_split_of(model, dataset)
-    right = evaluate(model, test).probabilities.argmax(1) == test.labels
+    evaluation = evaluate(model, test)
+    given = test.labels.astype(bool) if test.labels.ndim == 2 else np.eye(len(dataset.classes), dtype=bool)[test.labels]
+    right = (evaluation.answered == given).all(1)  # the top class, or the whole label set
     clean = np.ones(len(right), bool)
     clean[sorted(test_copies)] = False
     return Leakage(

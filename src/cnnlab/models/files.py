@@ -26,6 +26,7 @@ from cnnlab.data.transforms import Normalization
 from cnnlab.errors import CnnlabError, first_line
 from cnnlab.machine import inference_precision
 from cnnlab.models.inference import NO_TTA, predict_logits
+from cnnlab.models.label_sets import probabilities
 from cnnlab.models.registry import Classifier, create_model
 from cnnlab.run_dir import RunDir, metrics_in_current_names
 
@@ -45,6 +46,13 @@ class ModelInfo:
     cnnlab_version: str = ""
     format_version: int = FORMAT_VERSION
     quantization: dict[str, Any] = field(default_factory=dict)  # an INT8 export: how, and its measured accuracy
+    # A multi-label model's (a sigmoid per class): each class's threshold, chosen on the validation split (see
+    # `label_sets`); None for a model that answers one class.
+    thresholds: list[float] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
 
     def bf16_on(self, device: torch.device) -> bool:
         """Whether inference on `device` runs under bf16 autocast: as trained, where that is native."""
@@ -75,11 +83,16 @@ class TrainedModel:
     info: ModelInfo
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, C) uint8 at the model's input format -> (N, classes), with the model's TTA."""
+        """(N, H, W, C) uint8 at the model's input format -> (N, classes), with the model's TTA: a softmax over
+        the classes, or a multi-label model's sigmoid per class."""
         device = next(self.module.parameters()).device
-        info = self.info
-        logits = predict_logits(self.module, images, info.normalization, device, info.inference, info.bf16_on(device))
-        return torch.softmax(logits, 1).numpy()
+        info, multi = self.info, self.info.multi_label
+        bf16 = info.bf16_on(device)
+        logits = predict_logits(
+            self.module, images, info.normalization, device, info.inference, bf16, multi_label=multi
+        )
+        chances: np.ndarray = probabilities(logits) if multi else torch.softmax(logits, 1).numpy()
+        return chances
 
 
 def package_version() -> str:

@@ -15,10 +15,11 @@ from cnnlab.atomic import atomic_write, write_text
 from cnnlab.config import RunConfig, build, to_toml
 from cnnlab.data import Dataset, Split
 from cnnlab.evaluate import Evaluation, evaluate, test_split_for, write_evaluation
-from cnnlab.explain import explain
+from cnnlab.explain import explanations
 from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.inference import Scores
 from cnnlab.report import html
+from cnnlab.report.label_sets import class_table, label_set_figures
 from cnnlab.run_dir import RunDir
 from cnnlab.tracking.catalog import RunSummary, machine_kind_of, precision_of
 
@@ -64,6 +65,8 @@ def run_figures(
     pngs = {}
     if history:
         pngs["training_curves.png"] = figures.png_bytes(figures.training_curves(history))
+    if evaluation.multi_label:
+        return pngs | label_set_figures(evaluation, split, model)
     pngs["per_class_scores.png"] = figures.png_bytes(figures.per_class_scores(evaluation.report, evaluation.classes))
     pngs["confusion_matrix.png"] = figures.png_bytes(
         figures.confusion_heatmaps(evaluation.confusion, evaluation.classes)
@@ -79,7 +82,7 @@ def run_figures(
         )
     if len(images) and model is not None and model.module.gradcam_layer() is not None:
         shown = np.asarray(images[:GRADCAM_MISTAKES])
-        heats = np.stack([explain(model, image).heat for image in shown])
+        heats = np.stack([one.heat for one in explanations(model, shown, [None] * len(shown))])
         pngs["worst_mistakes_gradcam.png"] = figures.png_bytes(
             figures.gradcam_gallery(
                 shown, heats, captions[:GRADCAM_MISTAKES], "what the model looked at in its worst mistakes"
@@ -114,8 +117,9 @@ def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool 
     recorded = Scores.from_metrics(model.info.metrics, "test") if own_split else None
     scores = recorded or evaluation.scores
     config = build(RunConfig, model.info.config, f"{run_dir / RunDir.INFO}")
+    balanced = evaluation.balanced_accuracy
     summary = (
-        f"test {scores.describe()}, balanced accuracy {evaluation.balanced_accuracy:.4f}, "
+        f"test {scores.describe()}{'' if balanced is None else f', balanced accuracy {balanced:.4f}'}, "
         f"loss {scores.delivered_loss:.4f}, on {len(split)} images"
     )
     if config.data.exclude:
@@ -134,6 +138,22 @@ def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool 
     sections = [
         ("Summary", html.facts(facts)),
         ("Training", figure.get("training_curves", "") + html.details("Metrics per epoch", per_epoch)),
+        *(_label_set_sections(evaluation, figure) if evaluation.multi_label else _class_sections(evaluation, figure)),
+        ("Configuration", f"<pre>{escape(folder.config_text() or to_toml(config))}</pre>"),
+    ]
+    headline = (
+        f"test mAP {scores.delivered_map:.4f}"
+        if scores.multi_label
+        else f"{scores.delivered_accuracy:.2%} test accuracy"
+    )
+    title = f"{model.info.architecture} on {config.data.label}: {headline}"
+    write_text(folder / RunDir.REPORT, html.page(title, sections, summary))
+    return RunReport(folder / RunDir.REPORT, summary)
+
+
+def _class_sections(evaluation: Evaluation, figure: dict[str, str]) -> list[tuple[str, str]]:
+    """A single-label run's results: per class, the confusion matrix, examples and the worst mistakes."""
+    return [
         (
             "Per class (test)",
             html.classification_table(evaluation.report, evaluation.classes) + figure["per_class_scores"],
@@ -145,11 +165,21 @@ def write_run_report(run_dir: Path, split: Split | None = None, own_split: bool 
             figure.get("worst_mistakes_gradcam", "") + figure.get("confidently_wrong", "")
             or "<p>none: every test image was classified correctly</p>",
         ),
-        ("Configuration", f"<pre>{escape(folder.config_text() or to_toml(config))}</pre>"),
     ]
-    title = f"{model.info.architecture} on {config.data.label}: {scores.delivered_accuracy:.2%} test accuracy"
-    write_text(folder / RunDir.REPORT, html.page(title, sections, summary))
-    return RunReport(folder / RunDir.REPORT, summary)
+
+
+def _label_set_sections(evaluation: Evaluation, figure: dict[str, str]) -> list[tuple[str, str]]:
+    """A multi-label run's results: per class with precision-recall curves, co-occurrence, examples, and the worst
+    misses and false alarms."""
+    worst = [
+        figure.get(f"worst_{kind}_gradcam", figure.get(f"worst_{kind}", "")) for kind in ("misses", "false_alarms")
+    ]
+    return [
+        ("Per class (test)", class_table(evaluation) + figure["precision_recall"]),
+        ("Label co-occurrence (test)", figure["label_cooccurrence"]),
+        ("Examples", figure.get("sample_predictions", "")),
+        ("Worst misses and false alarms", "".join(worst) or "<p>none: every test label set was answered right</p>"),
+    ]
 
 
 def _run_facts(
@@ -175,10 +205,22 @@ def _run_facts(
         f"batch {optim.batch_size}, {optim.epochs:g} epochs, {optim.schedule} schedule"
     )
     excluded = f", without what {config.data.exclude} flags" if config.data.exclude else ""
+    balanced = evaluation.balanced_accuracy
+    if scores.multi_label:
+        results = [
+            ("test mAP (delivered)", f"{scores.delivered_map:.4f}" + _with_tta(scores.tta)),
+            ("exact match", f"{scores.delivered_accuracy:.2%}"),
+            ("Hamming loss", f"{scores.hamming_loss:.4f}"),
+            ("F1 micro / macro", f"{scores.micro_f1:.4f} / {scores.macro_f1:.4f}"),
+        ]
+    else:
+        results = [
+            ("test accuracy (delivered)", f"{scores.delivered_accuracy:.2%}" + _with_tta(scores.tta)),
+            *([("without TTA", f"{scores.plain_accuracy:.2%}")] if scores.tta != "none" else []),
+            ("balanced accuracy", f"{balanced:.2%}" if balanced is not None else "-"),
+        ]
     return [
-        ("test accuracy (delivered)", f"{scores.delivered_accuracy:.2%}" + _with_tta(scores.tta)),
-        *([("without TTA", f"{scores.plain_accuracy:.2%}")] if scores.tta != "none" else []),
-        ("balanced accuracy", f"{evaluation.balanced_accuracy:.2%}"),
+        *results,
         ("test loss", f"{scores.delivered_loss:.4f} on {images:,} images"),
         ("training", f"{seconds:,.1f} s, {len(history)} epochs" + (f" (kept epoch {kept})" if kept else "")),
         ("machine", machine),
@@ -213,7 +255,8 @@ def write_comparison_report(
     """report.html with the models side by side, opening with their ranking by delivered test accuracy; then
     per-class F1, confusion matrices and training curves."""
     classes = list(dataset.classes)
-    ranked = sorted(rows, key=lambda r: r.scores.delivered_accuracy, reverse=True)
+    ranked = sorted(rows, key=lambda r: r.scores.headline[1], reverse=True)
+    metric = "mAP" if ranked[0].scores.multi_label else "test accuracy"
     f1 = figures.png_bytes(figures.f1_side_by_side({m: e.report for m, e in evaluations.items()}, classes))
     confusions = "".join(
         f"<div>{html.image(figures.png_bytes(figures.confusion_heatmaps(e.confusion, classes, model)), model)}</div>"
@@ -232,10 +275,10 @@ def write_comparison_report(
         ("Runs", f"<pre>{escape(json.dumps([r.to_dict() for r in rows], indent=2))}</pre>"),
     ]
     best = ranked[0]
-    summary = f"best: {best.model} at {best.scores.delivered_accuracy:.2%} test accuracy on {dataset.name}" + "".join(
-        f"; {r.model} {r.scores.delivered_accuracy:.2%}" for r in ranked[1:]
+    summary = f"best: {best.model} at {best.scores.headline_text} {metric} on {dataset.name}" + "".join(
+        f"; {r.model} {r.scores.headline_text}" for r in ranked[1:]
     )
-    title = f"Comparison on {dataset.name}: {best.model} best at {best.scores.delivered_accuracy:.2%}"
+    title = f"Comparison on {dataset.name}: {best.model} best at {best.scores.headline_text} {metric}"
     write_text(out / RunDir.REPORT, html.page(title, sections, summary))
     return out / RunDir.REPORT
 
@@ -243,8 +286,8 @@ def write_comparison_report(
 RANKING_HEADER = [
     "rank",
     "model",
-    "test accuracy (delivered)",
-    "without TTA",
+    "test accuracy (delivered; multi-label: mAP)",
+    "without TTA (multi-label: exact match)",
     "macro F1",
     "recipe",
     "epochs (kept)",
@@ -260,7 +303,7 @@ def _ranking_rows(ranked: list[ComparisonRow]) -> list[list[Any]]:
         [
             rank,
             row.model,
-            f"{row.scores.delivered_accuracy:.2%}" + _with_tta(row.scores.tta),
+            row.scores.headline_text + _with_tta(row.scores.tta),
             f"{row.scores.plain_accuracy:.2%}",
             row.macro_f1,
             row.recipe or "-",
@@ -283,7 +326,7 @@ def runs_table_rows(runs: list[RunSummary]) -> list[list[Any]]:
             run.data,
             run.recipe or "-",
             f"{run.epochs}/{run.epochs_planned:g}",
-            "-" if run.delivered_accuracy is None else f"{run.delivered_accuracy:.2%}" + _with_tta(run.tta),
+            run.headline,
             f"{run.seconds:,.1f}",
             run.precision,
             run.started.replace("T", " ")[:16],
@@ -299,7 +342,7 @@ RUNS_HEADER = [
     "data",
     "recipe",
     "epochs",
-    "test accuracy",
+    "test accuracy (multi-label: mAP)",
     "training s",
     "precision",
     "started",

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cnnlab.data import images as image_io
 from cnnlab.models import ModelInfo
 from cnnlab.models.inference import Scores
+from cnnlab.models.label_sets import answered_classes
 from cnnlab.predict import Predictor
 from cnnlab.serve.batching import Batcher
 
@@ -144,24 +145,36 @@ def describe(info: ModelInfo) -> dict[str, Any]:
     """GET /model: what the model is, and its delivered test accuracy (with its TTA, as /predict answers)
     with the plain one (each image once) beside it."""
     recorded = Scores.from_metrics(info.metrics, "test")
-    return {
+    described = {
         "architecture": info.architecture,
         "classes": info.classes,
         "input_shape": list(info.input_shape),
+        "metric": "mAP" if info.multi_label else "accuracy",  # the headline: test_delivered_map, or the accuracy
         "test_delivered_accuracy": recorded.delivered_accuracy if recorded is not None else None,
         "test_plain_accuracy": recorded.plain_accuracy if recorded is not None else None,
         "tta": info.inference.tta,
         "tta_below": info.inference.tta_below,  # selective TTA: the views only for images less sure than this
     }
+    if info.thresholds is None:
+        return described
+    # A multi-label model: its accuracy is the exact match (the whole label set right)
+    sets = recorded.to_dict() if recorded is not None else {}
+    scores = {f"test_{key}": sets.get(key) for key in ("delivered_map", "micro_f1", "macro_f1", "hamming_loss")}
+    return described | scores | {"thresholds": dict(zip(info.classes, info.thresholds, strict=True))}
 
 
-def top_classes(names: list[str], probabilities: np.ndarray, classes: list[str], top_k: int) -> list[dict[str, Any]]:
-    """Each file's `top_k` most probable classes, most probable first."""
+def top_classes(names: list[str], probabilities: np.ndarray, info: ModelInfo, top_k: int) -> list[dict[str, Any]]:
+    """Each file's `top_k` most probable classes, most probable first; for a multi-label model, its answer too:
+    "labels", every class at or above its threshold."""
     predictions = []
+    classes = info.classes
     for name, row in zip(names, probabilities, strict=True):
         best = np.argsort(-row)[: min(top_k, len(classes))]
         top = [{"class": classes[c], "probability": float(row[c])} for c in best]
         predictions.append({"filename": name, "top": top})
+        if info.thresholds is not None:
+            answer = answered_classes(row, classes, info.thresholds)
+            predictions[-1]["labels"] = [{"class": label, "probability": chance} for label, chance in answer]
     return predictions
 
 
@@ -289,7 +302,7 @@ def create_app(classifier: Predictor, config: ServeConfig | None = None) -> Fast
         finally:
             waiting["requests"] -= 1
         names = [name for name, _ in uploads]
-        return JSONResponse({"predictions": top_classes(names, probabilities, info.classes, config.top_k)})
+        return JSONResponse({"predictions": top_classes(names, probabilities, info, config.top_k)})
 
     app.add_middleware(
         BodyLimit,

@@ -34,7 +34,7 @@ class RunSummary:
     epochs: int  # epochs trained so far
     epochs_planned: float
     delivered_accuracy: float | None  # test, with the model's TTA where it has one; None: not scored
-    plain_accuracy: float | None  # test, each image seen once
+    plain_accuracy: float | None  # test, each image seen once (multi-label models: the exact match, both)
     tta: str
     seconds: float  # training, every epoch so far, without the per-epoch evaluations
     machine_kind: str
@@ -42,6 +42,16 @@ class RunSummary:
     started: str  # ISO 8601, local time with its offset
     status: str  # "finished", "stopped" or "running" (see RunDir.status)
     history: list[dict[str, Any]] = field(repr=False, default_factory=list)  # metrics.jsonl
+    delivered_map: float | None = None  # multi-label models: test mean average precision, their headline
+
+    @property
+    def headline(self) -> str:
+        """The test score a table shows: "94.12%" accuracy (with its TTA), or a multi-label model's "mAP 0.9280"."""
+        if self.delivered_map is not None:
+            return f"mAP {self.delivered_map:.4f}"
+        if self.delivered_accuracy is None:
+            return "-"
+        return f"{self.delivered_accuracy:.2%}" + ("" if self.tta == "none" else f" with {self.tta} TTA")
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in vars(self).items() if key != "history"}
@@ -91,6 +101,7 @@ def summarize(folder: RunDir, root: Path) -> RunSummary:
         started=started if isinstance(started, str) else started.isoformat(timespec="seconds"),
         status=status,
         history=history,
+        delivered_map=scores.delivered_map if scores else None,
     )
 
 
@@ -117,7 +128,7 @@ def by_machine(runs: list[RunSummary], sort: str = "date") -> dict[str, list[Run
         raise CnnlabError(f"--sort {sort}: sort by one of {', '.join(SORT_KEYS)}")
     keys = {
         "date": lambda r: r.started,
-        "accuracy": lambda r: -1.0 if r.delivered_accuracy is None else r.delivered_accuracy,
+        "accuracy": lambda r: -1.0 if r.delivered_accuracy is None else (r.delivered_map or r.delivered_accuracy),
         "time": lambda r: -r.seconds,  # reversed below: the shortest first
         "name": lambda r: r.name,
         "model": lambda r: (r.model, r.name),

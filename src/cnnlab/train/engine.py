@@ -91,7 +91,7 @@ def train_epoch(phase: Phase, epoch: int, progress: RunProgress, hooks: Hook) ->
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}; the last checkpoint is kept") from None
         if batch.count:
             totals.loss_sum += losses.sum()
-            totals.correct += (logits.argmax(1) == batch.labels).sum()
+            totals.correct += phase.loss.correct(logits, batch.labels)
             totals.seen += batch.count
         totals.step, totals.seconds = step, time.perf_counter() - started
         progress.partial = totals

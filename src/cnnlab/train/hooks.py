@@ -299,6 +299,7 @@ class FinalModel(Hook):
 
     def on_train_end(self) -> None:
         trainee, config = self.trainee, self.config
+        metrics = kept_metrics(self.progress.history, self.stopping.best_epoch)
         self.info = ModelInfo(
             architecture=config.train.model,
             classes=self.classes,
@@ -306,9 +307,10 @@ class FinalModel(Hook):
             normalization=trainee.normalization,
             inference=config.train.inference,
             precision=trainee.precision,
-            metrics=kept_metrics(self.progress.history, self.stopping.best_epoch),
+            metrics=metrics,
             config=dataclasses.asdict(config),
             cnnlab_version=package_version(),
+            thresholds=metrics.get("thresholds"),
         )
         if self.ranks.is_main:
             save_model(trainee.model, self.info, self.run_dir.path)

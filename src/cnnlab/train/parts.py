@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnlab.config import OptimConfig, TrainConfig
 from cnnlab.data import Dataset
-from cnnlab.data.dataset import ImageShape
+from cnnlab.data.dataset import ImageShape, Labels, class_counts
 from cnnlab.data.loader import TrainBatches, make_source
 from cnnlab.data.transforms import Normalization, channel_statistics, images_within, to_input
 from cnnlab.errors import ConfigError
@@ -50,20 +50,39 @@ class Trainee:
 
 @dataclass(frozen=True)
 class ClassificationLoss:
-    """Cross-entropy with the run's class weights and label smoothing."""
+    """Cross-entropy with the run's class weights and label smoothing; for multi-label data, the binary
+    cross-entropy of a sigmoid per class summed over the classes (the negative log-likelihood of the image's whole
+    label set), the class weights weighing each class's positives and the smoothing pulling targets to eps/2 and
+    1 - eps/2."""
 
-    class_weights: torch.Tensor | None  # (classes,), or None: every class weighs 1
+    class_weights: torch.Tensor | None  # (classes,), or None: every class (its positives) weighs 1
     label_smoothing: float
+    multi_label: bool = False
 
     def per_image(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(b,) each image's weighted, smoothed cross-entropy."""
+        if self.multi_label:
+            return self._per_class(logits, labels).sum(1)
         return F.cross_entropy(
             logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing, reduction="none"
         )
 
     def mean(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The batch's weighted mean (the weights of its images' classes sum to one)."""
+        """The batch's weighted mean (the weights of its images' classes sum to one; for multi-label data, the
+        mean over images)."""
+        if self.multi_label:
+            return self.per_image(logits, labels).mean()
         return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
+
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The images classified right: the top class, or for multi-label data the whole set (each sigmoid at 0.5)."""
+        if self.multi_label:
+            return ((logits >= 0) == labels.bool()).all(1).sum()
+        return (logits.argmax(1) == labels).sum()
+
+    def _per_class(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.class_weights, reduction="none")
 
 
 def build_trainee(settings: TrainConfig, precision: Precision, dataset: Dataset, ranks: Ranks) -> Trainee:
@@ -84,7 +103,7 @@ def build_trainee(settings: TrainConfig, precision: Precision, dataset: Dataset,
 
 def build_loss(optim: OptimConfig, dataset: Dataset, device: torch.device) -> ClassificationLoss:
     weights = loss_weights(dataset.train.labels, len(dataset.classes), optim.class_weights, device)
-    return ClassificationLoss(weights, optim.label_smoothing)
+    return ClassificationLoss(weights, optim.label_smoothing, dataset.multi_label)
 
 
 def build_batches(settings: TrainConfig, dataset: Dataset, ranks: Ranks, cache_root: Path) -> TrainBatches:
@@ -125,16 +144,19 @@ def initialize(trainee: Trainee, settings: TrainConfig, dataset: Dataset, device
     return time.perf_counter() - started
 
 
-def loss_weights(
-    labels: np.ndarray, classes: int, mode: str, device: torch.device | None = None
-) -> torch.Tensor | None:
-    """Per-class loss weights, N / (K * count), that give every class the same total weight; None for "none"."""
+def loss_weights(labels: Labels, classes: int, mode: str, device: torch.device | None = None) -> torch.Tensor | None:
+    """Per-class loss weights that give every class the same total weight, N / (K * count); for multi-label
+    labels, positive weights that give each class's images with it the total weight of those without it,
+    (N - count) / count. None for "none"."""
     if mode == "none":
         return None
-    counts = np.bincount(labels, minlength=classes).astype(np.float64)
+    counts = class_counts(labels, classes).astype(np.float64)
     if not counts.all():
         raise ConfigError("train.class_weights auto: a class has no training images", "train.class_weights")
-    return torch.tensor(len(labels) / (classes * counts), dtype=torch.float32, device=device)
+    if labels.ndim == 2 and (counts == len(labels)).any():
+        raise ConfigError("train.class_weights auto: a class is carried by every training image", "train.class_weights")
+    weights = (len(labels) - counts) / counts if labels.ndim == 2 else len(labels) / (classes * counts)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def warn_if_oversized(spec: ModelSpec, model: nn.Module, input_shape: ImageShape, classes: int) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +33,7 @@ from cnnlab.data.loader import Batch, in_order
 from cnnlab.data.transforms import downscaled, to_input
 from cnnlab.errors import ConfigError
 from cnnlab.machine import DTYPES, synchronize
-from cnnlab.models.inference import Logits, Scores, predict
+from cnnlab.models.inference import Logits, predict, scores_of_splits
 from cnnlab.progress import tracked
 from cnnlab.train.distributed import Ranks
 from cnnlab.train.optim import Lookahead, make_layerwise_optimizer, make_optimizer, make_schedule
@@ -51,7 +52,7 @@ class FeatureBatch:
     """A batch of the head phase: cached body features and their classes."""
 
     features: torch.Tensor  # (b, F)
-    labels: torch.Tensor  # (b,) int64
+    labels: torch.Tensor  # (b,) int64 class indices, or (b, K) uint8 multi-hot
     indices: None = None  # no hard-example selection on features
 
     @property
@@ -300,12 +301,12 @@ class HeadPhase(Phase):
     @torch.no_grad()
     def score(self) -> dict[str, Any]:
         self.head.eval()
-        metrics: dict[str, Any] = {}
-        for name in ("val", "test"):
-            if name in self.features:
-                logits = self.head(self.features[name]).float().cpu()
-                metrics |= Scores.of(Logits.seen_once(logits), self.labels[name].cpu()).metrics(name)
-        return metrics
+        scored: dict[str, tuple[Logits, np.ndarray]] = {
+            name: (Logits.seen_once(self.head(self.features[name]).float().cpu()), self.labels[name].cpu().numpy())
+            for name in ("val", "test")
+            if name in self.features
+        }
+        return scores_of_splits(scored)
 
 
 def build_phase(plan: PhasePlan, first_epoch: int, parts: TrainingParts, settings: TrainConfig) -> Phase:
@@ -329,22 +330,32 @@ def build_phase(plan: PhasePlan, first_epoch: int, parts: TrainingParts, setting
 def score_splits(trainee: Trainee, dataset: Dataset, inference: InferenceConfig, ranks: Ranks) -> dict[str, Any]:
     """Validation and test scores, plain and with the recipe's TTA (each process scores its shard), and the
     seconds the test split's predictions took: what delivering the accuracy costs after training."""
-    metrics: dict[str, Any] = {}
+    scored, seconds = {}, {}
     release_freed_memory()  # evaluation's shapes differ from training's: the kept heap would not fit them
     for name, split in (("val", dataset.val), ("test", dataset.test)):
         if split is None:
             continue
         started = time.perf_counter()
         images = in_order(split.images[ranks.shard(len(split))])
-        shard = predict(trainee.model, images, trainee.normalization, ranks.device, inference, trainee.bf16)
-        gathered = Logits(
-            ranks.gather_rows(shard.plain, len(split)),
-            ranks.gather_rows(shard.delivered, len(split)),
-            shard.tta,
-            ranks.gather_rows(shard.viewed, len(split)),
+        shard = predict(
+            trainee.model,
+            images,
+            trainee.normalization,
+            ranks.device,
+            inference,
+            trainee.bf16,
+            multi_label=dataset.multi_label,
         )
-        metrics |= Scores.of(gathered, split.labels).metrics(name)
+        scored[name] = (
+            Logits(
+                ranks.gather_rows(shard.plain, len(split)),
+                ranks.gather_rows(shard.delivered, len(split)),
+                shard.tta,
+                ranks.gather_rows(shard.viewed, len(split)),
+            ),
+            split.labels,
+        )
         synchronize(ranks.device)
-        metrics[f"{name}_seconds"] = time.perf_counter() - started
+        seconds[f"{name}_seconds"] = time.perf_counter() - started
     release_freed_memory()  # nor would the heap evaluation leaves fit training's
-    return metrics
+    return scores_of_splits(scored) | seconds
