@@ -21,7 +21,7 @@ from cnnlab.data.stratify import iterative_stratification
 from cnnlab.doctor.labels import label_set_issues
 from cnnlab.errors import ConfigError
 from cnnlab.models import load_model
-from cnnlab.models.inference import Logits, Scores, scores_of_splits
+from cnnlab.models.inference import Logits, Scores, averaged_views, scores_of_splits
 from cnnlab.models.label_sets import UNCHOSEN, choose_thresholds
 from cnnlab.train.parts import ClassificationLoss, loss_weights
 from tests.conftest import served
@@ -286,3 +286,28 @@ def test_the_doctor_suggests_the_missing_label_and_train_excludes_what_it_flags(
     flagged = {f["image"]["path"] for f in suspects if f["image"]["split"] == "train"}
     kept = [line.split(",")[0] for line in (out / "data.csv").read_text().splitlines()[1:] if line.endswith(",train")]
     assert flagged and not flagged & set(kept)  # the test split stays whole
+
+
+def test_test_time_views_of_a_multi_label_model_average_probabilities():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    x = torch.randn(5, 3, 4, 4)
+    averaged = averaged_views(model, x, model(x), "flip", multi_label=True)
+    expected = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1)))) / 2
+    assert torch.allclose(torch.sigmoid(averaged), expected, atol=1e-5)
+    softmax_model = averaged_views(model, x, model(x), "flip")  # a single-label model averages logits
+    assert torch.allclose(softmax_model, (model(x) + model(x.flip(-1))) / 2, atol=1e-6)
+
+
+def test_the_serve_page_shows_every_label_answered_in_chromium(multilabel_run, browser_page, tmp_path):
+    run, _ = multilabel_run
+    both = tmp_path / "both.png"
+    Image.fromarray(scene((0, 2), 5)).save(both)  # blue and red
+    with served(run) as url:
+        browser_page.goto(url)
+        browser_page.wait_for_function("document.getElementById('about').textContent.includes('mAP')")
+        browser_page.set_input_files("#file", str(both))
+        browser_page.wait_for_function("document.getElementById('prediction').textContent.includes('%')")
+        shown = browser_page.text_content("#prediction")
+    assert "red (" in shown and "blue (" in shown and "green" not in shown, shown
+    assert browser_page.errors == []

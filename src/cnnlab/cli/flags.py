@@ -40,6 +40,7 @@ def _owners() -> dict[str, dict[str, type]]:
 
 OWNERS = _owners()
 DATA_FIELDS, TRAIN_FIELDS, DOCTOR_FIELDS = tuple(OWNERS["data"]), tuple(OWNERS["train"]), tuple(OWNERS["doctor"])
+LABEL_FIELDS = ("labels", "path_column", "label_column", "class_names", "multi_label")  # a folder's label file
 
 
 @dataclass

@@ -16,7 +16,7 @@ from rich.table import Table
 from cnnlab import progress
 from cnnlab.bench import bench, format_ratio, with_seeds
 from cnnlab.cli import app, console, errors, handles_errors, print_whole
-from cnnlab.cli.flags import DATA_FIELDS, TRAIN_FIELDS, Flags, takes_config
+from cnnlab.cli.flags import DATA_FIELDS, LABEL_FIELDS, TRAIN_FIELDS, Flags, takes_config
 from cnnlab.compare import TABLE_FILES, compare, comparison_markdown
 from cnnlab.config import DataConfig, load_toml
 from cnnlab.data.dataset import ImageShape
@@ -30,7 +30,7 @@ from cnnlab.train import run
 from cnnlab.train.reporter import default_reporter
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")]
-DATA_SOURCE = ("dataset", "data", "cache_dir")
+DATA_SOURCE = ("dataset", "data", *LABEL_FIELDS, "cache_dir")
 
 
 @app.command()

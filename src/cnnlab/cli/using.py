@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from cnnlab.cli import EXIT_PARTIAL, app, console, errors, handles_errors, print_whole
-from cnnlab.cli.flags import DATA_FIELDS, DOCTOR_FIELDS, Flags, takes_config
+from cnnlab.cli.flags import DATA_FIELDS, DOCTOR_FIELDS, LABEL_FIELDS, Flags, takes_config
 from cnnlab.config import DataConfig, DoctorConfig, check_ranges
 from cnnlab.data import images as image_io
 from cnnlab.data import load_dataset
@@ -41,7 +41,7 @@ AnyModelPath = Annotated[Path, typer.Argument(help="A run folder, its model file
 Engine = Annotated[
     str, typer.Option(help="torch, onnx (a run folder's exported model.onnx), or auto: onnx for an .onnx file.")
 ]
-TEST_DATA = ("dataset", "data", "test_fraction", "split_seed", "cache_dir", "strict")
+TEST_DATA = ("dataset", "data", *LABEL_FIELDS, "test_fraction", "split_seed", "cache_dir", "strict")
 
 
 @app.command(name="evaluate")
