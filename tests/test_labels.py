@@ -124,7 +124,8 @@ def test_careless_rows_are_left_out_with_counts_and_examples_or_refused_when_str
     assert labels_of(table) == {"a.jpg": ("cat",), "b.jpg": ("dog",)}  # the identical row merged
     assert "2 rows whose image is not in the folder, left out: gone1.jpg, gone2.jpg" in caplog.text
     assert "1 rows with no label" in caplog.text and "c.png" in caplog.text
-    assert "2 files in the folder that the label file does not name, left out: c.png, sub/d.jpg" in caplog.text
+    # c.png is named, without a label: said once, as such, not again as a file the label file does not name
+    assert "1 files in the folder that the label file does not name, left out: sub/d.jpg" in caplog.text
     with pytest.raises(CnnlabError, match=r"2 rows whose image is not in the folder \(data.strict\)"):
         table_of(tmp_path, "l.csv", text, strict=True)
 
@@ -253,3 +254,16 @@ def test_class_names_rename_a_files_labels_each_once(tmp_path):
     for malformed in ("1:awful", "1=awful,1=great", "1=awful,2=awful", ""):
         with pytest.raises(CnnlabError, match=r"data\.class_names"):
             named_classes(malformed)
+
+
+def test_the_decode_cache_keys_on_the_label_files_name_too(tmp_path):
+    folder = write_image_folder(tmp_path / "folders", classes=2, per_class=6, size=12)
+    labels = flattened(folder, tmp_path / "flat")
+    load_dataset(DataConfig(data=str(tmp_path / "flat"), labels=str(labels)))  # cached
+    same_bytes = tmp_path / "labels.xlsx"
+    shutil.copy(labels, same_bytes)
+    with pytest.raises(CnnlabError, match=r"a label file is \.csv, \.tsv, \.json, \.jsonl; not \.xlsx"):
+        load_dataset(DataConfig(data=str(tmp_path / "flat"), labels=str(same_bytes)))
+    renamed = tmp_path / "renamed.csv"
+    shutil.copy(labels, renamed)
+    assert "renamed.csv: CSV" in load_dataset(DataConfig(data=str(tmp_path / "flat"), labels=str(renamed))).layout

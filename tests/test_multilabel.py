@@ -16,6 +16,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score, h
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from cnnlab.compare import ComparisonRow, comparison_markdown
 from cnnlab.data import DataConfig, load_dataset
 from cnnlab.data.stratify import iterative_stratification
 from cnnlab.doctor.labels import label_set_issues
@@ -23,6 +24,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.models import load_model
 from cnnlab.models.inference import Logits, Scores, averaged_views, scores_of_splits
 from cnnlab.models.label_sets import UNCHOSEN, choose_thresholds
+from cnnlab.tracking.catalog import find_runs
 from cnnlab.train.parts import ClassificationLoss, loss_weights
 from tests.conftest import served
 
@@ -311,3 +313,24 @@ def test_the_serve_page_shows_every_label_answered_in_chromium(multilabel_run, b
         shown = browser_page.text_content("#prediction")
     assert "red (" in shown and "blue (" in shown and "green" not in shown, shown
     assert browser_page.errors == []
+
+
+def test_runs_and_compare_tables_name_the_metric_they_show(multilabel_run):
+    run, _ = multilabel_run
+    (summary,) = [found for found in find_runs(run.parent) if found.name == "run"]
+    assert (
+        summary.headline.startswith("mAP ")
+        and summary.delivered_map == load_model(run).info.metrics["test_delivered_map"]
+    )
+    scores = Scores.from_metrics(load_model(run).info.metrics, "test")
+    row = ComparisonRow("tutorial-cnn", None, 5, 5, scores, 1.0, str(run), 0.9, 1000, 0.2)
+    header = comparison_markdown([row], "scenes").splitlines()[2]
+    assert "test mAP (delivered)" in header and "exact match" in header and "accuracy" not in header
+
+
+def test_data_show_draws_each_class_from_the_images_that_carry_it(scenes, tmp_path):
+    root, _ = scenes
+    args = ["data", "show", "--data", str(root / "images"), "--labels", str(root / "long.csv")]
+    shown = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "grid.png")])
+    assert shown.exit_code == 0, shown.output
+    assert (tmp_path / "grid.png").is_file() and "multi-label" in shown.output

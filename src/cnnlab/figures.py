@@ -73,14 +73,15 @@ def _show_image(axis: Axes, image: np.ndarray) -> None:
 
 
 def sample_grid(images: Pixels, labels: np.ndarray, classes: Sequence[str], per_class: int, seed: int = 0) -> Figure:
-    """A row per class with up to `per_class` random examples, labelled by class name."""
+    """A row per class with up to `per_class` random examples, labelled by class name (multi-hot labels: examples
+    that carry the class)."""
     rng = np.random.default_rng(seed)
     with matplotlib.rc_context(STYLE):
         figure, axes = subplots(
             len(classes), per_class, figsize=(1.1 * per_class + 1, 1.1 * len(classes)), squeeze=False
         )
         for row, name in enumerate(classes):
-            members = np.flatnonzero(labels == row)
+            members = np.flatnonzero(labels[:, row] if labels.ndim == 2 else labels == row)
             chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
             for column in range(per_class):
                 axis = axes[row, column]

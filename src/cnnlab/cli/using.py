@@ -231,9 +231,10 @@ def export_command(
         chosen = calibration_sample(dataset.train, settings)
         images = np.asarray(in_model_format(trained, dataset.train.images[chosen]))
         result = export_int8(trained, out, images, test_split_of(trained, dataset), settings)
+        shown = "{:.4f}" if trained.info.multi_label else "{:.2%}"  # mAP as a fraction, accuracy as a percentage
         console.print(
-            f"wrote {out} and {out.with_suffix('.json').name}: test {result.metric} {result.int8_score:.2%} in INT8 "
-            f"against {result.fp32_score:.2%} in fp32 (onnxruntime, {result.test_images:,} images, "
+            f"wrote {out} and {out.with_suffix('.json').name}: test {result.metric} {shown.format(result.int8_score)} "
+            f"in INT8 against {shown.format(result.fp32_score)} in fp32 (onnxruntime, {result.test_images:,} images, "
             f"{trained.info.inference.tta} TTA; the same {'label set' if trained.info.multi_label else 'top class'} "
             f"on {result.agreement:.2%}); {result.scheme}, "
             f"calibrated on {result.calibration_images} training images"

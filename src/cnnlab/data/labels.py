@@ -51,10 +51,11 @@ class LabelFile:
     class_names: str | None = None  # "1=cat,2=dog": names for the file's labels
 
     def identity(self) -> dict[str, Any]:
-        """What a cache of the labelled dataset is keyed on: the file's bytes and how its columns are chosen."""
+        """What a cache of the labelled dataset is keyed on: the file's name (its format, and the name its reading
+        line gives it) and bytes, and how its columns are chosen."""
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest() if self.path.is_file() else "missing"
         columns = {"path_column": self.path_column, "label_column": self.label_column, "names": self.class_names}
-        return {"labels": digest, "labels_reader": READER_VERSION, **columns}
+        return {"labels": digest, "labels_name": self.path.name, "labels_reader": READER_VERSION, **columns}
 
     def layout(self, files: list[str], strict: bool) -> Layout:
         """The folder's images placed by this file: each named image in its class and split (train, unless the
@@ -147,6 +148,7 @@ def _resolved(path: Path, images: dict[str, TableImage], files: list[str], stric
     wrapper = f"{next(iter(tops))}/" if len(tops) == 1 and all("/" in name for name in files) else ""
     multi = any(len(image.labels) > 1 for image in images.values())
     rows, missing, unlabelled, ambiguous = [], [], [], []
+    named = set()  # the folder's files that some row names
     for written, image in images.items():
         name = _inside(path, written)
         name = wrapper + name if wrapper and not name.startswith(wrapper) else name
@@ -157,13 +159,14 @@ def _resolved(path: Path, images: dict[str, TableImage], files: list[str], stric
             name = matches[0] if len(matches) == 1 else name
         if name not in present:
             missing.append(written)
-        elif not image.labels and not multi:
+            continue
+        named.add(name)
+        if not image.labels and not multi:
             unlabelled.append(written)
         else:
             rows.append(LabelRow(name, tuple(sorted(image.labels)), image.split))
     if ambiguous:
         raise CnnlabError(f"{path}: {len(ambiguous)} ID(s) match several files: {'; '.join(ambiguous[:EXAMPLES])}")
-    named = {row.path for row in rows}
     unnamed = [name for name in files if name not in named and name != path.name]
     for count_of, what in (
         (missing, "rows whose image is not in the folder"),
