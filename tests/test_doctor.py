@@ -15,13 +15,15 @@ from typer.testing import CliRunner
 from cnnlab.cli import app
 from cnnlab.config import DataConfig, DoctorConfig
 from cnnlab.data import load_dataset
+from cnnlab.data.dataset import concatenate_images
 from cnnlab.data.exclude import parse_exclude
-from cnnlab.doctor import Kind, examine
+from cnnlab.doctor import Kind, examine, trained
 from cnnlab.doctor import embeddings as embeddings_module
 from cnnlab.doctor.duplicates import copies, nearest_neighbours
 from cnnlab.doctor.embeddings import embed, pixel_digests
 from cnnlab.doctor.labels import confident_learning
 from cnnlab.doctor.report import write_diagnosis
+from cnnlab.doctor.stages import Stages
 from cnnlab.errors import ConfigError
 from cnnlab.models import load_model
 
@@ -302,3 +304,27 @@ def test_a_cifar_archive_is_examined_by_index(tmp_path):
     report = json.loads((tmp_path / "doctor" / "doctor.json").read_text())
     assert report["class_counts"].keys() == {"train", "test"} and sum(report["class_counts"]["train"]) == 150
     assert all(f["image"]["path"] is None and f["image"]["index"] >= 0 for f in report["findings"])
+
+
+def test_the_trainings_get_the_strongest_recipe_the_budget_leaves_room_for(troubled, tmp_path, capsys, monkeypatch):
+    """Each recipe is timed on three of its steps (about a second each here) before one is chosen."""
+    dataset = load_dataset(DataConfig(data=str(troubled)))
+    images = concatenate_images([split.images for split in dataset.splits().values()])
+    given = np.concatenate([split.labels for split in dataset.splits().values()])
+    for scratch in "abc":
+        (tmp_path / scratch).mkdir()
+    roomy = trained.choose_recipe(images, given, dataset, 3, 0, tmp_path / "a", seconds=3600.0)
+    assert roomy.recipe == trained.LADDER[0][0] and "of the 60.0 the budget leaves" in roomy.said
+    assert 0 < roomy.estimate < 3600
+    with monkeypatch.context() as patched:  # the strongest costs a second an image, the others nothing
+        costs = {"fast94": trained.Probe(1.0, 0.0)}
+        patched.setattr(trained, "_probe", lambda config, *_: costs.get(config.train.recipe, trained.Probe(0.0, 0.0)))
+        tight = trained.choose_recipe(images, given, dataset, 3, 0, tmp_path / "b", seconds=10.0)
+    assert tight.recipe == trained.LADDER[1][0] and "more than the 0.2 the budget leaves" in tight.said
+    none = trained.choose_recipe(images, given, dataset, 3, 0, tmp_path / "c", seconds=0.01)
+    assert none.recipe is None and "no training fits: the linear model alone" in none.said
+    diagnosis = examine(dataset, DoctorConfig(label_model="training", budget=0.001), tmp_path / "cache", Stages())
+    assert "a linear model on embeddings" in diagnosis.label_method and "no training fits" in diagnosis.label_method
+    printed = capsys.readouterr().out
+    assert "recipes timed: 3 in" in printed and "peak RSS" in printed and "trainings" not in printed
+    assert set(diagnosis.peak_mb) == set(diagnosis.seconds) and all(mb > 0 for mb in diagnosis.peak_mb.values())

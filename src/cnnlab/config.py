@@ -285,9 +285,11 @@ class DoctorConfig:
     folds: int = setting(3, "Folds of the cross-validation giving each image out-of-sample probabilities.", at_least=2)
     label_model: Literal["auto", "embeddings", "training", "both"] = setting(
         "auto",
-        "What gives those probabilities: a linear model on pretrained embeddings, short fast70 trainings, or both "
-        "(whichever, or their mean, agrees most with the given labels); auto: both up to 64 px, else embeddings.",
+        "What gives those probabilities: a linear model on pretrained embeddings, K-fold trainings of the strongest "
+        "fast recipe the budget allows, or both (whichever, or their mean, agrees most with the given labels); "
+        "auto: both up to 64 px, else embeddings.",
     )
+    budget: float = setting(15.0, "Minutes for the examination; the trainings get what the other steps leave.", above=0)
     seed: int = setting(0, "Seed of the folds, the trainings and the calibration sample.")
     run: str | None = setting(None, "A run folder whose test accuracy is reported with and without leaked images.")
 

@@ -10,7 +10,6 @@ diagnosis = examine(load_dataset(DataConfig(data="photos/")), DoctorConfig())
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,10 @@ import numpy as np
 from cnnlab.config import DoctorConfig, check_ranges
 from cnnlab.data.cache import cache_root
 from cnnlab.data.dataset import Dataset, Pixels, SplitName, concatenate_images
-from cnnlab.data.exclude import FORMAT, Kind, split_fingerprint
+from cnnlab.data.exclude import Kind, split_fingerprint
 from cnnlab.data.loader import in_order
-from cnnlab.doctor import duplicates, labels, odd
+from cnnlab.doctor import duplicates, labels, odd, trained
+from cnnlab.doctor.diagnosis import Diagnosis, Finding, ImageRef, Leakage, Rows
 from cnnlab.doctor.embeddings import digests_of, embed, embedding_size
 from cnnlab.doctor.stages import Stages
 from cnnlab.evaluate import evaluate, test_split_of
@@ -30,139 +30,7 @@ from cnnlab.progress import Advance
 
 __all__ = ["Diagnosis", "DoctorConfig", "Finding", "ImageRef", "Kind", "Leakage", "examine"]
 
-
-@dataclass(frozen=True)
-class ImageRef:
-    split: SplitName
-    index: int  # in its split, as cnnlab loads it with the same data flags
-    label: str  # its given class (multi-label data: its classes, separated by ";")
-    path: str | None  # inside the dataset, for sources made of files
-
-
-@dataclass(frozen=True)
-class Finding:
-    kind: Kind
-    image: ImageRef
-    score: float  # how strongly; its meaning per kind is in `detail`
-    detail: str
-    suggested: str | None = None  # label issues: the class it most probably is (multi-label: its probable classes)
-    other: ImageRef | None = None  # copies: the image it copies
-
-
-@dataclass(frozen=True)
-class Leakage:
-    test_images: int
-    leaked: int  # test images with an exact or near copy in train
-    delivered_accuracy: float | None = None  # of the examined run (`run`) on the whole test split
-    delivered_accuracy_without_copies: float | None = None  # and on the test images without a copy in train
-    run: str | None = None
-
-    @property
-    def share(self) -> float:
-        return self.leaked / self.test_images if self.test_images else 0.0
-
-
-@dataclass
-class Diagnosis:
-    data: str  # the dataset, in words
-    classes: list[str]
-    class_counts: dict[str, list[int]]  # per split, images per class
-    fingerprints: dict[str, str]  # per split: what `train --exclude` checks it is given the same data
-    label_method: str  # which out-of-sample probabilities ranked the label issues, and why
-    label_agreement: float  # how often those probabilities' top class is the given label
-    calibration: duplicates.Calibration
-    leakage: Leakage
-    findings: list[Finding]
-    seconds: dict[str, float] = field(default_factory=dict)  # each step's wall time
-
-    def count(self, kind: Kind) -> int:
-        return sum(finding.kind == kind for finding in self.findings)
-
-    def of_kind(self, kind: Kind) -> list[Finding]:
-        return [finding for finding in self.findings if finding.kind == kind]
-
-    def summary(self) -> list[str]:
-        """What it found, how many, and what it suggests: a few lines."""
-        images = sum(sum(counts) for counts in self.class_counts.values())
-        lines = [f"examined {images:,} images of {self.data} in {sum(self.seconds.values()):.0f}s"]
-        lines.append(
-            f"  label issues: {self.count(Kind.LABEL):,} suspected ({self.label_method}; its out-of-sample "
-            f"agreement with the given labels {self.label_agreement:.1%})"
-        )
-        lines.append(
-            f"  copies: {self.count(Kind.DUPLICATE):,} within a split, {self.count(Kind.LEAK):,} across splits "
-            f"(near copies: aligned correlation >= {self.calibration.threshold:.3f}, calibrated on measured copies)"
-        )
-        leak = self.leakage
-        line = f"  leakage: {leak.leaked:,} of {leak.test_images:,} test images ({leak.share:.2%}) have a copy in train"
-        if leak.delivered_accuracy is not None and leak.delivered_accuracy_without_copies is not None:
-            line += (
-                f"; {leak.run} scores {leak.delivered_accuracy:.4f} on all of them, "
-                f"{leak.delivered_accuracy_without_copies:.4f} without"
-            )
-        lines.append(line)
-        lines.append(f"  outliers: {self.count(Kind.OUTLIER):,}; odd images: {self.count(Kind.ODD):,}")
-        train = np.array(self.class_counts.get(SplitName.TRAIN.value, [0]))
-        if train.min() > 0 and train.max() / train.min() > 2:
-            lines.append(
-                f"  class balance: train's largest class has {train.max() / train.min():.1f}x its smallest's "
-                "images; consider --class-weights auto"
-            )
-        if self.findings:
-            lines.append("  to train without them: cnnlab train ... --exclude doctor.json (or doctor.json:label,leak)")
-        return lines
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "data": self.data,
-            "classes": self.classes,
-            "class_counts": self.class_counts,
-            "fingerprints": self.fingerprints,
-            "label_method": self.label_method,
-            "label_agreement": self.label_agreement,
-            "near_copy_threshold": self.calibration.threshold,
-            "calibration": {"sample": self.calibration.sample, "similarities": self.calibration.similarities},
-            "leakage": {**vars(self.leakage), "share": self.leakage.share},
-            "counts": {kind.value: self.count(kind) for kind in Kind},
-            "seconds": self.seconds,
-            "findings": [_finding_dict(finding) for finding in self.findings],
-        }
-
-
-def _finding_dict(finding: Finding) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "kind": finding.kind.value,
-        "image": vars(finding.image),
-        "score": round(finding.score, 5),
-        "detail": finding.detail,
-    }
-    if finding.suggested is not None:
-        record["suggested"] = finding.suggested
-    if finding.other is not None:
-        record["other"] = vars(finding.other)
-    return record
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """All splits' images as one sequence of rows: train, then val, then test."""
-
-    names: list[SplitName]
-    starts: list[int]
-    dataset: Dataset
-
-    def ref(self, row: int) -> ImageRef:
-        position = int(np.searchsorted(self.starts, row, side="right")) - 1
-        name = self.names[position]
-        split = self.dataset.splits()[name]
-        index = row - self.starts[position]
-        return ImageRef(name, index, self.label_of(split.labels[index]), split.name_of(index))
-
-    def label_of(self, given: np.ndarray) -> str:
-        """A class index as its name; multi-hot classes as their names, separated by ";"."""
-        classes = self.dataset.classes
-        return ";".join(classes[k] for k in np.flatnonzero(given)) if given.ndim else classes[int(given)]
+RESERVE = 0.15  # of the budget, kept for the copy search and the findings after the trainings
 
 
 def examine(
@@ -176,7 +44,7 @@ def examine(
     splits = dataset.splits()
     names = list(splits)
     sizes = [len(split) for split in splits.values()]
-    rows = _Rows(names, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist(), dataset)
+    rows = Rows(names, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist(), dataset)
     images = concatenate_images([split.images for split in splits.values()])
     given = np.concatenate([split.labels for split in splits.values()])
     total = len(given)
@@ -187,9 +55,7 @@ def examine(
         embeddings = embed(images, digests, root, advance)
 
     probabilities, method = _label_probabilities(images, embeddings, given, dataset, config, stages)
-    if dataset.multi_label:
-        method += "; each class against the rest, a suspect being one image's class given wrongly or missing"
-    findings, agreement = _suspected_labels(probabilities, given, rows)
+    findings, agreement, method = _suspected_labels(probabilities, given, rows, method)
 
     # Copies of a nearly constant image correlate with nothing: the calibration copies the others.
     textured = np.flatnonzero(statistics.std[: sizes[0]] >= odd.CONSTANT_STD)
@@ -224,6 +90,7 @@ def examine(
         leakage=leakage,
         findings=findings,
         seconds=dict(stages.seconds),
+        peak_mb=dict(stages.peak_mb),
     )
 
 
@@ -253,20 +120,25 @@ def _label_probabilities(
     classes, folds = len(dataset.classes), config.folds
     wanted = config.label_model
     if wanted == "auto":
-        wanted = "both" if labels.trains_on(dataset.image_shape) else "embeddings"
+        wanted = "both" if trained.trains_on(dataset.image_shape) else "embeddings"
     candidates: dict[str, np.ndarray] = {}
-    if wanted in ("embeddings", "both"):
+
+    def linear() -> None:
         with stages.step(f"linear model on embeddings, {folds}-fold", folds) as advance:
-            found = labels.out_of_sample_probabilities(embeddings, given, classes, folds, config.seed)
+            candidates[f"a linear model on embeddings, {folds}-fold"] = labels.out_of_sample_probabilities(
+                embeddings, given, classes, folds, config.seed
+            )
             advance(folds)
-        candidates[f"a linear model on embeddings, {folds}-fold"] = found
+
+    if wanted in ("embeddings", "both"):
+        linear()
     if wanted in ("training", "both"):
-        with (
-            stages.step(f"{labels.TRAINED_RECIPE} trainings, {folds}-fold", folds) as advance,
-            tempfile.TemporaryDirectory(prefix="cnnlab-doctor-") as scratch,
-        ):
-            found = labels.trained_probabilities(images, given, dataset, folds, config.seed, Path(scratch), advance)
-        candidates[f"{folds}-fold {labels.TRAINED_RECIPE} trainings"] = found
+        found, said = _trained(images, given, dataset, config, stages)
+        if found is None:  # no training fits the budget: the linear model alone, and why
+            if not candidates:
+                linear()
+            return next(iter(candidates.values())), f"{next(iter(candidates))} ({said})"
+        candidates[said] = found
     if len(candidates) == 1:
         return next(iter(candidates.values())), next(iter(candidates))
     candidates["the mean of both"] = np.mean(np.stack(list(candidates.values())), 0)
@@ -278,17 +150,40 @@ def _label_probabilities(
     return candidates[chosen], f"{chosen}, the most often agreeing with the given labels out of sample ({said})"
 
 
-def _suspected_labels(probabilities: np.ndarray, given: np.ndarray, rows: _Rows) -> tuple[list[Finding], float]:
-    """The label findings by confident learning (of multi-label data, each class against the rest), and how often
-    the out-of-sample probabilities agree with the given labels."""
+def _trained(
+    images: Pixels, given: np.ndarray, dataset: Dataset, config: DoctorConfig, stages: Stages
+) -> tuple[np.ndarray | None, str]:
+    """K-fold trainings of the strongest recipe that fits what the budget leaves (RESERVE of it kept for the steps
+    after), and what was measured and chosen; None when no recipe fits."""
+    seconds = config.budget * 60 * (1 - RESERVE) - sum(stages.seconds.values())
+    folds = config.folds
+    with tempfile.TemporaryDirectory(prefix="cnnlab-doctor-") as scratch:
+        with stages.step("recipes timed", len(trained.LADDER)) as advance:
+            choice = trained.choose_recipe(images, given, dataset, folds, config.seed, Path(scratch), seconds)
+            advance(len(trained.LADDER))
+        if choice.recipe is None:
+            return None, choice.said
+        with stages.step(f"{choice.recipe} trainings, {folds}-fold", folds) as advance:
+            found = trained.trained_probabilities(
+                images, given, dataset, choice, folds, config.seed, Path(scratch), advance
+            )
+    return found, f"{folds}-fold {choice.recipe} trainings ({choice.said})"
+
+
+def _suspected_labels(
+    probabilities: np.ndarray, given: np.ndarray, rows: Rows, method: str
+) -> tuple[list[Finding], float, str]:
+    """The label findings by confident learning (of multi-label data, each class against the rest), how often the
+    out-of-sample probabilities agree with the given labels, and `method` with how the findings were made."""
     if given.ndim == 2:
         label_sets = labels.label_set_issues(probabilities, given)
-        return _label_set_findings(label_sets, rows, given), label_sets.agreement
+        against = "; each class against the rest, a suspect being one image's class given wrongly or missing"
+        return _label_set_findings(label_sets, rows, given), label_sets.agreement, method + against
     issues = labels.confident_learning(probabilities, given)
-    return _label_findings(issues, rows, rows.dataset.classes), issues.agreement
+    return _label_findings(issues, rows, rows.dataset.classes), issues.agreement, method
 
 
-def _label_findings(issues: labels.LabelIssues, rows: _Rows, classes: tuple[str, ...]) -> list[Finding]:
+def _label_findings(issues: labels.LabelIssues, rows: Rows, classes: tuple[str, ...]) -> list[Finding]:
     found = []
     for row, suggested, confidence in zip(issues.issues, issues.suggested, issues.self_confidence, strict=True):
         image = rows.ref(int(row))
@@ -306,7 +201,7 @@ def _label_findings(issues: labels.LabelIssues, rows: _Rows, classes: tuple[str,
     return found
 
 
-def _label_set_findings(issues: labels.LabelSetIssues, rows: _Rows, given: np.ndarray) -> list[Finding]:
+def _label_set_findings(issues: labels.LabelSetIssues, rows: Rows, given: np.ndarray) -> list[Finding]:
     """A finding per suspected (image, class) decision of multi-label data, suggesting the corrected label set."""
     found, classes = [], rows.dataset.classes
     for row, k, was_given, confidence in zip(
@@ -328,7 +223,7 @@ def _label_set_findings(issues: labels.LabelSetIssues, rows: _Rows, given: np.nd
 
 
 def _copy_findings(
-    digests: np.ndarray, near: list[tuple[int, int, float]], rows: _Rows
+    digests: np.ndarray, near: list[tuple[int, int, float]], rows: Rows
 ) -> tuple[list[Finding], set[int]]:
     """A finding per copy (on the later image of each pair), and the test split's rows with a copy in train."""
     pairs: dict[tuple[int, int], tuple[float, str]] = {}
@@ -353,7 +248,7 @@ def _odd_findings(
     neighbours: duplicates.Neighbours,
     images: Any,
     splits: Any,
-    rows: _Rows,
+    rows: Rows,
     dataset: Dataset,
 ) -> list[Finding]:
     native = [split.native_sizes for split in splits.values()]

@@ -10,32 +10,22 @@ self-confidence (the probability of the given label: lowest first).
 Written here from the paper with numpy. Multi-label data is examined one class against the rest (carried or not,
 as the paper's multi-label extension does): a suspect is a class given wrongly, or one missing.
 
-The probabilities come from a linear model on pretrained embeddings and, for small images, from short
-trainings of a fast net, each image scored by models that never saw it. On CIFAR-10 with 2% of the training
-labels flipped, the flipped images among the 2,000 least self-confident were 82% with the embeddings' model
-alone, 81% with fast70 trainings alone and 89% with their mean ([A] AMD EPYC; benchmarks/doctor_injected.py).
+The probabilities come from a linear model on pretrained embeddings (here) and, for small images, from K-fold
+trainings of a fast net (`trained.py`), each image scored by models that never saw it.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from sklearn.model_selection import KFold, StratifiedKFold
 
-from cnnlab.data.dataset import Dataset, ImageShape, Pixels, Split, class_counts
+from cnnlab.data.dataset import class_counts
 from cnnlab.errors import CnnlabError
-from cnnlab.models import model_spec
-from cnnlab.progress import Advance
-from cnnlab.recipes import recipe_values, resolve_run_config
-from cnnlab.train import fit
-from cnnlab.train.reporter import LineReporter
 
 # The linear model's L2 penalty on its weights (on the mean loss over standardised features) is chosen per
 # dataset: the best of PENALTIES in a 2-fold cross-validation on at most PENALTY_SAMPLE images, scaled by how many
@@ -44,10 +34,6 @@ from cnnlab.train.reporter import LineReporter
 PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)
 PENALTY_SAMPLE = 10_000
 LBFGS_STEPS = 100
-# The trained alternative: the fast70 recipe for TRAINED_EPOCHS epochs per fold, for images of at most
-# TRAINED_LARGEST pixels per side (the fast nets are made for small images, and at those an ImageNet net sees an
-# enlarged, blurred image).
-TRAINED_RECIPE, TRAINED_EPOCHS, TRAINED_LARGEST = "fast70", 1.5, 64
 
 
 @dataclass(frozen=True)
@@ -136,6 +122,11 @@ def _folds(labels: np.ndarray, classes: int, folds: int) -> int:
     return min(folds, smallest)
 
 
+def folds_of(labels: np.ndarray, classes: int, folds: int, seed: int) -> KFold | StratifiedKFold:
+    """The seeded folds every out-of-sample model uses: `folds`, or fewer when a class has fewer images."""
+    return _splitter(labels, _folds(labels, classes, folds), seed)
+
+
 def _splitter(labels: np.ndarray, folds: int, seed: int) -> KFold | StratifiedKFold:
     """Folds stratified by class; for multi-hot labels, shuffled folds."""
     if labels.ndim == 2:
@@ -218,12 +209,6 @@ def confident_learning(probabilities: np.ndarray, labels: np.ndarray) -> LabelIs
     )
 
 
-def trains_on(shape: ImageShape) -> bool:
-    """Whether short trainings are worth their time on images of `shape` (and its net takes them)."""
-    spec = model_spec(recipe_values(TRAINED_RECIPE)["model"])
-    return max(shape.size) <= TRAINED_LARGEST and min(shape.size) >= spec.min_input_size
-
-
 def agreement(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The share of images whose most probable class is their given label; for multi-hot labels, of image-class
     decisions at 0.5 that are the given ones."""
@@ -232,38 +217,3 @@ def agreement(probabilities: np.ndarray, labels: np.ndarray) -> float:
     if labels.ndim == 2:
         return float(((probabilities >= 0.5) == labels.astype(bool)).mean())
     return float((probabilities.argmax(1) == labels).mean())
-
-
-def trained_probabilities(
-    images: Pixels,
-    labels: np.ndarray,
-    dataset: Dataset,
-    folds: int,
-    seed: int,
-    scratch: Path,
-    advance: Advance,
-) -> np.ndarray:
-    """(N, K) probabilities of each image from a TRAINED_RECIPE net trained on the other folds' images."""
-    classes = len(dataset.classes)
-    probabilities = np.zeros((len(labels), classes), np.float32)
-    splitter = _splitter(labels, _folds(labels, classes, folds), seed)
-    quiet = LineReporter(Console(file=io.StringIO()))
-    for fold, (fitted, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        # Scored each epoch on a few held-out images only: the fold's probabilities are computed once, after.
-        probe = held[:: max(1, len(held) // 500)]
-        part = Dataset(
-            dataset.name,
-            dataset.classes,
-            Split(images.take(fitted, axis=0), labels[fitted]),
-            Split(images.take(probe, axis=0), labels[probe]),
-        )
-        config = resolve_run_config(
-            {
-                "train": {"recipe": TRAINED_RECIPE, "epochs": TRAINED_EPOCHS, "seed": seed + fold},
-                "out": str(scratch / f"fold-{fold}"),
-            }
-        )
-        model = fit(config, part, reporter=quiet).model
-        probabilities[held] = model.probabilities(np.asarray(images.take(held, axis=0)))
-        advance(1)
-    return probabilities
