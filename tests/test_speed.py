@@ -272,6 +272,22 @@ def test_bench_counts_every_epoch_trained_and_reports_the_epoch_the_run_kept():
     assert "accuracy 0.9100 (with flip TTA on the 50% least sure; 0.8000 without) (epoch 2)" in format_result(result)
 
 
+def test_bench_counts_the_networks_flops_only_on_the_epochs_that_trained_on_images():
+    def line(epoch, phase, seconds):
+        scores = Scores("none", 1.0, 0.9, 1.0, 0.9, 0.0).metrics("test")
+        return {"epoch": epoch, "phase": phase, "seconds": seconds, "images_per_s": 100.0, "precision": "fp32"} | scores
+
+    config = resolve_run_config({"train": {"recipe": "finetune"}})
+    head_only = [line(1, "head", 0.1), line(2, "head", 0.1)]
+    result = summarise(ChildRun(config, head_only, head_only[-1], 1.0), 0, 1e9, {"fp32_peak_gflops": 100.0})
+    assert result.gflops is None and "GFLOP/s not counted (the head trained on cached features)" in format_result(
+        result
+    )
+    unfrozen = [*head_only, line(3, "unfreeze", 10.0)]
+    result = summarise(ChildRun(config, unfrozen, unfrozen[-1], 1.0), 0, 1e9, {"fp32_peak_gflops": 100.0})
+    assert result.gflops == pytest.approx(100.0) and result.fraction_of_peak == pytest.approx(1.0)  # 1e9 x 100 / s
+
+
 def test_bench_ratios_are_of_means_over_seeds_and_only_for_marks_every_run_reached():
     def run(recipe, delivered, to_90):
         marks = {f"{mark:.2f}": None for mark in MARKS} | {"0.70": delivered / 2, "0.90": to_90}

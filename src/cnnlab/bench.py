@@ -116,9 +116,9 @@ class BenchRow(RunOutcome):
     train_time_to: dict[str, float | None]  # training seconds to each mark
     delivered_seconds: float  # every epoch trained, and the kept epoch's evaluation
     images_per_s: float
-    gflops: float
+    gflops: float | None  # None: no epoch trained on images (the head on cached features alone)
     precision: str
-    fraction_of_peak: float  # of the dense peak of the precision it ran in
+    fraction_of_peak: float | None  # of the dense peak of the precision it ran in
     peak_rss_mb: float
 
 
@@ -136,7 +136,11 @@ def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str,
         return next((getattr(e, clock) for e in timeline if e.delivered_score >= mark), None)
 
     images = sum(m["images_per_s"] * m["seconds"] for m in history)
-    gflops = flops_per_image * images / seconds / 1e9
+    # The FLOPs per image are the whole network's: a head phase's epochs, on cached features, are left out.
+    on_images = [m for m in history if m.get("phase") != "head"]
+    image_seconds = sum(m["seconds"] for m in on_images)
+    image_flops = flops_per_image * sum(m["images_per_s"] * m["seconds"] for m in on_images)
+    gflops = image_flops / image_seconds / 1e9 if image_seconds else None
     precision = history[-1].get("precision", "fp32")
     outcome = run.outcome()
     return BenchRow(
@@ -149,7 +153,7 @@ def summarise(run: ChildRun, seed: int, flops_per_image: float, peaks: dict[str,
         images_per_s=images / seconds,
         gflops=gflops,
         precision=precision,
-        fraction_of_peak=gflops / peaks[f"{precision}_peak_gflops"],
+        fraction_of_peak=None if gflops is None else gflops / peaks[f"{precision}_peak_gflops"],
         peak_rss_mb=run.peak_rss_mb,
     )
 
@@ -302,6 +306,11 @@ def format_result(row: BenchRow) -> str:
     return (
         f"{row.recipe:>14} seed {row.seed}: {row.scores.describe()} (epoch {row.kept_epoch}) "
         f"in {row.train_seconds:.1f}s of training ({row.delivered_seconds:.1f}s delivered), "
-        f"{row.images_per_s:,.0f} img/s, {row.gflops:.0f} GFLOP/s "
-        f"({row.fraction_of_peak:.0%} of the {row.precision} peak), peak RSS {row.peak_rss_mb:,.0f} MB  {marks}"
+        f"{row.images_per_s:,.0f} img/s, {_compute(row)}, peak RSS {row.peak_rss_mb:,.0f} MB  {marks}"
     )
+
+
+def _compute(row: BenchRow) -> str:
+    if row.gflops is None or row.fraction_of_peak is None:
+        return "GFLOP/s not counted (the head trained on cached features)"
+    return f"{row.gflops:.0f} GFLOP/s ({row.fraction_of_peak:.0%} of the {row.precision} peak)"

@@ -102,7 +102,8 @@ def train_epoch(phase: Phase, epoch: int, progress: RunProgress, hooks: Hook) ->
     loss_sum, correct, seen = summed(ranks, totals.loss_sum, totals.correct, totals.seen)
     synchronize(ranks.device)
     seconds = time.perf_counter() - started
-    metrics = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen} | phase.score()
+    metrics = {"epoch": epoch, "phase": phase.name, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+    metrics |= phase.score()
     metrics |= {
         "lr": phase.optimizer.param_groups[0]["lr"],
         "seconds": seconds,
