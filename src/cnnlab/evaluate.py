@@ -23,7 +23,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models import TrainedModel, load_model
 from cnnlab.models.files import model_folder
 from cnnlab.models.inference import Scores, predict_and_score
-from cnnlab.models.label_sets import answered, per_class_report, probabilities
+from cnnlab.models.label_sets import answered, average_precisions, probabilities
 from cnnlab.progress import tracked
 from cnnlab.run_dir import RunDir
 
@@ -85,8 +85,10 @@ def evaluate(model: TrainedModel, split: Split, device: torch.device | str = "cp
         chances = probabilities(logits.delivered)
         decided = answered(chances, thresholds)
         report = classification_report(split.labels, decided, target_names=classes, output_dict=True, zero_division=0)
-        for name, extra in per_class_report(chances, split.labels, thresholds, classes).items():
-            report[name] |= {key: extra[key] for key in ("average_precision", "threshold")}
+        for name, precision, threshold in zip(
+            classes, average_precisions(chances, split.labels), thresholds, strict=True
+        ):  # 0 for a class no test image carries, as scikit-learn gives its recall
+            report[name] |= {"average_precision": float(np.nan_to_num(precision)), "threshold": float(threshold)}
         confusion = split.labels.T.astype(np.int64) @ decided.astype(np.int64)
         return Evaluation(scores, classes, report, confusion, split.labels, chances, decided.astype(bool))
     predicted = logits.delivered.argmax(1).numpy()

@@ -14,7 +14,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from sklearn.metrics import average_precision_score, precision_recall_curve
+from sklearn.metrics import precision_recall_curve
 
 from cnnlab.atomic import atomic_write
 from cnnlab.data.dataset import SplitName
@@ -190,10 +190,14 @@ def confusion_heatmaps(confusion: np.ndarray, classes: Sequence[str], title: str
 
 
 def precision_recall_curves(
-    probabilities: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds: np.ndarray
+    probabilities: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    thresholds: np.ndarray,
+    average_precisions: np.ndarray,
 ) -> Figure:
-    """Each class's precision-recall curve over its (N,) probabilities, its average precision in the legend and
-    the point its threshold decides at marked."""
+    """Each class's precision-recall curve over its (N,) probabilities, its (K,) average precision in the legend
+    and the point its threshold decides at marked."""
     with matplotlib.rc_context(STYLE):
         figure, axis = subplots(figsize=(6.5, 5))
         for k, name in enumerate(classes):
@@ -203,7 +207,7 @@ def precision_recall_curves(
             (line,) = axis.plot(
                 recall,
                 precision,
-                label=f"{name} (AP {average_precision_score(targets[:, k], probabilities[:, k]):.2f})",
+                label=f"{name} (AP {average_precisions[k]:.2f})",
             )
             answered = probabilities[:, k] >= thresholds[k]
             found = (answered & (targets[:, k] == 1)).sum()

@@ -66,14 +66,17 @@ class Scores:
         if labels.ndim == 2:
             targets = np.asarray(labels)
             cuts = thresholds if thresholds is not None else np.full(targets.shape[1], UNCHOSEN)
-            plain = label_set_scores(probabilities(logits.plain), targets, cuts)
-            delivered = plain
+            plain, plain_loss = (
+                label_set_scores(probabilities(logits.plain), targets, cuts),
+                binary_loss(logits.plain, targets),
+            )
+            delivered, delivered_loss = plain, plain_loss
             if logits.tta != "none":
                 delivered = label_set_scores(probabilities(logits.delivered), targets, cuts)
-            delivered_loss = binary_loss(logits.delivered, targets)
+                delivered_loss = binary_loss(logits.delivered, targets)
             return cls(
                 logits.tta,
-                binary_loss(logits.plain, targets),
+                plain_loss,
                 plain["exact_match"],
                 delivered_loss,
                 delivered["exact_match"],

@@ -9,8 +9,6 @@ share of image-class decisions that are wrong).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,6 @@ from sklearn.metrics import (
     f1_score,
     hamming_loss,
     precision_recall_curve,
-    precision_recall_fscore_support,
 )
 
 UNCHOSEN = 0.5  # a class's threshold with no validation images to choose it on
@@ -65,36 +62,27 @@ def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> np.ndar
     return thresholds
 
 
+def average_precisions(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(K,) each class's average precision over (N, K) probabilities and multi-hot targets; NaN for a class no
+    image carries (it has no precision to average)."""
+    return np.array(
+        [
+            average_precision_score(targets[:, k], probabilities[:, k]) if targets[:, k].any() else np.nan
+            for k in range(targets.shape[1])
+        ]
+    )
+
+
 def label_set_scores(probabilities: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
     """Mean average precision (over the classes that have positives), micro and macro F1, exact match and Hamming
     loss of (N, K) probabilities against multi-hot targets, the decisions at `thresholds`."""
     decided = answered(probabilities, thresholds)
-    shown = targets.any(0)
-    mean_ap = average_precision_score(targets[:, shown], probabilities[:, shown], average="macro") if shown.any() else 0
+    precisions = average_precisions(probabilities, targets)
+    shown = ~np.isnan(precisions)
     return {
-        "map": float(mean_ap),
+        "map": float(precisions[shown].mean()) if shown.any() else 0.0,
         "micro_f1": float(f1_score(targets, decided, average="micro", zero_division=0)),
         "macro_f1": float(f1_score(targets, decided, average="macro", zero_division=0)),
         "exact_match": float(accuracy_score(targets, decided)),
         "hamming_loss": float(hamming_loss(targets, decided)),
     }
-
-
-def per_class_report(
-    probabilities: np.ndarray, targets: np.ndarray, thresholds: np.ndarray, classes: list[str]
-) -> dict[str, dict[str, Any]]:
-    """Each class's precision, recall, F1 and support at its threshold, its average precision, and the threshold."""
-    decided = answered(probabilities, thresholds)
-    precision, recall, f1, support = precision_recall_fscore_support(targets, decided, average=None, zero_division=0)
-    report = {}
-    for k, name in enumerate(classes):
-        shown = bool(targets[:, k].any())
-        report[name] = {
-            "precision": float(precision[k]),
-            "recall": float(recall[k]),
-            "f1-score": float(f1[k]),
-            "average_precision": float(average_precision_score(targets[:, k], probabilities[:, k])) if shown else 0.0,
-            "support": int(support[k]),
-            "threshold": float(thresholds[k]),
-        }
-    return report

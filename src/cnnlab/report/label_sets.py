@@ -48,10 +48,12 @@ def class_table(evaluation: Evaluation) -> str:
 def label_set_figures(evaluation: Evaluation, split: Split, model: TrainedModel | None) -> dict[str, bytes]:
     """PNG bytes of a multi-label run's figures, by file name."""
     targets, chances = evaluation.labels, evaluation.probabilities
-    thresholds = np.array([evaluation.report[name]["threshold"] for name in evaluation.classes])
+    per_class = [evaluation.report[name] for name in evaluation.classes]
+    thresholds = np.array([row["threshold"] for row in per_class])
+    precisions = np.array([row["average_precision"] for row in per_class])
     pngs = {
         "precision_recall.png": figures.png_bytes(
-            figures.precision_recall_curves(chances, targets, evaluation.classes, thresholds)
+            figures.precision_recall_curves(chances, targets, evaluation.classes, thresholds, precisions)
         ),
         "label_cooccurrence.png": figures.png_bytes(figures.cooccurrence(targets, evaluation.classes)),
     }
