@@ -59,23 +59,17 @@ def examine(
     probabilities, method = _label_probabilities(images, embeddings, given, dataset, config, stages)
     findings, agreement, method = _suspected_labels(probabilities, given, rows, method)
 
-    # Copies of a nearly constant image correlate with nothing: the calibration copies the others.
-    textured = np.flatnonzero(statistics.std[: sizes[0]] >= odd.CONSTANT_STD)
-    sample = np.sort(
-        np.random.default_rng(config.seed).choice(
-            textured, min(duplicates.CALIBRATION_IMAGES, len(textured)), replace=False
-        )
-    )
-    with stages.step("near-copy calibration", len(sample)) as advance:
-        calibration = duplicates.calibrate(np.asarray(splits[SplitName.TRAIN].images[sample]), views[sample])
-        advance(len(sample))
     with stages.step("nearest neighbours by embedding", total) as advance:
         neighbours = duplicates.nearest_neighbours(duplicates.reduced(embeddings), advance)
+    calibration = _calibration(
+        np.asarray(splits[SplitName.TRAIN].images), statistics, views, neighbours, given, config.seed, stages
+    )
     with stages.step("nearest neighbours by pixels", total) as advance:
         alike = duplicates.nearest_neighbours(descriptors, advance)
     pairs = duplicates.candidate_pairs(neighbours, alike)
+    closest = duplicates.candidate_pairs(neighbours, alike, nearest=duplicates.REGISTERED_NEIGHBOURS)
     with stages.step("candidate pairs compared", len(pairs)) as advance:
-        near = duplicates.near_pairs(pairs, views, calibration.threshold, advance)
+        near = duplicates.copy_pairs(pairs, closest, views, calibration, advance)
 
     copy_findings, test_copies = _copy_findings(digests, near, rows)
     findings += copy_findings
@@ -93,7 +87,32 @@ def examine(
         findings=findings,
         seconds=dict(stages.seconds),
         peak_mb=dict(stages.peak_mb),
+        label_probabilities=probabilities,
     )
+
+
+def _calibration(
+    train: Pixels,
+    statistics: odd.PixelStatistics,
+    views: np.ndarray,
+    neighbours: duplicates.Neighbours,
+    given: np.ndarray,
+    seed: int,
+    stages: Stages,
+) -> duplicates.Calibration:
+    """The copy thresholds, from a seeded sample of the `train` images (its rows come first), checked on nearest
+    pairs of differently labelled images."""
+    # Copies of a nearly constant image correlate with nothing: the calibration copies the others.
+    textured = np.flatnonzero(statistics.std[: len(train)] >= odd.CONSTANT_STD)
+    chosen = min(duplicates.CALIBRATION_IMAGES, len(textured))
+    sample = np.sort(np.random.default_rng(seed).choice(textured, chosen, replace=False))
+    unrelated = duplicates.unrelated_pairs(neighbours, given, seed)
+    with stages.step("copy calibration", len(sample) + len(unrelated)) as advance:
+        calibration = duplicates.calibrate(
+            np.asarray(train[sample]), views[sample], (views[unrelated[:, 0]], views[unrelated[:, 1]]), seed
+        )
+        advance(len(sample) + len(unrelated))
+    return calibration
 
 
 def _read_pixels(images: Pixels, advance: Advance) -> tuple[np.ndarray, odd.PixelStatistics, np.ndarray, np.ndarray]:
@@ -122,7 +141,7 @@ def _label_probabilities(
     classes, folds = len(dataset.classes), config.folds
     wanted = config.label_model
     if wanted == "auto":
-        wanted = "both" if trained.trains_on(dataset.image_shape) else "embeddings"
+        wanted = "both" if trained.ladder_for(dataset.image_shape) else "embeddings"
     candidates: dict[str, np.ndarray] = {}
 
     def linear() -> None:
@@ -143,13 +162,16 @@ def _label_probabilities(
         candidates[said] = found
     if len(candidates) == 1:
         return next(iter(candidates.values())), next(iter(candidates))
-    candidates["the mean of both"] = np.mean(np.stack(list(candidates.values())), 0)
-    # Chosen by how often each one's top class is the given label: the log loss would favour the better
-    # calibrated, while what ranks mislabelled images well is the more accurate.
-    agreement = {name: labels.agreement(found, given) for name, found in candidates.items()}
-    chosen = max(agreement, key=agreement.__getitem__)
-    said = "; ".join(f"{name} {share:.1%}" for name, share in agreement.items())
-    return candidates[chosen], f"{chosen}, the most often agreeing with the given labels out of sample ({said})"
+    (linear_said, linear_found), (trained_said, trained_found) = candidates.items()
+    weight, pooled = labels.best_pool(trained_found, linear_found, given)
+    said = "; ".join(
+        f"{name} {labels.agreement(found, given):.1%}"
+        for name, found in ((trained_said, trained_found), (linear_said, linear_found))
+    )
+    return pooled, (
+        f"the log-linear pool of both, weight {weight:.1f} on the linear model, the most often agreeing with the "
+        f"given labels out of sample ({said}; pooled {labels.agreement(pooled, given):.1%})"
+    )
 
 
 def _trained(
@@ -164,11 +186,12 @@ def _trained(
         with stages.step("recipe chosen by timing its steps", 1) as advance:
             choice = trained.choose_recipe(images, given, dataset, folds, config.seed, Path(scratch), seconds)
             advance(1)
-        if choice.recipe is None:
+        if choice.rung is None:
             return None, choice.said
-        with stages.step(f"{choice.recipe} trainings, {choice.folds}-fold", choice.folds) as advance:
+        recipe = choice.rung.recipe
+        with stages.step(f"{recipe} trainings, {choice.folds}-fold", choice.folds) as advance:
             found = trained.trained_probabilities(images, given, dataset, choice, config.seed, Path(scratch), advance)
-    return found, f"{choice.folds}-fold {choice.recipe} trainings ({choice.said})"
+    return found, f"{choice.folds}-fold {recipe} trainings ({choice.said})"
 
 
 def _suspected_labels(
@@ -186,16 +209,19 @@ def _suspected_labels(
 
 def _label_findings(issues: labels.LabelIssues, rows: Rows, classes: tuple[str, ...]) -> list[Finding]:
     found = []
-    for row, suggested, confidence in zip(issues.issues, issues.suggested, issues.self_confidence, strict=True):
+    scores = "p(suggested) - p(given)" if labels.RANKING == "margin" else "1 - p(given)"
+    for row, suggested, confidence, suspicion in zip(
+        issues.issues, issues.suggested, issues.self_confidence, issues.suspicion, strict=True
+    ):
         image = rows.ref(int(row))
         probability = float(issues.probabilities[row, suggested])
         found.append(
             Finding(
                 Kind.LABEL,
                 image,
-                1 - float(confidence),
+                float(suspicion),
                 f"given {image.label} (p={confidence:.3f}), most probably {classes[suggested]} (p={probability:.3f}); "
-                "score: 1 - p(given)",
+                f"score: {scores}",
                 suggested=classes[suggested],
             )
         )
@@ -223,16 +249,16 @@ def _label_set_findings(issues: labels.LabelSetIssues, rows: Rows, given: np.nda
     return found
 
 
-def _copy_findings(
-    digests: np.ndarray, near: list[tuple[int, int, float]], rows: Rows
-) -> tuple[list[Finding], set[int]]:
+def _copy_findings(digests: np.ndarray, near: list[duplicates.CopyPair], rows: Rows) -> tuple[list[Finding], set[int]]:
     """A finding per copy (on the later image of each pair), and the test split's rows with a copy in train."""
     pairs: dict[tuple[int, int], tuple[float, str]] = {}
     for group in duplicates.exact_groups(digests):
         for row in group[1:].tolist():
             pairs[(int(group[0]), row)] = (1.0, "exact copy (the same pixels)")
-    for first, second, similarity in near:
-        pairs.setdefault((first, second), (similarity, f"near copy (aligned correlation {similarity:.3f})"))
+    measured = {"near-exact": "aligned correlation", "near duplicate": "correlation once registered"}
+    for pair in near:
+        words = f"{pair.tier} ({measured[pair.tier]} {pair.similarity:.3f})"
+        pairs.setdefault((pair.first, pair.second), (pair.similarity, words))
     found, test_copies = [], set()
     for (first, second), (similarity, words) in sorted(pairs.items(), key=lambda item: -item[1][0]):
         image, other = rows.ref(second), rows.ref(first)

@@ -57,6 +57,9 @@ class Diagnosis:
     findings: list[Finding]
     seconds: dict[str, float] = field(default_factory=dict)  # each step's wall time
     peak_mb: dict[str, float] = field(default_factory=dict)  # the peak resident memory when each step ended, MB
+    # (rows, classes) the out-of-sample probabilities the label findings came from, rows as `Rows` numbers them
+    # (train, val, test); kept in memory only
+    label_probabilities: np.ndarray | None = field(default=None, repr=False)
 
     def count(self, kind: Kind) -> int:
         return sum(finding.kind == kind for finding in self.findings)
@@ -74,7 +77,7 @@ class Diagnosis:
         )
         lines.append(
             f"  copies: {self.count(Kind.DUPLICATE):,} within a split, {self.count(Kind.LEAK):,} across splits "
-            f"(near copies: aligned correlation >= {self.calibration.threshold:.3f}, calibrated on measured copies)"
+            f"({self.calibration.said()})"
         )
         leak = self.leakage
         line = f"  leakage: {leak.leaked:,} of {leak.test_images:,} test images ({leak.share:.2%}) have a copy in train"
@@ -105,7 +108,7 @@ class Diagnosis:
             "label_method": self.label_method,
             "label_agreement": self.label_agreement,
             "near_copy_threshold": self.calibration.threshold,
-            "calibration": {"sample": self.calibration.sample, "similarities": self.calibration.similarities},
+            "calibration": vars(self.calibration),
             "leakage": {**vars(self.leakage), "share": self.leakage.share},
             "counts": {kind.value: self.count(kind) for kind in Kind},
             "seconds": self.seconds,

@@ -16,10 +16,10 @@ from PIL import Image
 from cnnlab.atomic import make_folder, write_text
 from cnnlab.data.dataset import Dataset
 from cnnlab.doctor import Diagnosis, Finding, ImageRef, Kind
+from cnnlab.doctor.copies import REALISTIC
 from cnnlab.report import html
 
-GALLERY = 40  # images shown per gallery; doctor.json and doctor.csv hold every finding
-PAIRS = 20  # copy pairs shown per gallery
+GALLERY = 40  # images (or pairs, side by side) shown per gallery; doctor.json and doctor.csv hold every finding
 THUMBNAIL = 96  # pixels on a thumbnail's long side (small images are enlarged without smoothing)
 _GALLERY_STYLE = (
     "<style>.gallery{display:flex;flex-wrap:wrap;gap:.6rem}.gallery figure{margin:0;width:200px;font-size:.75rem}"
@@ -111,6 +111,10 @@ def _gallery(dataset: Dataset, findings: list[Finding], caption: str) -> str:
     return f'{shown}<div class="gallery">{"".join(figures)}</div>'
 
 
+def _tier(way: str) -> str:
+    return "near duplicate" if way in REALISTIC else "near-exact"
+
+
 def _page(diagnosis: Diagnosis, dataset: Dataset) -> str:
     classes = diagnosis.classes
     balance = html.table(
@@ -119,15 +123,15 @@ def _page(diagnosis: Diagnosis, dataset: Dataset) -> str:
     )
     similarities = diagnosis.calibration.similarities
     calibration = html.table(
-        ["copied as", "lowest correlation", "1st percentile", "median"],
+        ["copied as", "tier", "lowest similarity", "1st percentile", "median"],
         [
-            [way, min(found), float(np.quantile(found, 0.01)), float(np.median(found))]
+            [way, _tier(way), min(found), float(np.quantile(found, 0.01)), float(np.median(found))]
             for way, found in similarities.items()
         ],
     )
     calibration += (
-        f"<p>{diagnosis.calibration.sample} images copied each way; two images are near copies at a cosine of "
-        f"{diagnosis.calibration.threshold:.4f} or more.</p>"
+        f"<p>{diagnosis.calibration.sample} images copied each way (near-exact ways: their aligned correlation; "
+        f"realistic ways: their correlation once registered). {escape(diagnosis.calibration.said())}.</p>"
     )
     leaks = diagnosis.of_kind(Kind.LEAK)
     sections = [
@@ -139,15 +143,15 @@ def _page(diagnosis: Diagnosis, dataset: Dataset) -> str:
         ),
         (
             "Copies across splits (leakage)",
-            _gallery(dataset, leaks[:PAIRS], "Each pair: the earlier split's image, then its copy."),
+            _gallery(dataset, leaks, "Each pair: the earlier split's image, then its copy."),
         ),
         (
             "Copies within a split",
-            _gallery(dataset, diagnosis.of_kind(Kind.DUPLICATE)[:PAIRS], "Each pair: the first image, then its copy."),
+            _gallery(dataset, diagnosis.of_kind(Kind.DUPLICATE), "Each pair: the first image, then its copy."),
         ),
         ("Outliers", _gallery(dataset, diagnosis.of_kind(Kind.OUTLIER), "Furthest from their nearest images first.")),
         ("Odd images", _gallery(dataset, diagnosis.of_kind(Kind.ODD), "")),
-        ("Near-copy calibration", calibration),
+        ("Copy calibration", calibration),
     ]
     title = f"cnnlab doctor: {dataset.name}"
     return html.page(title, sections, diagnosis.summary()[0]).replace("</head>", f"{_GALLERY_STYLE}</head>")
