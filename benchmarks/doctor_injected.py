@@ -192,6 +192,7 @@ def found_copies(diagnosis: Diagnosis, dataset: Dataset, sources: np.ndarray) ->
         "other_pairs_reported": sum(f.kind in copy_kinds for f in diagnosis.findings) - int(found.sum()),
         "thresholds": {"near-exact": calibration.threshold, "near duplicate": calibration.registered_threshold},
         "unrelated_above": f"{calibration.unrelated_above} of {calibration.unrelated}",
+        "registered_recall_of_calibration_copies": calibration.registered_recall,
     }
 
 

@@ -332,6 +332,12 @@ def test_the_trainings_get_the_strongest_recipe_the_budget_leaves_room_for(troub
         patched.setattr(trained, "_probe", lambda rung, *_: costs.get(rung.recipe, trained.Probe(0.0, 0.0)))
         tight = trained.choose_recipe(images, given, dataset, 3, 0, tmp_path / "b", seconds=10.0)
     assert tight.rung == trained.Rung("fast90") and tight.folds == 3 and "fast94 10 epochs x 2 folds" in tight.said
+    with monkeypatch.context() as patched:  # fast94 fits in fewer epochs: as many as fit
+        patched.setattr(trained, "_probe", lambda *_: trained.Probe(1e-3, 0.0))
+        fitted = len(given) - len(given) // 3
+        seconds = trained.ESTIMATE_MARGIN * 3 * 1e-3 * (fitted * 7.5 + trained.PREDICT_SHARE * len(given) / 3)
+        fewer = trained.choose_recipe(images, given, dataset, 3, 0, tmp_path / "b", seconds=seconds)
+    assert fewer.rung == trained.LADDER[0] and fewer.epochs == 7 and "fast94 7 epochs x 3 folds" in fewer.said
     none = trained.choose_recipe(images, given, dataset, 3, 0, tmp_path / "c", seconds=0.01)
     assert none.rung is None and "no training fits: the linear model alone" in none.said
     diagnosis = examine(dataset, DoctorConfig(label_model="training", budget=0.001), tmp_path / "cache", Stages())

@@ -12,7 +12,7 @@ from cnnlab.config import DataConfig, DoctorConfig
 from cnnlab.data import load_dataset
 from cnnlab.doctor import Kind, examine
 from cnnlab.doctor.copies import REALISTIC, realistic_copy, warped
-from cnnlab.doctor.duplicates import registered_similarity, views_of
+from cnnlab.doctor.duplicates import calibrate, registered_similarity, views_of
 
 SIZE = 48
 
@@ -99,3 +99,15 @@ def test_registration_undoes_each_realistic_way_and_not_another_picture():
         assert np.median(registered_similarity(views, copied_views)) > 0.95, way
     others = np.roll(views, 1, axis=0)
     assert registered_similarity(views, others).max() < 0.8
+
+
+def test_the_threshold_rises_above_unrelated_pairs_that_reach_it():
+    originals = np.stack([photo(seed, 0) for seed in range(30)])
+    _, views = views_of(torch.from_numpy(originals))
+    plain = calibrate(originals, views, (views[:5], np.roll(views, 1, axis=0)[:5]), seed=0)
+    assert plain.unrelated_above == 0 and plain.registered_threshold == plain.copies_threshold
+    assert plain.registered_recall > 0.9 and "none of 5 differently labelled" in plain.said()
+    # Pairs as alike as can be (an image and itself) given as unrelated: the threshold goes above them.
+    raised = calibrate(originals, views, (views[:5], views[:5]), seed=0)
+    assert raised.unrelated_above == 5 and raised.registered_threshold > 1 and raised.registered_recall == 0
+    assert "raised from" in raised.said()

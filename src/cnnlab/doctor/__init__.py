@@ -33,6 +33,9 @@ __all__ = ["Diagnosis", "DoctorConfig", "Finding", "ImageRef", "Kind", "Leakage"
 # Of the budget, kept for the copy search and the findings after the trainings (on CIFAR-10 they took 37 s, 4%
 # of the default 15 minutes, [A]).
 RESERVE = 0.1
+# Pixel values read per batch: the copy search's float views of a batch take about 12 bytes a value, so a batch
+# of 1,000 photos of 384x256 took 8.5 GB; this many take about 400 MB whatever the images' size.
+READ_VALUES = 32_000_000
 
 
 def examine(
@@ -76,6 +79,7 @@ def examine(
     findings += _odd_findings(statistics, neighbours, images, splits, rows, dataset)
     leakage = _leakage(config.run, dataset, test_copies, sizes[-1])
     return Diagnosis(
+        images=total,
         data=f"{dataset.name}" + (f" ({dataset.layout})" if dataset.layout else ""),
         classes=list(dataset.classes),
         class_counts={name.value: counts.tolist() for name, counts in dataset.class_counts().items()},
@@ -119,7 +123,8 @@ def _read_pixels(images: Pixels, advance: Advance) -> tuple[np.ndarray, odd.Pixe
     """In one pass over the images (a disk-backed split is read once): their digests, their statistics for the
     odd-image checks, and their pixel descriptors and views for the copy search."""
     digests, statistics, descriptors, views = [], [], [], []
-    for batch in in_order(images, 1000):
+    per_image = int(np.prod(images.shape[1:]))
+    for batch in in_order(images, max(1, min(1000, READ_VALUES // per_image))):
         digests.append(digests_of(batch))
         statistics.append(odd.PixelStatistics.of(batch))
         descriptor, view = duplicates.views_of(batch)

@@ -46,6 +46,7 @@ class Leakage:
 
 @dataclass
 class Diagnosis:
+    images: int  # examined, every split's
     data: str  # the dataset, in words
     classes: list[str]
     class_counts: dict[str, list[int]]  # per split, images per class
@@ -69,8 +70,7 @@ class Diagnosis:
 
     def summary(self) -> list[str]:
         """What it found, how many, and what it suggests: a few lines."""
-        images = sum(sum(counts) for counts in self.class_counts.values())
-        lines = [f"examined {images:,} images of {self.data} in {sum(self.seconds.values()):.0f}s"]
+        lines = [f"examined {self.images:,} images of {self.data} in {sum(self.seconds.values()):.0f}s"]
         lines.append(
             f"  label issues: {self.count(Kind.LABEL):,} suspected ({self.label_method}; its out-of-sample "
             f"agreement with the given labels {self.label_agreement:.1%})"
@@ -101,6 +101,7 @@ class Diagnosis:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
+            "images": self.images,
             "data": self.data,
             "classes": self.classes,
             "class_counts": self.class_counts,
