@@ -64,11 +64,10 @@ def examine(
 
     with stages.step("nearest neighbours by embedding", total) as advance:
         neighbours = duplicates.nearest_neighbours(duplicates.reduced(embeddings), advance)
-    calibration = _calibration(
-        np.asarray(splits[SplitName.TRAIN].images), statistics, views, neighbours, given, config.seed, stages
-    )
     with stages.step("nearest neighbours by pixels", total) as advance:
         alike = duplicates.nearest_neighbours(descriptors, advance)
+    train = splits[SplitName.TRAIN].images
+    calibration = _calibration(train, statistics, views, (neighbours, alike), given, config.seed, stages)
     pairs = duplicates.candidate_pairs(neighbours, alike)
     closest = duplicates.candidate_pairs(neighbours, alike, nearest=duplicates.REGISTERED_NEIGHBOURS)
     with stages.step("candidate pairs compared", len(pairs)) as advance:
@@ -99,18 +98,18 @@ def _calibration(
     train: Pixels,
     statistics: odd.PixelStatistics,
     views: np.ndarray,
-    neighbours: duplicates.Neighbours,
+    searches: tuple[duplicates.Neighbours, ...],
     given: np.ndarray,
     seed: int,
     stages: Stages,
 ) -> duplicates.Calibration:
     """The copy thresholds, from a seeded sample of the `train` images (its rows come first), checked on nearest
-    pairs of differently labelled images."""
+    pairs of differently labelled images by each of the `searches` (what finds candidates finds look-alikes)."""
     # Copies of a nearly constant image correlate with nothing: the calibration copies the others.
     textured = np.flatnonzero(statistics.std[: len(train)] >= odd.CONSTANT_STD)
     chosen = min(duplicates.CALIBRATION_IMAGES, len(textured))
     sample = np.sort(np.random.default_rng(seed).choice(textured, chosen, replace=False))
-    unrelated = duplicates.unrelated_pairs(neighbours, given, seed)
+    unrelated = np.concatenate([duplicates.unrelated_pairs(found, given, seed) for found in searches])
     with stages.step("copy calibration", len(sample) + len(unrelated)) as advance:
         calibration = duplicates.calibrate(
             np.asarray(train[sample]), views[sample], (views[unrelated[:, 0]], views[unrelated[:, 1]]), seed

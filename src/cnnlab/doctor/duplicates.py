@@ -66,7 +66,8 @@ class Calibration:
     sample: int  # images copied each way
     gate: float  # aligned correlation at or above which a candidate pair is registered
     copies_threshold: float  # registered correlation REGISTERED_RECALL of the realistic copies reach
-    unrelated: int  # nearest pairs of differently labelled images registered, to check that threshold
+    # Nearest pairs of differently labelled images, not near-exact copies, registered to check that threshold.
+    unrelated: int
     unrelated_above: int  # of those, how many reach `copies_threshold`
     # Registered correlation at or above which two images are near duplicates: `copies_threshold`, or just above
     # the most similar unrelated pair where some reach it.
@@ -207,12 +208,15 @@ def calibrate(
     near_exact = np.concatenate([similarities[way] for way in exact[0]])
     realistic = np.concatenate([similarities[way] for way in copies.REALISTIC])
     copies_threshold = round(float(np.quantile(realistic, 1 - REGISTERED_RECALL)), 4)
-    checked = registered_similarity(*unrelated)
+    near_exact_threshold = round(float(np.quantile(near_exact, 1 - CALIBRATION_RECALL)), 4)
+    # A near-exact copy filed under another label is a copy (and a label to check), not an unrelated pair.
+    apart = aligned_similarity(*unrelated) < near_exact_threshold if len(unrelated[0]) else np.zeros(0, bool)
+    checked = registered_similarity(unrelated[0][apart], unrelated[1][apart])
     above = int((checked >= copies_threshold).sum())
     # Precision first: two pictures as alike as an unrelated pair are not called copies.
     registered_threshold = round(float(checked.max()) + 1e-4, 4) if above else copies_threshold
     return Calibration(
-        threshold=round(float(np.quantile(near_exact, 1 - CALIBRATION_RECALL)), 4),
+        threshold=near_exact_threshold,
         similarities={way: np.round(values, 4).tolist() for way, values in similarities.items()},
         sample=len(images),
         gate=round(float(np.quantile(np.concatenate(aligned), 1 - GATE_RECALL)), 4),
@@ -263,14 +267,16 @@ def nearest_neighbours(vectors: np.ndarray, advance: Advance | None = None) -> N
 
 
 def unrelated_pairs(neighbours: Neighbours, labels: np.ndarray, seed: int) -> np.ndarray:
-    """(U, 2) rows of up to UNRELATED_PAIRS images, drawn with `seed`, and their nearest other image where the two
-    are labelled differently: almost all unrelated pictures that look alike."""
-    nearest = neighbours.indices[:, 0]
-    found = np.flatnonzero(nearest >= 0)
-    differ = labels[found] != labels[nearest[found]]
-    found = found[differ.any(1) if differ.ndim == 2 else differ]
-    chosen = np.sort(np.random.default_rng(seed).choice(found, min(UNRELATED_PAIRS, len(found)), replace=False))
-    return np.stack([chosen, nearest[chosen]], 1)
+    """(U, 2) rows of up to UNRELATED_PAIRS images, drawn with `seed`, and the nearest of their NEIGHBOURS labelled
+    differently from them: almost all unrelated pictures, the ones that look the most alike."""
+    indices = neighbours.indices
+    differ = labels[:, None] != labels[indices]  # a -1 (missing) neighbour is masked below
+    differ = (differ.any(2) if differ.ndim == 3 else differ) & (indices >= 0)
+    found = np.flatnonzero(differ.any(1))
+    nearest = indices[found, differ[found].argmax(1)]
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(found), min(UNRELATED_PAIRS, len(found)), replace=False))
+    return np.stack([found[chosen], nearest[chosen]], 1).astype(np.int64)
 
 
 def candidate_pairs(*found: Neighbours, nearest: int = NEIGHBOURS) -> np.ndarray:
