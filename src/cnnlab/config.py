@@ -286,8 +286,8 @@ class DoctorConfig:
     label_model: Literal["auto", "embeddings", "training", "both"] = setting(
         "auto",
         "What gives those probabilities: a linear model on pretrained embeddings, K-fold trainings of the strongest "
-        "fast recipe the budget allows, or both (whichever, or their mean, agrees most with the given labels); "
-        "auto: both up to 64 px, else embeddings.",
+        "recipe the budget allows, or both (pooled, weighted to agree most with the given labels); auto: both "
+        "where a recipe takes the images, else embeddings.",
     )
     budget: float = setting(15.0, "Minutes for the examination; the trainings get what the other steps leave.", above=0)
     seed: int = setting(0, "Seed of the folds, the trainings and the calibration sample.")

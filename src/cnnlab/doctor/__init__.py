@@ -30,7 +30,7 @@ from cnnlab.progress import Advance
 
 __all__ = ["Diagnosis", "DoctorConfig", "Finding", "ImageRef", "Kind", "Leakage", "examine"]
 
-# Of the budget, kept for the copy search and the findings after the trainings (on CIFAR-10 they took 37 s, 4%
+# Of the budget, kept for the copy search and the findings after the trainings (on CIFAR-10 they took 51 s, 6%
 # of the default 15 minutes, [A]).
 RESERVE = 0.1
 # Pixel values read per batch: the copy search's float views of a batch take about 12 bytes a value, so a batch

@@ -177,11 +177,10 @@ def _registered(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def registered_similarity(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """(P,) the similarity of each pair of (P, C, S, S) views once the second is warped to match the first: their
     channels' mean normalised correlation over the central 3/4 of the picture."""
-    # Contiguous: a view's strides that numpy's indexing kept crash grid_sample's backward pass (torch 2.13, CPU).
     found = [
         _registered(
-            torch.from_numpy(np.ascontiguousarray(first[start : start + _PAIRS])).float(),
-            torch.from_numpy(np.ascontiguousarray(second[start : start + _PAIRS])).float(),
+            torch.from_numpy(first[start : start + _PAIRS]).float(),
+            torch.from_numpy(second[start : start + _PAIRS]).float(),
         )
         for start in range(0, len(first), _PAIRS)
     ]

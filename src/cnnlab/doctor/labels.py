@@ -183,14 +183,18 @@ def _softmax_regression(
 def suspicion(probabilities: np.ndarray, labels: np.ndarray, ranking: str = RANKING) -> np.ndarray:
     """(N,) how strongly each image's label is suspected by `ranking` (higher: look first): "self-confidence",
     1 - p(given label); "margin", the most probable other class's p minus p(given)."""
-    count = len(labels)
-    given: np.ndarray = probabilities[np.arange(count), labels]
+    given: np.ndarray = probabilities[np.arange(len(labels)), labels]
     if ranking == "self-confidence":
         return 1 - given
-    others = probabilities.copy()
-    others[np.arange(count), labels] = -1.0
-    margin: np.ndarray = others.max(1) - given
+    margin: np.ndarray = _others(probabilities, labels).max(1) - given
     return margin
+
+
+def _others(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`probabilities` with each image's given label's set to -1: what the other classes say."""
+    others = probabilities.copy()
+    others[np.arange(len(labels)), labels] = -1.0
+    return others
 
 
 def confident_learning(probabilities: np.ndarray, labels: np.ndarray, ranking: str = RANKING) -> LabelIssues:
@@ -211,9 +215,6 @@ def confident_learning(probabilities: np.ndarray, labels: np.ndarray, ranking: s
     # that reach no threshold belong somewhere too.
     given_counts = np.bincount(labels, minlength=classes)
     joint = np.rint(counts / np.maximum(counts.sum(1, keepdims=True), 1) * given_counts[:, None]).astype(np.int64)
-    # The most probable class other than the given label: the suggestion.
-    others = probabilities.copy()
-    others[np.arange(count), labels] = -1.0
     suspected = suspicion(probabilities, labels, ranking)
     # Prune by class: of the images given label i, the joint's estimate of how many belong to other classes,
     # the most suspected.
@@ -228,7 +229,7 @@ def confident_learning(probabilities: np.ndarray, labels: np.ndarray, ranking: s
         probabilities=probabilities,
         agreement=agreement(probabilities, labels),
         issues=issues,
-        suggested=others[issues].argmax(1),
+        suggested=_others(probabilities[issues], labels[issues]).argmax(1),  # the most probable other class
         self_confidence=given[issues],
         suspicion=suspected[issues],
         confident_joint=joint,
