@@ -79,4 +79,4 @@ def main() -> None:
 
 
 # The commands register themselves on `app`.
-from cnnlab.cli import training, using  # noqa: E402, F401
+from cnnlab.cli import labelling, training, using  # noqa: E402, F401

@@ -7,7 +7,8 @@ Shapes read, detected from the file and said in one line:
 - one row per image and label (the long form: an image on several rows);
 - JSON: a list of {"image"/"file"/"path": ..., "label"/"labels": ...} objects, or {path: labels}.
 The path and label columns are found by their names, or named; a file that could be read two ways is refused in
-one line naming the choices, unless both readings agree. An optional `split` column (train/val/test) is kept.
+one line naming the choices, unless both readings agree. An optional `split` column (train/val/test) is kept; an
+optional `excluded` column (0/1, as the labelling page writes) leaves its 1 rows out of training.
 Paths are relative to the data folder; an ID without an extension is the one file of that stem; `class_names`
 renames the labels. Nothing is ever moved or rewritten. Reading the file as a table is `tables.py`.
 """
@@ -18,7 +19,7 @@ import hashlib
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,6 +27,7 @@ from cnnlab.data.dataset import SplitName
 from cnnlab.data.layout import Layout
 from cnnlab.data.tables import (
     EXAMPLES,
+    EXCLUDED_NAMES,
     PATH_NAMES,
     TableImage,
     find_column,
@@ -79,6 +81,7 @@ class LabelRow:
     path: str  # relative to the data folder, '/'-separated, as the folder's files are named
     labels: tuple[str, ...]  # sorted; empty: none of the labels (multi-label data only)
     split: SplitName | None  # from the file's split column; None: the seeded carve decides
+    excluded: bool = False  # the file's excluded column says 1 (read only when editing)
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,12 @@ def read_label_file(
     label_column: str | None = None,
     strict: bool = False,
     names: dict[str, str] | None = None,
+    editing: bool = False,
 ) -> LabelTable:
     """The label file's table over `files` (the data folder's files, '/'-separated paths relative to it), its labels
-    renamed by `names` when given (each label must have one)."""
+    renamed by `names` when given (each label must have one). Rows marked excluded are left out, unless `editing`
+    (the labelling page's reading: excluded rows kept and marked, rows with no label kept, and no class count
+    required)."""
     if not path.is_file():
         raise CnnlabError(f"{path}: no such label file")
     if path.suffix.lower() not in FORMATS:
@@ -113,14 +119,21 @@ def read_label_file(
     except UnicodeDecodeError as error:
         raise CnnlabError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     records, shape = read_records(path, text)
+    if not records and editing:
+        return LabelTable([], (), f"{path.name}: no rows yet")
     if not records:
         raise CnnlabError(f"{path}: no rows")
     columns = list(records[0])
     path_key = find_column(path, columns, path_column, PATH_NAMES, "path", records)
     split_key = next((key for key in columns if key.strip().lower() == "split"), None)
-    label_keys, how = label_columns(path, records, [k for k in columns if k not in (path_key, split_key)], label_column)
-    table = images_of(path, records, path_key, label_keys, split_key)
-    rows = _resolved(path, table, files, strict)
+    excluded_key = next((key for key in columns if key.strip().lower() in EXCLUDED_NAMES), None)
+    reserved = (path_key, split_key, excluded_key)
+    label_keys, how = label_columns(path, records, [k for k in columns if k not in reserved], label_column)
+    table = images_of(path, records, path_key, label_keys, split_key, excluded_key)
+    excluded = {name for name, image in table.items() if image.excluded}
+    if not editing:
+        table = {name: image for name, image in table.items() if not image.excluded}
+    rows = _resolved(path, table, files, strict, editing)
     if names is not None:
         rows = _renamed(path, rows, names)
     classes = tuple(sorted({label for row in rows for label in row.labels}))
@@ -131,14 +144,17 @@ def read_label_file(
     reading += " (the long form: an image on several rows)" if gathered else ""
     reading += f", several in a cell split at {' and '.join(map(repr, separators))}" if separators else ""
     reading += f", splits in '{split_key}'" if split_key else ""
-    if len(classes) < 2:
+    reading += f", {len(excluded):,} excluded in '{excluded_key}'" if excluded else ""
+    if len(classes) < 2 and not editing:
         raise CnnlabError(f"{path}: {len(classes)} label(s) ({', '.join(classes)}); a classifier needs at least two")
     return LabelTable(rows, classes, reading)
 
 
-def _resolved(path: Path, images: dict[str, TableImage], files: list[str], strict: bool) -> list[LabelRow]:
+def _resolved(
+    path: Path, images: dict[str, TableImage], files: list[str], strict: bool, editing: bool = False
+) -> list[LabelRow]:
     """The rows whose image is among `files`, each by the file's own path; what is left out is said in one line each
-    (with `strict`, refused)."""
+    (with `strict`, refused). When `editing`, rows with no label are kept and unnamed files are not counted."""
     present = set(files)
     by_stem: dict[str, list[str]] = defaultdict(list)
     for name in files:
@@ -161,20 +177,20 @@ def _resolved(path: Path, images: dict[str, TableImage], files: list[str], stric
             missing.append(written)
             continue
         named.add(name)
-        if not image.labels and not multi:
+        if not image.labels and not multi and not editing:
             unlabelled.append(written)
         else:
-            rows.append(LabelRow(name, tuple(sorted(image.labels)), image.split))
+            rows.append(LabelRow(name, tuple(sorted(image.labels)), image.split, image.excluded))
     if ambiguous:
         raise CnnlabError(f"{path}: {len(ambiguous)} ID(s) match several files: {'; '.join(ambiguous[:EXAMPLES])}")
-    unnamed = [name for name in files if name not in named and name != path.name]
+    unnamed = [name for name in files if name not in named and name != path.name] if not editing else []
     for count_of, what in (
         (missing, "rows whose image is not in the folder"),
         (unlabelled, "rows with no label (an image needs one unless the data is multi-label)"),
         (unnamed, "files in the folder that the label file does not name"),
     ):
         _left_out(path, count_of, what, strict)
-    if not rows:
+    if not rows and not editing:
         raise CnnlabError(f"{path}: none of its rows names an image of the folder")
     return rows
 
@@ -221,4 +237,4 @@ def _renamed(path: Path, rows: list[LabelRow], names: dict[str, str]) -> list[La
     unnamed = sorted({label for row in rows for label in row.labels} - set(names))
     if unnamed:
         raise CnnlabError(f"{path}: label(s) {', '.join(unnamed[:EXAMPLES])} have no name in data.class_names")
-    return [LabelRow(row.path, tuple(sorted(names[label] for label in row.labels)), row.split) for row in rows]
+    return [replace(row, labels=tuple(sorted(names[label] for label in row.labels))) for row in rows]

@@ -33,6 +33,7 @@ PATH_NAMES = (
     "image_id",
     "id",
 )
+EXCLUDED_NAMES = ("excluded", "exclude")  # a 0/1 column: 1 leaves the image out of training (the labelling page's)
 LABEL_NAMES = ("label", "labels", "class", "classes", "category", "categories", "tags", "tag", "target")
 VAL_NAMES = ("val", "valid", "validation", "dev")  # as the folder layouts name a validation split
 SPLIT_NAMES = {"train": SplitName.TRAIN, "test": SplitName.TEST} | dict.fromkeys(VAL_NAMES, SplitName.VAL)
@@ -175,13 +176,20 @@ class TableImage:
     labels: set[str]
     split: SplitName | None
     separator: str | None
+    excluded: bool = False
 
 
 def images_of(
-    path: Path, records: list[dict[str, Any]], path_key: str, label_keys: list[str], split_key: str | None
+    path: Path,
+    records: list[dict[str, Any]],
+    path_key: str,
+    label_keys: list[str],
+    split_key: str | None,
+    excluded_key: str | None = None,
 ) -> dict[str, TableImage]:
-    """Each image's labels and split, by its path as written. An image on several rows of one label each is the long
-    form; identical rows are merged; rows that give one image different label sets or splits are refused."""
+    """Each image's labels, split and exclusion, by its path as written. An image on several rows of one label each
+    is the long form; identical rows are merged; rows that give one image different label sets or splits are
+    refused; an image is excluded when any of its rows says so."""
     read = []
     for number, record in enumerate(records, start=1):
         name = str(record[path_key] if record[path_key] is not None else "").strip().replace("\\", "/")
@@ -191,12 +199,15 @@ def images_of(
             labels, separator = [key for key in label_keys if _bit(record[key])], None
         else:
             labels, separator = cell_labels(record[label_keys[0]])
-        read.append((name, labels, separator, _split(path, record[split_key], number) if split_key else None))
-    long_form = len(label_keys) == 1 and all(len(labels) <= 1 for _, labels, _, _ in read)
+        split = _split(path, record[split_key], number) if split_key else None
+        excluded = excluded_key is not None and _bit(record[excluded_key])
+        read.append((name, labels, separator, split, excluded))
+    long_form = len(label_keys) == 1 and all(len(labels) <= 1 for _, labels, _, _, _ in read)
     images: dict[str, TableImage] = {}
     conflicts = []
-    for name, labels, separator, split in read:
+    for name, labels, separator, split, excluded in read:
         seen = images.setdefault(name, TableImage(set(labels), split, separator))
+        seen.excluded |= excluded
         if seen.split != split:
             conflicts.append(f"{name} (split {seen.split} and {split})")
         elif seen.labels != set(labels):
