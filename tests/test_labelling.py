@@ -123,3 +123,15 @@ def test_with_labels_the_least_certain_are_chosen_diverse_and_copies_not_twice()
     eligible = np.ones(len(pool), bool)
     eligible[80:] = False
     assert not (active.suggest(pool, targets, classes=2, n=5, eligible=eligible).rows >= 80).any()
+
+
+def test_a_split_column_is_kept_and_new_labels_go_to_train(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,split\nimg0.png,cat,test\nimg1.png,dog,train\n")
+    store = LabelStore(labels, FILES)
+    store.decide("img2.png", Entry(("dog",)), "ana", "next")
+    assert labels.read_text().splitlines()[1:] == [
+        "img0.png,cat,0,test",
+        "img1.png,dog,0,train",
+        "img2.png,dog,0,train",
+    ]

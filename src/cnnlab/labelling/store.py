@@ -1,7 +1,8 @@
 """The label file a person edits in the labelling page: every decision written to it at once, with a history.
 
 The file is CSV, `path,label,excluded`, one row per labelled or excluded image (a multi-label image's labels in
-one cell separated by ';'; an image with no row is unlabelled). Each decision rewrites it whole and atomically
+one cell separated by ';'; an image with no row is unlabelled), and `split` when the file it started from had one
+(kept as it was; an image labelled here goes to train). Each decision rewrites it whole and atomically
 (`atomic_write`), then appends a line to `NAME.history.jsonl` beside it (who, when, which queue, the value before
 and after), fsynced: a decision the page shows as saved is on disk. Decisions are serialised by a lock, and one
 server holds the file (an exclusive lock on `NAME.lock`), so two tabs or two people lose nothing: the later
@@ -89,8 +90,9 @@ class LabelStore:
         self._held = _hold(path.with_name(f".{path.name}.lock"))
         self.entries: dict[str, Entry] = {name: Entry(labels) for name, labels in (initial or {}).items()}
         self.reading = "no label file yet: every image starts unlabelled" if not initial else "labels from folders"
+        self.splits: dict[str, str] = {}  # the split column's value of each image that has one
         if path.exists():
-            self.entries, self.reading = _read(path, files)
+            self.entries, self.splits, self.reading = _read(path, files)
         self.history = _read_history(self.history_path)
         self._undone = {decision.undoes for decision in self.history if decision.undoes is not None}
 
@@ -112,7 +114,7 @@ class LabelStore:
         entries[name] = after
         if after == UNLABELLED:
             del entries[name]
-        atomic_write(self.path, _csv(entries))
+        atomic_write(self.path, _csv(entries, self.splits))
         self.entries = entries
         _append(self.history_path, json.dumps(decision.to_dict()))
         self.history.append(decision)
@@ -154,20 +156,22 @@ def _hold(lock_path: Path) -> IO[str]:
     return handle
 
 
-def _csv(entries: dict[str, Entry]) -> bytes:
+def _csv(entries: dict[str, Entry], splits: dict[str, str]) -> bytes:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "label", "excluded"])
+    writer.writerow(["path", "label", "excluded", *(["split"] if splits else [])])
     for name in sorted(entries):
         entry = entries[name]
-        writer.writerow([name, SEPARATOR.join(entry.labels or ()), int(entry.excluded)])
+        split = [splits.get(name, "train")] if splits else []
+        writer.writerow([name, SEPARATOR.join(entry.labels or ()), int(entry.excluded), *split])
     return text.getvalue().encode()
 
 
-def _read(path: Path, files: list[str]) -> tuple[dict[str, Entry], str]:
+def _read(path: Path, files: list[str]) -> tuple[dict[str, Entry], dict[str, str], str]:
     table = read_label_file(path, files, editing=True)
     entries = {row.path: Entry(row.labels, row.excluded) for row in table.rows}
-    return entries, table.reading
+    splits = {row.path: row.split.value for row in table.rows if row.split is not None}
+    return entries, splits, table.reading
 
 
 def _append(path: Path, line: str) -> None:
