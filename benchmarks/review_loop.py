@@ -9,7 +9,7 @@ to a class drawn uniformly among the others. `cnnlab doctor` examines it; `cnnla
 page; the script plays a person who knows the true labels: for each suspected label error the review queue shows,
 it presses the true class's key when the shown label is wrong and `k` (keep) when it is right, and moves past
 copies with the arrow key. The label file must then differ from the flipped one by exactly those corrections.
-Then `cnnlab train --labels` on the flipped and the corrected files (the same recipe and seed) and their test
+Then `cnnlab train --labels` on the flipped and the corrected files (the same recipe, seeds 0, 1, 2) and their test
 accuracy. Prints every figure; steps already done in WORK (extraction, the doctor, the trainings) are reused.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-KEYS = "1234567890qwertyuiop"  # the page's class keys, in class order
+KEYS = "1234567890qwtyuiopasdfhjlcvbm"  # the page's class keys, in class order
 
 
 def extracted(archive: Path, work: Path) -> Path:
@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=10_000, help="review queue items looked at, at most")
     parser.add_argument("--recipe", default="fast94")
+    parser.add_argument("--train-seeds", type=int, default=3, help="trainings on each label file, seeds 0, 1, ...")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -191,9 +192,15 @@ def main() -> None:
     print(f"the label file differs from the flipped one by exactly those corrections: {changed == corrections}")
     print(f"wrong labels: {wrong_before:,} before, {wrong_after:,} after")
     runs = args.work / "runs"
+    runs.mkdir(exist_ok=True)
     for name, labels in (("flipped", flipped), ("corrected", corrected)):
-        accuracy = trained_accuracy(images, labels, runs, args.recipe, args.seed)
-        print(f"{args.recipe} trained on the {name} labels: test accuracy {accuracy:.2%}", flush=True)
+        accuracies = [trained_accuracy(images, labels, runs, args.recipe, seed) for seed in range(args.train_seeds)]
+        listed = " ".join(f"{accuracy:.2%}" for accuracy in accuracies)
+        print(
+            f"{args.recipe} trained on the {name} labels: test accuracy {np.mean(accuracies):.2%} ± "
+            f"{np.std(accuracies, ddof=1) if len(accuracies) > 1 else 0:.2%} (seeds {listed})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ def test_keyboard_labelling_undo_retrain_and_a_phone_screen(tmp_path, browser_pa
         saved(page, 6)
         assert rows_of(labels)[shown][0] in CLASSES.split(",")
         page.screenshot(path=str(ARTIFACTS / "label-page.png"), full_page=True)
+        for key, queue in (("e", "all"), ("r", "review"), ("n", "next")):  # queue keys are no class's key
+            page.keyboard.press(key)
+            page.wait_for_selector(f"nav .tab[data-queue={queue}][aria-selected=true]")
         page.keyboard.press("g")
         page.wait_for_selector("#grid figure img")
         page.screenshot(path=str(ARTIFACTS / "label-grid.png"), full_page=True)
@@ -207,6 +210,7 @@ def test_hostile_input_gets_one_line_4xx_and_changes_nothing(tmp_path):
             ("post", "/api/decide", {**good, "labels": ["class0", "class1"]}, 400),
             ("post", "/api/decide", {**good, "queue": "elsewhere"}, 422),
             ("post", "/api/decide", {**good, "who": ""}, 422),
+            ("post", "/api/decide", {**good, "who": "   "}, 422),
             ("post", "/api/decide", {**good, "labels": ["x" * 100_000]}, 413),
             ("post", "/api/undo", {"who": "x" * 65}, 422),
             ("get", "/api/image?path=../secret.png", None, 404),
@@ -220,3 +224,21 @@ def test_hostile_input_gets_one_line_4xx_and_changes_nothing(tmp_path):
         not_json = httpx.post(f"{url}/api/decide", content=b"{not json", headers={"content-type": "application/json"})
         assert not_json.status_code == 422
         assert (labels.read_bytes(), labels.with_name("labels.csv.history.jsonl").read_bytes()) == before
+
+
+def test_suggest_lists_unlabelled_images_and_writes_a_csv(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+
+    folder, labels = unlabelled_folder(tmp_path / "pool"), tmp_path / "labels.csv"
+    labels.write_text("path,label\np0-00.png,class0\np1-00.png,class1\n")
+    out = tmp_path / "next.csv"
+    result = CliRunner().invoke(app, ["suggest", str(folder), "--labels", str(labels), "--n", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "typical and diverse" in result.output
+    rows = out.read_text().splitlines()
+    assert rows[0] == "rank,path,method,margin" and len(rows) == 6
+    assert not {row.split(",")[1] for row in rows[1:]} & {"p0-00.png", "p1-00.png"}
+    refused = CliRunner().invoke(app, ["suggest", str(tmp_path / "missing")])
+    assert refused.exit_code == 2 and "not a folder of images" in refused.output

@@ -4,6 +4,7 @@ learning's choices, and label files with excluded and unlabelled images in train
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -106,12 +107,13 @@ def test_the_cold_start_covers_every_cluster_with_a_typical_image():
 def test_with_labels_the_least_certain_are_chosen_diverse_and_copies_not_twice():
     points, cluster = blobs(per_blob=40, centres=2)
     rng = np.random.default_rng(1)
-    # Between the two clusters, a line of doubtful images; 10 labels per class make the start warm.
+    # Between the two clusters, a line of doubtful images; 20 labels per class make the start warm.
     between = points[:40] * np.linspace(0, 1, 40)[:, None] + points[40:] * np.linspace(1, 0, 40)[:, None]
     between /= np.linalg.norm(between, axis=1, keepdims=True)
     pool = np.concatenate([points, between]).astype(np.float32)
     targets = np.full(len(pool), -1)
-    labelled = np.concatenate([rng.choice(40, 10, replace=False), 40 + rng.choice(40, 10, replace=False)])
+    per_class = active.COLD_PER_CLASS
+    labelled = np.concatenate([rng.choice(40, per_class, replace=False), 40 + rng.choice(40, per_class, replace=False)])
     targets[labelled] = cluster[labelled]
     copies = np.full(len(pool), -1)
     copies[80:] = 7  # every doubtful image a copy of the others
@@ -135,3 +137,33 @@ def test_a_split_column_is_kept_and_new_labels_go_to_train(tmp_path):
         "img1.png,dog,0,train",
         "img2.png,dog,0,train",
     ]
+
+
+def test_multi_label_pools_are_chosen_from_too():
+    points, cluster = blobs(per_blob=50, centres=3)
+    targets = np.full((len(points), 3), -1)
+    cold = active.suggest(points, targets, classes=3, n=3)
+    assert sorted(cluster[cold.rows]) == [0, 1, 2]
+    labelled = np.flatnonzero(np.arange(len(points)) % 50 < active.COLD_PER_CLASS + 5)
+    targets[labelled] = np.eye(3, dtype=int)[cluster[labelled]]
+    targets[labelled[::4], (cluster[labelled[::4]] + 1) % 3] = 1  # some carry two labels
+    warm = active.suggest(points, targets, classes=3, n=4)
+    assert "margin" in warm.method and len(warm.rows) == 4 and not np.isin(warm.rows, labelled).any()
+
+
+def test_concurrent_decisions_are_serialised_and_none_is_lost(tmp_path):
+    files = [f"img{i:03d}.png" for i in range(200)]
+    store = LabelStore(tmp_path / "labels.csv", files)
+
+    def person(who: str, names: list[str]) -> None:
+        for name in names:
+            store.decide(name, Entry((who,)), who, "all")
+
+    people = [threading.Thread(target=person, args=(f"p{k}", files[k::4])) for k in range(4)]
+    for thread in people:
+        thread.start()
+    for thread in people:
+        thread.join()
+    written = read_label_file(tmp_path / "labels.csv", files, editing=True)
+    assert {row.path: row.labels for row in written.rows} == {name: (f"p{i % 4}",) for i, name in enumerate(files)}
+    assert sorted(decision.number for decision in store.history) == list(range(1, 201))

@@ -40,6 +40,7 @@ from cnnlab.errors import CnnlabError, ConfigError
 log = logging.getLogger("cnnlab")
 
 FORMATS = (".csv", ".tsv", ".json", ".jsonl")
+HISTORY_SUFFIX = ".history.jsonl"  # the labelling page's history of a label file, beside it (`labelling.store`)
 READER_VERSION = 1  # in the decode cache's key: raise it when a file would be read otherwise
 
 
@@ -183,7 +184,8 @@ def _resolved(
             rows.append(LabelRow(name, tuple(sorted(image.labels)), image.split, image.excluded))
     if ambiguous:
         raise CnnlabError(f"{path}: {len(ambiguous)} ID(s) match several files: {'; '.join(ambiguous[:EXAMPLES])}")
-    unnamed = [name for name in files if name not in named and name != path.name] if not editing else []
+    own = (path.name, path.name + HISTORY_SUFFIX)
+    unnamed = [name for name in files if name not in named and name not in own] if not editing else []
     for count_of, what in (
         (missing, "rows whose image is not in the folder"),
         (unlabelled, "rows with no label (an image needs one unless the data is multi-label)"),

@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from cnnlab.doctor import duplicates
 from cnnlab.doctor.labels import fitted_probabilities
 
-COLD_PER_CLASS = 10  # labelled images per class (on average) below which the cold start chooses
+COLD_PER_CLASS = 20  # labelled images per class (on average) below which the cold start chooses (BENCHMARKS.md)
 TYPICAL_NEIGHBOURS = 20  # TypiClust's k for typicality
 MAX_CLUSTERS = 2000  # k-means clusters at most; beyond this the clustering costs more than labelling is worth
 BETA = 10  # Zhdanov's prefilter: the least certain BETA x n images are clustered into n
@@ -47,12 +47,14 @@ def suggest(
     *,
     copies: np.ndarray | None = None,
     eligible: np.ndarray | None = None,
+    probabilities: np.ndarray | None = None,
     seed: int = 0,
 ) -> Suggestion:
     """The `n` unlabelled images of the pool to label next. `embeddings`: (N, D) unit-length; `targets`: (N,) class
     indices with -1 where unlabelled, or (N, K) multi-hot rows with -1 rows where unlabelled; `copies`: (N,) a
     group number per image (-1: no copy), as the doctor found them; `eligible`: (N,) bool, the images that may be
-    suggested (default: every unlabelled one)."""
+    suggested (default: every unlabelled one); `probabilities`: (N, K) a head's, fitted on these labels (default:
+    fitted here)."""
     labelled = targets.reshape(len(targets), -1).min(1) >= 0
     available = _available(labelled, copies) & (eligible if eligible is not None else True)
     n = min(n, int(available.sum()))
@@ -63,7 +65,8 @@ def suggest(
         rows = typical_diverse(vectors, labelled, available, n, copies, seed)
         words = f"typical and diverse (TypiClust: fewer than {COLD_PER_CLASS} labels per class, or a class unseen)"
         return Suggestion(rows, words, None)
-    probabilities = fitted_probabilities(embeddings[labelled], targets[labelled], embeddings, classes, seed)
+    if probabilities is None:
+        probabilities = fitted_probabilities(embeddings[labelled], targets[labelled], embeddings, classes, seed)
     rows, margins = margin_diverse(vectors, probabilities, targets.ndim == 2, available, n, copies, seed)
     return Suggestion(rows, "least certain by margin, made diverse by clustering (Zhdanov 2019)", margins)
 

@@ -29,7 +29,7 @@ from cnnlab.serve.app import BodyLimit
 MAX_BODY = 64 * 1024  # bytes: a decision is a few hundred
 SIDES = {"thumb": 160, "large": 640}  # pixels, the longer side of each view of an image
 RETRAIN_EVERY = 20  # decisions between automatic retrainings (the page can turn them off)
-Name = Annotated[str, Field(min_length=1, max_length=64)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"\S")]  # who decides: not only blanks
 
 
 class DecisionBody(BaseModel):
@@ -164,7 +164,10 @@ def _entry(workspace: Workspace, body: DecisionBody) -> Entry:
 def _view(workspace: Workspace, path: str, side: int) -> bytes:
     """The image as a JPEG at most `side` pixels on its longer side, cached on disk by its file's identity."""
     source = workspace.root / path
-    stat = source.stat()
+    try:
+        stat = source.stat()
+    except OSError:
+        raise HTTPException(404, "the image is no longer in the folder") from None
     key = hashlib.sha256(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{side}".encode()).hexdigest()
     cached = workspace.cache / "thumbnails" / key[:2] / f"{key[2:]}.jpg"
     if cached.exists():

@@ -19,15 +19,14 @@ def progress(workspace: Workspace) -> dict[str, Any]:
     labelled = [entry for entry in entries.values() if entry.labels is not None and not entry.excluded]
     per_class = Counter(label for entry in labelled for label in entry.labels or ())
     reviewed = workspace.reviewed()
-    in_review = {item.path for item in workspace.review}
     return {
         "images": len(workspace.files),
         "labelled": len(labelled),
         "excluded": sum(entry.excluded for entry in entries.values()),
         "unlabelled": len(workspace.files) - len(labelled) - sum(entry.excluded for entry in entries.values()),
         "per_class": {name: per_class.get(name, 0) for name in workspace.classes},
-        "review_total": len(in_review),
-        "reviewed": len(in_review & reviewed),
+        "review_total": len(workspace.review),
+        "reviewed": sum(item.path in reviewed for item in workspace.review),  # findings whose image was decided
         "decisions": len(workspace.store.history),
         "unreadable": len(workspace.unreadable),
     }

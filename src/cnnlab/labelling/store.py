@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cnnlab.atomic import WriteError, atomic_write
-from cnnlab.data.labels import read_label_file
+from cnnlab.data.labels import HISTORY_SUFFIX, read_label_file
 from cnnlab.errors import CnnlabError
 
 SEPARATOR = ";"  # between a multi-label image's labels in one cell
@@ -85,7 +85,7 @@ class LabelStore:
         if path.suffix.lower() != ".csv":
             raise CnnlabError(f"{path}: the labelling page writes CSV; give a .csv label file")
         self.path = path
-        self.history_path = path.with_name(path.name + ".history.jsonl")
+        self.history_path = path.with_name(path.name + HISTORY_SUFFIX)
         self._lock = threading.Lock()
         self._held = _hold(path.with_name(f".{path.name}.lock"))
         self.entries: dict[str, Entry] = {name: Entry(labels) for name, labels in (initial or {}).items()}

@@ -99,9 +99,16 @@ class Workspace:
         assert self.embeddings is not None, "prepare() first"
         eligible = np.ones(len(self.files), bool)
         eligible[[self.index[name] for name in self.unreadable]] = False
-        targets = self.targets()
+        head = self.head.probabilities if self.head is not None else None
         return suggest(
-            self.embeddings, targets, len(self.classes), n, copies=self.copies, eligible=eligible, seed=self.seed
+            self.embeddings,
+            self.targets(),
+            len(self.classes),
+            n,
+            copies=self.copies,
+            eligible=eligible,
+            probabilities=head,
+            seed=self.seed,
         )
 
     def targets(self) -> np.ndarray:
