@@ -119,7 +119,7 @@ def test_with_labels_the_least_certain_are_chosen_diverse_and_copies_not_twice()
     copies[80:] = 7  # every doubtful image a copy of the others
     plain = active.suggest(pool, targets, classes=2, n=5)
     assert "margin" in plain.method and (plain.rows >= 80).mean() >= 0.8
-    assert np.all(np.diff(plain.uncertainty) >= 0)  # least certain first
+    assert np.all(np.diff(plain.margins) >= 0)  # least certain first
     once = active.suggest(pool, targets, classes=2, n=5, copies=copies)
     assert (once.rows >= 80).sum() == 1
     eligible = np.ones(len(pool), bool)

@@ -95,6 +95,7 @@ def test_a_split_column_is_kept_and_numeric_labels_stay_names(tmp_path):
         ("path,label,cat,dog\na.jpg,cat,0,1\nb.jpg,dog,0,1\n", "from 'label' or from the 0/1 columns cat, dog"),
         ("path,cat,dog\na.jpg,1,0\na.jpg,0,1\nb.jpg,0,1\n", "1 image(s) on several rows that disagree: a.jpg"),
         ("path,label,split\na.jpg,cat,train\nb.jpg,dog,holdout\n", "split 'holdout' is none of train, val, test"),
+        ("path,label,excluded\na.jpg,cat,0\nb.jpg,dog,maybe\n", "excluded 'maybe' is none of 0, 1"),
         ("path,label\n", "no rows"),
         ("path,label\na.jpg,cat\nb.jpg,cat\n", "1 label(s) (cat); a classifier needs at least two"),
         ("path,when,where\na.jpg,x,y\n", "no label column among when, where; name it with --label-column"),

@@ -92,7 +92,7 @@ def suggest(
         chosen = workspace.suggestion(n)
     finally:
         workspace.store.close()
-    rows, margins = chosen.rows, chosen.uncertainty
+    rows, margins = chosen.rows, chosen.margins
     console.print(f"{len(rows)} images to label next: {chosen.method}")
     if out is None:
         for row in rows:

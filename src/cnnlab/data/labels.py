@@ -41,7 +41,7 @@ log = logging.getLogger("cnnlab")
 
 FORMATS = (".csv", ".tsv", ".json", ".jsonl")
 HISTORY_SUFFIX = ".history.jsonl"  # the labelling page's history of a label file, beside it (`labelling.store`)
-READER_VERSION = 1  # in the decode cache's key: raise it when a file would be read otherwise
+READER_VERSION = 2  # in the decode cache's key: raise it when a file would be read otherwise
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ def images_of(
         else:
             labels, separator = cell_labels(record[label_keys[0]])
         split = _split(path, record[split_key], number) if split_key else None
-        excluded = excluded_key is not None and _bit(record[excluded_key])
+        excluded = excluded_key is not None and _excluded(path, record[excluded_key], number)
         read.append((name, labels, separator, split, excluded))
     long_form = len(label_keys) == 1 and all(len(labels) <= 1 for _, labels, _, _, _ in read)
     images: dict[str, TableImage] = {}
@@ -219,6 +219,14 @@ def images_of(
             f"{path}: {len(conflicts)} image(s) on several rows that disagree: {'; '.join(conflicts[:EXAMPLES])}"
         )
     return images
+
+
+def _excluded(path: Path, value: Any, number: int) -> bool:
+    """An excluded cell: 1 or true leaves the image out; 0, false or blank keeps it; anything else is refused."""
+    text = str(value if value is not None else "").strip().lower()
+    if text not in ("", "0", "1", "true", "false"):
+        raise CnnlabError(f"{path}: row {number}: excluded {value!r} is none of 0, 1 (or blank)")
+    return text in ("1", "true")
 
 
 def _split(path: Path, value: Any, number: int) -> SplitName:

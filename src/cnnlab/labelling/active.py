@@ -36,7 +36,7 @@ FULL_KMEANS = 20_000  # points x clusters / 1000 up to which plain k-means runs;
 class Suggestion:
     rows: np.ndarray  # (n,) indices into the pool, in the order to label them
     method: str  # which method chose them, in words
-    uncertainty: np.ndarray | None  # (n,) their margin (0: a tie), None from the cold start
+    margins: np.ndarray | None  # (n,) how certain the head is of each (`margins_of`; 0: a tie); None: cold start
 
 
 def suggest(
@@ -95,9 +95,10 @@ def _one_per_group(order: np.ndarray, copies: np.ndarray | None, n: int) -> np.n
     chosen = []
     for row in order:
         group = int(copies[row])
-        if group >= 0 and group in taken:
-            continue
-        taken.add(group) if group >= 0 else None
+        if group >= 0:
+            if group in taken:
+                continue
+            taken.add(group)
         chosen.append(row)
         if len(chosen) == n:
             break
