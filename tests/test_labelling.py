@@ -61,7 +61,9 @@ def test_a_second_server_on_one_label_file_is_refused_and_a_cut_history_line_is_
     store.close()
     with open(tmp_path / "labels.csv.history.jsonl", "a") as history:
         history.write('{"number": 2, "path": "img1.pn')  # a crash mid-line
+    (tmp_path / ".labels.csv.0123abcd.tmp").write_text("path,lab")  # and mid-write of the file
     assert len(LabelStore(tmp_path / "labels.csv", FILES).history) == 1
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(CnnlabError, match="writes CSV"):
         LabelStore(tmp_path / "labels.json", FILES)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cnnlab.atomic import WriteError, atomic_write
+from cnnlab.atomic import WriteError, atomic_write, remove_temporaries
 from cnnlab.data.labels import HISTORY_SUFFIX, read_label_file
 from cnnlab.errors import CnnlabError
 
@@ -88,6 +88,7 @@ class LabelStore:
         self.history_path = path.with_name(path.name + HISTORY_SUFFIX)
         self._lock = threading.Lock()
         self._held = _hold(path.with_name(f".{path.name}.lock"))
+        remove_temporaries(path.parent, path.name)  # a write that a crash cut short; held, no one else writes
         self.entries: dict[str, Entry] = {name: Entry(labels) for name, labels in (initial or {}).items()}
         self.reading = "no label file yet: every image starts unlabelled" if not initial else "labels from folders"
         self.splits: dict[str, str] = {}  # the split column's value of each image that has one
