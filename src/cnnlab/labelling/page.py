@@ -24,7 +24,7 @@ from cnnlab.data import images as image_io
 from cnnlab.labelling.queues import progress, queue_page
 from cnnlab.labelling.store import Conflict, Entry
 from cnnlab.labelling.workspace import Workspace
-from cnnlab.serve.app import BodyLimit
+from cnnlab.serve.app import BodyLimit, hide_unexpected_errors
 
 MAX_BODY = 64 * 1024  # bytes: a decision is a few hundred
 SIDES = {"thumb": 160, "large": 640}  # pixels, the longer side of each view of an image
@@ -60,9 +60,7 @@ def _answer_errors_in_one_line(app: FastAPI) -> None:
         where = ".".join(str(part) for part in first.get("loc", ()))
         return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, _error: Exception) -> JSONResponse:
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+    hide_unexpected_errors(app)
 
 
 def _reading(app: FastAPI, workspace: Workspace) -> None:

@@ -19,11 +19,12 @@ def progress(workspace: Workspace) -> dict[str, Any]:
     labelled = [entry for entry in entries.values() if entry.labels is not None and not entry.excluded]
     per_class = Counter(label for entry in labelled for label in entry.labels or ())
     reviewed = workspace.reviewed()
+    excluded = sum(entry.excluded for entry in entries.values())
     return {
         "images": len(workspace.files),
         "labelled": len(labelled),
-        "excluded": sum(entry.excluded for entry in entries.values()),
-        "unlabelled": len(workspace.files) - len(labelled) - sum(entry.excluded for entry in entries.values()),
+        "excluded": excluded,
+        "unlabelled": len(workspace.files) - len(labelled) - excluded,
         "per_class": {name: per_class.get(name, 0) for name in workspace.classes},
         "review_total": len(workspace.review),
         "reviewed": sum(item.path in reviewed for item in workspace.review),  # findings whose image was decided

@@ -94,15 +94,16 @@ class Workspace:
         self.status = f"embedded {len(self.files):,} images in {time.perf_counter() - started:.0f} s"
         self.retrain()
 
-    def suggestion(self, n: int) -> Suggestion:
-        """The `n` images to label next (`active.suggest`), never an unreadable one."""
+    def suggestion(self, n: int, targets: np.ndarray | None = None) -> Suggestion:
+        """The `n` images to label next (`active.suggest`), never an unreadable one; `targets`: the labels the head
+        was fitted on (default: the current ones)."""
         assert self.embeddings is not None, "prepare() first"
         eligible = np.ones(len(self.files), bool)
         eligible[[self.index[name] for name in self.unreadable]] = False
         head = self.head.probabilities if self.head is not None else None
         return suggest(
             self.embeddings,
-            self.targets(),
+            targets if targets is not None else self.targets(),
             len(self.classes),
             n,
             copies=self.copies,
@@ -142,7 +143,7 @@ class Workspace:
                 )
                 seconds = time.perf_counter() - started
                 self.head = Head(probabilities, int(labelled.sum()), seconds, time.time())
-            chosen = self.suggestion(SUGGESTED)
+            chosen = self.suggestion(SUGGESTED, targets)
             self.next_order = [self.files[row] for row in chosen.rows]
             self.status = f"label next: {chosen.method}"
             return True

@@ -260,6 +260,14 @@ def answering(
     return probabilities_of
 
 
+def hide_unexpected_errors(app: FastAPI) -> None:
+    """Answer an unexpected exception 500 "internal error": never a traceback to the client."""
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, _error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
 def create_app(classifier: Predictor, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     info = classifier.info
@@ -273,9 +281,7 @@ def create_app(classifier: Predictor, config: ServeConfig | None = None) -> Fast
     async def bad_image(_request: Request, error: BadImage) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=400)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, _error: Exception) -> JSONResponse:
-        return JSONResponse({"detail": "internal error"}, status_code=500)  # never a traceback to the client
+    hide_unexpected_errors(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
